@@ -1,0 +1,3 @@
+"""workqd: a supervised RabbitMQ work-queue daemon."""
+
+__version__ = "0.1.0"

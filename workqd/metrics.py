@@ -1,0 +1,105 @@
+"""Prometheus exposition; the only module that imports prometheus_client.
+
+Nothing is counted here: a custom collector reads, at scrape time, the master's
+state (pools, restart counts, poller) and the workers' shared-memory slots. So
+the hot path pays nothing for metrics, a dead worker's series vanish with it,
+and its counters live on in the master's totals (see slots.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for httpd)
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+
+from . import __version__
+from .pool import RESTART_REASONS
+from .slots import (BUCKET_WORDS, BUCKETS, BUSY, CONNECTING, IDLE, OUTCOMES, OUTCOME_WORDS,
+                    STARTING, W_DURATION_SUM, W_REDELIVERED)
+
+if TYPE_CHECKING:
+    from .master import Master
+
+
+class _Collector:
+    def __init__(self, master: "Master"):
+        self.master = master
+
+    def collect(self):
+        m = self.master
+        processed = CounterMetricFamily(
+            "workqd_tasks_processed", "Tasks settled, by outcome (success, retry, dead_letter, "
+            "timeout).", labels=["queue", "outcome"])
+        redelivered = CounterMetricFamily(
+            "workqd_tasks_redelivered", "Deliveries that arrived with redelivered=true: the task "
+            "may have run before (worker killed, connection lost).", labels=["queue"])
+        in_flight = GaugeMetricFamily(
+            "workqd_tasks_in_flight", "Tasks being run by a handler now.", labels=["queue"])
+        duration = HistogramMetricFamily(
+            "workqd_task_duration_seconds", "Time the handler ran, per settled task.",
+            labels=["queue"])
+        restarts = CounterMetricFamily(
+            "workqd_worker_restarts", "Workers replaced, by reason (crash, recycle, timeout, "
+            "reload).", labels=["queue", "reason"])
+        workers = GaugeMetricFamily(
+            "workqd_workers", "Worker processes by state (starting, idle, busy).",
+            labels=["queue", "state"])
+        ready = GaugeMetricFamily(
+            "workqd_queue_messages_ready", "Messages ready in the queue, as last polled by the "
+            "master.", labels=["queue"])
+        consumers = GaugeMetricFamily(
+            "workqd_queue_consumers", "Consumers of the queue on the broker (all hosts), as last "
+            "polled.", labels=["queue"])
+        with m.lock:
+            for name, pool in m.pools.items():
+                c = pool.counters()
+                for outcome, w in zip(OUTCOMES, OUTCOME_WORDS):
+                    processed.add_metric([name, outcome], c[w])
+                redelivered.add_metric([name], c[W_REDELIVERED])
+                cumulative, acc = [], 0
+                for le, w in zip([*map(_le, BUCKETS), "+Inf"], BUCKET_WORDS):
+                    acc += c[w]
+                    cumulative.append((le, acc))
+                duration.add_metric([name], cumulative, c[W_DURATION_SUM])
+                for reason in RESTART_REASONS:
+                    restarts.add_metric([name, reason], pool.restarts[reason])
+                states = {"starting": 0, "idle": 0, "busy": 0}
+                for proc in pool.procs.values():
+                    st = proc.slot.state
+                    if st == BUSY:
+                        states["busy"] += 1
+                    elif st == IDLE:
+                        states["idle"] += 1
+                    elif st in (STARTING, CONNECTING):
+                        states["starting"] += 1
+                in_flight.add_metric([name], states["busy"])
+                for state, n in states.items():
+                    workers.add_metric([name, state], n)
+                if name in m.poller.depth:
+                    r, n = m.poller.depth[name]
+                    ready.add_metric([name], r)
+                    consumers.add_metric([name], n)
+        broker = GaugeMetricFamily("workqd_broker_connected",
+                                   "1 when the master reached the broker at its last poll.")
+        broker.add_metric([], 1 if m.poller.connected else 0)
+        build = GaugeMetricFamily("workqd_build_info", "workqd version, always 1.",
+                                  labels=["version"])
+        build.add_metric([__version__], 1)
+        yield from (processed, redelivered, in_flight, duration, restarts, workers, ready,
+                    consumers, broker, build)
+
+
+def _le(bound: float) -> str:
+    return f"{bound:g}" if bound < 1e6 else str(bound)
+
+
+class Exposition:
+    def __init__(self, master: "Master"):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(master))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,53 @@
+"""sd_notify from the master: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
+
+Harmless without systemd: with no NOTIFY_SOCKET every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import sdnotify
+
+STATUS_INTERVAL = 1.0  # seconds between STATUS updates at most
+
+
+class Notifier:
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        wd_pid = os.environ.get("WATCHDOG_PID", "")
+        ours = not wd_pid or wd_pid == str(os.getpid())
+        # Ping at half the interval systemd gave us, as sd_watchdog_enabled(3) advises.
+        self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and ours else 0.0
+        self._last_watchdog = 0.0
+        self._last_status = ""
+        self._last_status_at = 0.0
+
+    def _send(self, text: str) -> None:
+        if self._sd is not None:
+            self._sd.notify(text)
+
+    def ready(self, status: str) -> None:
+        self._send(f"READY=1\nSTATUS={status}")
+        self._last_status = status
+
+    def reloading(self) -> None:
+        self._send("RELOADING=1\nSTATUS=reloading")
+
+    def stopping(self) -> None:
+        self._send("STOPPING=1\nSTATUS=stopping")
+
+    def status(self, text: str, now: float) -> None:
+        if text != self._last_status and now - self._last_status_at >= STATUS_INTERVAL:
+            self._send(f"STATUS={text}")
+            self._last_status, self._last_status_at = text, now
+
+    def watchdog(self) -> None:
+        """Called by the master loop only while it and its pools are healthy."""
+        now = time.monotonic()
+        if self.watchdog_interval and now - self._last_watchdog >= self.watchdog_interval:
+            self._send("WATCHDOG=1")
+            self._last_watchdog = now

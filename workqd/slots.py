@@ -1,0 +1,206 @@
+"""Shared-memory slots: how a worker tells the master what it is doing, at no syscall cost.
+
+The master maps one anonymous shared region before forking; each worker owns one
+fixed-size slot in it and writes its state, the message it holds, and its
+counters with plain memory stores. The master reads the slots to answer
+/metrics, /readyz and STATUS, and after reaping a worker reads its final
+counters once, folds them into its own totals and frees the slot. So counters
+never go backwards, no gauge outlives its worker, and nothing grows with the
+number of restarts. Aligned 8-byte stores are atomic on the platforms Debian
+runs workqd on, so a reader sees each field either before or after an update.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import time
+
+# Worker states, in the order a worker goes through them. Draining (no new
+# tasks, leaving soon) is a separate flag, so the I/O thread and the handler
+# thread never overwrite each other's word.
+FREE, STARTING, CONNECTING, IDLE, BUSY = range(5)
+STATE_NAMES = {STARTING: "starting", CONNECTING: "starting", IDLE: "idle", BUSY: "busy"}
+
+OUTCOMES = ("success", "retry", "dead_letter", "timeout")
+SUCCESS, RETRY, DEAD_LETTER, TIMEOUT = range(4)
+
+# 10 ms to 4 h: handlers range from no-ops to batch jobs.
+BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+           120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
+
+# Slot layout, in 8-byte words.
+W_PID, W_STATE, W_POOL, W_BUSY_SINCE, W_TICK, W_REDELIVERED, W_DURATION_SUM, W_DRAINING = range(8)
+W_OUTCOMES = 8                       # len(OUTCOMES) words
+W_BUCKETS = W_OUTCOMES + len(OUTCOMES)  # len(BUCKETS) + 1 words (last is +Inf)
+W_CONSUMED = W_BUCKETS + len(BUCKETS) + 1
+W_SUBSCRIBED = W_CONSUMED + 1        # times the worker started consuming (0 = never yet)
+W_MSGID_LEN = W_SUBSCRIBED + 1
+W_MSGID = W_MSGID_LEN + 1            # MSGID_BYTES bytes
+MSGID_BYTES = 120
+SLOT_WORDS = 64
+SLOT_BYTES = SLOT_WORDS * 8
+assert W_MSGID * 8 + MSGID_BYTES <= SLOT_BYTES
+
+OUTCOME_WORDS = tuple(range(W_OUTCOMES, W_OUTCOMES + len(OUTCOMES)))
+BUCKET_WORDS = tuple(range(W_BUCKETS, W_BUCKETS + len(BUCKETS) + 1))
+
+# Counters a slot holds, folded into the master's totals when its worker dies.
+COUNTER_WORDS = (W_REDELIVERED, W_DURATION_SUM, *range(W_OUTCOMES, W_CONSUMED))
+FLOAT_WORDS = {W_BUSY_SINCE, W_TICK, W_DURATION_SUM}
+
+
+class SlotTable:
+    """The shared region: ``capacity`` slots, allocated by the master before any fork."""
+
+    def __init__(self, capacity: int = 1024):
+        self.capacity = capacity
+        # Anonymous mappings are MAP_SHARED on Linux: children see the same pages.
+        # Pages are only backed once touched, so unused slots cost nothing.
+        self._mm = mmap.mmap(-1, capacity * SLOT_BYTES)
+        self._q = memoryview(self._mm).cast("q")
+        self._d = memoryview(self._mm).cast("d")
+
+    def slot(self, index: int) -> "Slot":
+        return Slot(self, index)
+
+    def allocate(self, pool_id: int) -> "Slot":
+        """A free slot, zeroed, for a worker about to be forked (master only)."""
+        for i in range(self.capacity):
+            base = i * SLOT_WORDS
+            if self._q[base + W_STATE] == FREE:
+                self._mm[base * 8:(base + SLOT_WORDS) * 8] = bytes(SLOT_BYTES)
+                self._q[base + W_STATE] = STARTING
+                self._q[base + W_POOL] = pool_id
+                return Slot(self, i)
+        raise RuntimeError("no free worker slot")
+
+
+class Slot:
+    """One worker's view of its slot (writer) and the master's (reader)."""
+
+    __slots__ = ("table", "index", "_q", "_d", "_base", "_mm")
+
+    def __init__(self, table: SlotTable, index: int):
+        self.table = table
+        self.index = index
+        self._q = table._q
+        self._d = table._d
+        self._mm = table._mm
+        self._base = index * SLOT_WORDS
+
+    # --- written by the worker -------------------------------------------
+
+    def set_pid(self, pid: int) -> None:
+        self._q[self._base + W_PID] = pid
+
+    def set_state(self, state: int) -> None:
+        self._q[self._base + W_STATE] = state
+
+    def tick(self) -> None:
+        self._d[self._base + W_TICK] = time.monotonic()
+
+    def begin(self, message_id: str, redelivered: bool) -> None:
+        """A task starts: remember what we hold, before running anything."""
+        b = self._base
+        raw = message_id.encode("utf-8", "replace")[:MSGID_BYTES]
+        off = (b + W_MSGID) * 8
+        self._mm[off:off + len(raw)] = raw
+        q = self._q
+        q[b + W_MSGID_LEN] = len(raw)
+        q[b + W_CONSUMED] += 1
+        if redelivered:
+            q[b + W_REDELIVERED] += 1
+        self._d[b + W_BUSY_SINCE] = time.monotonic()
+        q[b + W_STATE] = BUSY
+
+    def end(self) -> None:
+        """The handler returned (handler thread); the outcome is recorded once settled."""
+        self._q[self._base + W_STATE] = IDLE
+
+    def record(self, outcome: int, duration: float) -> None:
+        """A task was settled with ``outcome`` after running ``duration`` seconds (I/O thread)."""
+        b = self._base
+        q = self._q
+        q[b + W_OUTCOMES + outcome] += 1
+        q[b + W_BUCKETS + bisect.bisect_left(BUCKETS, duration)] += 1
+        self._d[b + W_DURATION_SUM] += duration
+
+    def subscribed(self) -> None:
+        q = self._q
+        q[self._base + W_SUBSCRIBED] += 1
+        q[self._base + W_STATE] = IDLE
+
+    def set_draining(self) -> None:
+        self._q[self._base + W_DRAINING] = 1
+
+    # --- read by the master ----------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        return self._q[self._base + W_PID]
+
+    @property
+    def state(self) -> int:
+        return self._q[self._base + W_STATE]
+
+    @property
+    def draining(self) -> bool:
+        return bool(self._q[self._base + W_DRAINING])
+
+    @property
+    def pool_id(self) -> int:
+        return self._q[self._base + W_POOL]
+
+    @property
+    def last_tick(self) -> float:
+        return self._d[self._base + W_TICK]
+
+    @property
+    def busy_since(self) -> float:
+        return self._d[self._base + W_BUSY_SINCE]
+
+    @property
+    def ever_consumed(self) -> bool:
+        return self._q[self._base + W_SUBSCRIBED] > 0
+
+    @property
+    def consuming(self) -> bool:
+        """Subscribed to its queue right now (idle or busy) and not draining."""
+        b = self._base
+        return self._q[b + W_STATE] in (IDLE, BUSY) and not self._q[b + W_DRAINING]
+
+    @property
+    def consumed(self) -> int:
+        return self._q[self._base + W_CONSUMED]
+
+    def message_id(self) -> str | None:
+        """The message the worker holds, or None when idle."""
+        b = self._base
+        if self._q[b + W_STATE] != BUSY:
+            return None
+        n = self._q[b + W_MSGID_LEN]
+        off = (b + W_MSGID) * 8
+        return bytes(self._mm[off:off + n]).decode("utf-8", "replace") or None
+
+    def counters(self) -> dict[int, float]:
+        b = self._base
+        return {w: (self._d[b + w] if w in FLOAT_WORDS else self._q[b + w]) for w in COUNTER_WORDS}
+
+    def release(self) -> None:
+        self._q[self._base + W_STATE] = FREE
+
+
+class Totals:
+    """Counters summed over dead workers (master only), keyed by pool id."""
+
+    def __init__(self) -> None:
+        self._by_pool: dict[int, dict[int, float]] = {}
+
+    def fold(self, pool_id: int, counters: dict[int, float]) -> None:
+        acc = self._by_pool.setdefault(pool_id, dict.fromkeys(COUNTER_WORDS, 0))
+        for w, v in counters.items():
+            acc[w] += v
+
+    def get(self, pool_id: int) -> dict[int, float]:
+        return dict(self._by_pool.get(pool_id, dict.fromkeys(COUNTER_WORDS, 0)))

@@ -1,0 +1,37 @@
+# The operator's and developer's entry points; README.md explains each.
+PYTHON ?= python3
+VENV ?= .venv
+CONFIG ?= etc/workqd/workqd.yaml
+
+.PHONY: run test deb bench bench-smoke system-test clean
+
+# Runs the daemon in the foreground on the default config against the local RabbitMQ.
+run: $(VENV)/.installed
+	$(VENV)/bin/workqd -c $(CONFIG)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e .
+	touch $@
+
+# The whole test suite (what CI runs), against the broker on 127.0.0.1:5672.
+test:
+	bash tests/run.sh
+
+# Builds ../workqd_<version>_all.deb and copies it to dist/.
+deb:
+	bash packaging/build-deb.sh
+
+system-test:
+	bash tests/system/run.sh
+
+# The benchmark suite: writes bench/RESULTS.md and bench/results.png.
+bench:
+	bash bench/run.sh
+
+bench-smoke:
+	bash bench/run.sh --smoke
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -46,7 +46,7 @@ class _Delivery:
     """One message between arrival and settlement."""
 
     __slots__ = ("channel", "tag", "body", "props", "task", "started", "duration", "outcome",
-                 "error", "abandoned")
+                 "error", "abandoned", "final")
 
     def __init__(self, channel, tag, body, props, task):
         self.channel = channel
@@ -59,6 +59,7 @@ class _Delivery:
         self.outcome = SUCCESS
         self.error = ""
         self.abandoned = False  # settled without the handler (timeout): ignore its late result
+        self.final = True       # no further try follows this outcome
 
 
 def message_id_of(props, body: bytes) -> str:
@@ -105,6 +106,7 @@ class Worker:
     def run(self) -> int:
         """Runs in the forked child; returns the exit status."""
         self.pid = os.getpid()
+        self._master_pid = os.getppid()
         logsetup.configure(self.log_level, f"worker {self.name} (pid {self.pid})")
         self.slot.set_pid(self.pid)
         self.slot.tick()
@@ -402,7 +404,7 @@ class Worker:
         if outcome == SUCCESS:
             self.slot.record(SUCCESS, duration)
             if self._ack(d):
-                self._reply(d, "success", duration)
+                self._reply(d, "success")
             return
         q = self.queue
         if outcome == TIMEOUT:
@@ -451,6 +453,7 @@ class Worker:
         self._confirms[self._publish_seq] = (d, metric)
         d.error = d.error or outcome_name
         d.outcome = metric
+        d.final = outcome_name == "dead_letter"
 
     def _on_confirm(self, frame) -> None:
         method = frame.method
@@ -475,7 +478,7 @@ class Worker:
             if ch is self._channel and ch.is_open:
                 ch.basic_ack(d.tag)
                 self._reply(d, "timeout" if metric == TIMEOUT else
-                            ("retry" if metric == RETRY else "dead_letter"), d.duration)
+                            ("retry" if metric == RETRY else "dead_letter"))
         if self._stopping:
             self._maybe_finish_stop()
 
@@ -536,14 +539,15 @@ class Worker:
         if self._stopping:
             self._maybe_finish_stop()
 
-    def _reply(self, d: _Delivery, outcome: str, duration: float) -> None:
+    def _reply(self, d: _Delivery, outcome: str) -> None:
         """Tell a waiting ``workq-submit --wait`` what became of its task."""
         reply_to = d.props.reply_to
         ch = self._channel
         if not reply_to or ch is None or not ch.is_open:
             return
         body = json.dumps({"message_id": d.task.message_id, "outcome": outcome,
-                           "seconds": round(duration, 3), "error": d.error or None})
+                           "final": d.final, "seconds": round(d.duration, 3),
+                           "error": None if outcome == "success" else d.error})
         ch.basic_publish("", reply_to, body.encode(),
                          pika.BasicProperties(correlation_id=d.task.message_id,
                                               content_type="application/json"))
@@ -553,6 +557,10 @@ class Worker:
 
     def _tick(self) -> None:
         self.slot.tick()
+        if os.getppid() != self._master_pid and not self._stopping:
+            # An orphan would go on consuming with nobody to supervise or count it.
+            log.error("the master (pid %d) is gone; stopping", self._master_pid)
+            self.stop(exitcodes.WORKER_OK)
         d = self._current
         if (d is not None and not d.abandoned and self.queue.handler.python
                 and time.monotonic() - d.started > self.queue.timeout):

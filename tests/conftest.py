@@ -1,0 +1,311 @@
+"""Fixtures that drive the real daemon against the real RabbitMQ on 127.0.0.1:5672.
+
+A test that needs the broker fails when it is not there; it never skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import pytest
+import yaml
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """Fails the test (never skips) when RabbitMQ is not reachable."""
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    except pika.exceptions.AMQPError as e:
+        pytest.fail(f"RabbitMQ is not reachable on 127.0.0.1:5672: {e!r}; "
+                    f"start it with: rabbitmq-server -detached && rabbitmqctl await_startup")
+    conn.close()
+    return BROKER_URL
+
+
+class Amqp:
+    """A small blocking client for test setup and inspection."""
+
+    def __init__(self, url: str = BROKER_URL):
+        self.url = url
+        self.conn = pika.BlockingConnection(pika.URLParameters(url))
+        self.ch = self.conn.channel()
+        self.ch.confirm_delivery()
+
+    def channel(self):
+        if self.conn.is_closed:
+            self.conn = pika.BlockingConnection(pika.URLParameters(self.url))
+        if self.conn.is_closed or self.ch.is_closed:
+            self.ch = self.conn.channel()
+            self.ch.confirm_delivery()
+        return self.ch
+
+    def declare(self, name: str, type_: str = "quorum") -> None:
+        self.channel().queue_declare(name, durable=True, arguments={"x-queue-type": type_})
+
+    def publish(self, queue: str, body: str | bytes, message_id: str | None = None,
+                **props) -> str:
+        ch = self.channel()
+        mid = message_id or uuid.uuid4().hex
+        ch.basic_publish("", queue, body.encode() if isinstance(body, str) else body,
+                         pika.BasicProperties(delivery_mode=2, message_id=mid, **props),
+                         mandatory=True)
+        return mid
+
+    def count(self, queue: str) -> int:
+        """Ready messages (exact, from a passive declare; list_queues lags)."""
+        try:
+            return self.channel().queue_declare(queue, passive=True).method.message_count
+        except pika.exceptions.ChannelClosedByBroker:
+            return -1
+
+    def get_all(self, queue: str) -> list[tuple]:
+        out = []
+        ch = self.channel()
+        while True:
+            method, props, body = ch.basic_get(queue, auto_ack=True)
+            if method is None:
+                return out
+            out.append((props, body))
+
+    def delete(self, *names: str) -> None:
+        for name in names:
+            try:
+                self.channel().queue_delete(name)
+            except pika.exceptions.AMQPError:
+                pass
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except pika.exceptions.AMQPError:
+            pass
+
+
+@pytest.fixture
+def amqp(broker):
+    client = Amqp()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def qname(request, amqp):
+    """A fresh queue name for this test; the queue and its side queues go at teardown."""
+    name = f"t.{request.node.name[:40]}.{uuid.uuid4().hex[:6]}".replace("[", ".").replace("]", "")
+    yield name
+    cleanup = Amqp()
+    cleanup.delete(name, f"{name}.dead", *(f"{name}.delay.{d}s" for d in
+                                              (0.5, 1, 2, 3, 5, 30)))
+    cleanup.close()
+
+
+class Ledger:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def entries(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def events(self, kind: str) -> list[dict]:
+        return [e for e in self.entries() if e["event"] == kind]
+
+    def ended_ids(self) -> set[str]:
+        return {e["id"] for e in self.events("end")}
+
+
+class Daemon:
+    """workqd as a real subprocess, on a config written for the test."""
+
+    def __init__(self, tmp_path: Path, queues: list[dict], **top):
+        self.tmp = tmp_path
+        self.port = free_port()
+        self.ledger = Ledger(tmp_path / "ledger.jsonl")
+        self.config = {
+            "broker": {"url": BROKER_URL, "heartbeat": top.pop("heartbeat", 30)},
+            "metrics": {"listen": f"127.0.0.1:{self.port}"},
+            "shutdown_timeout": top.pop("shutdown_timeout", 10),
+            "log": {"level": top.pop("log_level", "info")},
+            "queues": queues,
+            **top,
+        }
+        self.path = tmp_path / "workqd.yaml"
+        self.log_path = tmp_path / "workqd.log"
+        self.proc: subprocess.Popen | None = None
+        self.write_config()
+
+    def write_config(self) -> None:
+        self.path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
+        env["WORKQ_TEST_LEDGER"] = str(self.ledger.path)
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("JOURNAL_STREAM", None)
+        return env
+
+    def start(self, wait_ready: bool = True) -> "Daemon":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "workqd.cli", "-c", str(self.path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env())
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        wait_for(lambda: self.http("/readyz")[0] == 200 or self._died(), timeout,
+                 what=f"workqd ready; log:\n{self.log()}")
+        assert self.proc.poll() is None, f"workqd exited {self.proc.returncode}:\n{self.log()}"
+
+    def _died(self) -> bool:
+        return self.proc.poll() is not None
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except (urllib.error.URLError, ConnectionError, socket.timeout):
+            return 0, ""
+
+    def metrics(self) -> dict[str, float]:
+        """Samples by ``name{labels}`` as exposed, e.g. ``workqd_workers{queue="q",state="idle"}``."""
+        status, text = self.http("/metrics")
+        assert status == 200, f"/metrics answered {status}"
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def metric(self, name: str, **labels) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        total = 0.0
+        for key, value in self.metrics().items():
+            base, _, rest = key.partition("{")
+            if base != name:
+                continue
+            pairs = dict(p.split("=", 1) for p in rest.rstrip("}").split(",") if p)
+            if all(pairs.get(k) == f'"{v}"' for k, v in labels.items()):
+                total += value
+        return total
+
+    def worker_pids(self) -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == self.proc.pid and fields[0] != "Z":
+                pids.append(int(entry.name))
+        return sorted(pids)
+
+    def send(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"workqd did not stop within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def daemon(tmp_path, broker):
+    """Factory: ``daemon(queues=[...], **top_level_keys)``; every daemon is stopped at teardown."""
+    started: list[Daemon] = []
+
+    def make(queues: list[dict], start: bool = True, **top) -> Daemon:
+        sub = tmp_path / f"d{len(started)}"
+        sub.mkdir()
+        d = Daemon(sub, queues, **top)
+        started.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)
+        # Workers die with the master's KILL only if they notice; make sure.
+        for pid in _children_of(d):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _children_of(d: Daemon) -> list[int]:
+    if d.proc is None:
+        return []
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                env = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if f"WORKQ_TEST_LEDGER={d.ledger.path}".encode() in env:
+                out.append(int(entry.name))
+    return out
+
+
+def queue_config(name: str, **overrides) -> dict:
+    q = {"name": name, "type": "classic", "workers": 2, "prefetch": 1,
+         "handler": {"python": "taskfns:work"}, "timeout": 60,
+         "retry": {"attempts": 1, "backoff": [1]}}
+    q.update(overrides)
+    return q

@@ -24,7 +24,7 @@ import yaml
 from workqd import config
 from workqd.metrics import Exposition
 from workqd.poller import QueuePoller
-from workqd.pool import Pool, WorkerProc
+from workqd.pool import RESTART_REASONS, Pool, WorkerProc
 from workqd.slots import DEAD_LETTER, SUCCESS, SlotTable, Totals
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +48,9 @@ def _master() -> SimpleNamespace:
                                     "handler": {"python": "workqd.handlers:sleep_dots"}}]},
                        "test.yaml")
     slots, totals = SlotTable(capacity=4), Totals()
-    pool = Pool(queue=cfg.queues[0], pool_id=1, broker=cfg.broker, slots=slots, totals=totals,
-                wake_fd=-1, log_level="info", child_init=lambda: None)
+    pool = Pool(queue=cfg.queues[0], pool_id=1, restarts=dict.fromkeys(RESTART_REASONS, 0),
+                broker=cfg.broker, slots=slots, totals=totals, wake_fd=-1, log_level="info",
+                child_init=lambda: None)
     dead = slots.allocate(pool.pool_id)
     dead.record(DEAD_LETTER, 2.0)
     totals.fold(pool.pool_id, dead.counters())
@@ -65,7 +66,8 @@ def _master() -> SimpleNamespace:
     poller = QueuePoller(cfg)  # never started: no broker involved
     poller.depth = {"tasks": (5, 1)}
     poller.connected = True
-    return SimpleNamespace(lock=threading.Lock(), pools={"tasks": pool}, poller=poller)
+    return SimpleNamespace(lock=threading.Lock(), pools={"tasks": pool}, _orphans=[],
+                           poller=poller)
 
 
 @pytest.fixture(scope="module")

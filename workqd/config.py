@@ -300,11 +300,14 @@ def _queue(r: _Reader, raw: Any, i: int) -> Queue | None:
     if not isinstance(name, str) or not QUEUE_NAME.match(name) or name.startswith("amq."):
         r.problem(f"{key}.name", f"must be a queue name (letters, digits, _ . : -; not amq.*), got {_show(name)}")
         name = f"invalid-{i}"
-    if "handler" not in data:
+    if "handler" in data:
+        handler = _handler(r, data["handler"], f"{key}.handler")
+    else:
         r.problem(f"{key}.handler", "is required")
+        handler = Handler(python="workqd.handlers:sleep_dots")
     return Queue(
         name=name,
-        handler=_handler(r, data.get("handler"), f"{key}.handler"),
+        handler=handler,
         type=r.get(data, "type", key, choice("quorum", "classic"), "quorum"),
         workers=r.get(data, "workers", key, whole(1), 4),
         prefetch=r.get(data, "prefetch", key, whole(0), 1),

@@ -18,7 +18,7 @@ from . import __version__, exitcodes, logsetup
 from .httpd import HttpServer
 from .notify import Notifier
 from .poller import QueuePoller
-from .pool import FATAL, Pool
+from .pool import FATAL, RESTART_REASONS, Pool
 from .signals import SignalQueue
 from .slots import BUSY, OUTCOME_WORDS, W_REDELIVERED, SlotTable, Totals
 
@@ -37,6 +37,7 @@ class Master:
         self.totals = Totals()
         self.pools: dict[str, Pool] = {}
         self._pool_ids: dict[str, int] = {}   # stable per queue name, so totals survive reloads
+        self._restarts: dict[int, dict[str, int]] = {}  # by pool id, for the same reason
         self.notifier = Notifier()
         self.http: HttpServer | None = None
         self.poller: QueuePoller | None = None
@@ -183,7 +184,9 @@ class Master:
     def add_pool(self, queue: config_mod.Queue, cfg: config_mod.Config | None = None) -> Pool:
         cfg = cfg or self.cfg
         pool_id = self._pool_ids.setdefault(queue.name, len(self._pool_ids) + 1)
-        pool = Pool(queue=queue, pool_id=pool_id, broker=cfg.broker, slots=self.slots,
+        restarts = self._restarts.setdefault(pool_id, dict.fromkeys(RESTART_REASONS, 0))
+        pool = Pool(queue=queue, pool_id=pool_id, restarts=restarts, broker=cfg.broker,
+                    slots=self.slots,
                     totals=self.totals, wake_fd=self.signals.wake_w, log_level=cfg.log_level,
                     child_init=self.close_in_child)
         self.pools[queue.name] = pool

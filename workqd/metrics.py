@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.utils import floatToGoString
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for httpd)
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
@@ -54,13 +55,13 @@ class _Collector:
             "workqd_queue_consumers", "Consumers of the queue on the broker (all hosts), as last "
             "polled.", labels=["queue"])
         with m.lock:
-            for name, pool in m.pools.items():
+            for name, pool in _pools_by_queue(m):
                 c = pool.counters()
                 for outcome, w in zip(OUTCOMES, OUTCOME_WORDS):
                     processed.add_metric([name, outcome], c[w])
                 redelivered.add_metric([name], c[W_REDELIVERED])
                 cumulative, acc = [], 0
-                for le, w in zip([*map(_le, BUCKETS), "+Inf"], BUCKET_WORDS):
+                for le, w in zip([*map(floatToGoString, BUCKETS), "+Inf"], BUCKET_WORDS):
                     acc += c[w]
                     cumulative.append((le, acc))
                 duration.add_metric([name], cumulative, c[W_DURATION_SUM])
@@ -92,8 +93,36 @@ class _Collector:
                     consumers, broker, build)
 
 
-def _le(bound: float) -> str:
-    return f"{bound:g}" if bound < 1e6 else str(bound)
+def _pools_by_queue(m: "Master"):
+    """One entry per queue; a pool still draining after its queue was removed and re-added
+    by a reload is merged into the new pool of the same name."""
+    merged: dict[str, _Merged] = {}
+    for pool in [*m.pools.values(), *m._orphans]:
+        merged.setdefault(pool.name, _Merged(pool)).add(pool)
+    return merged.items()
+
+
+class _Merged:
+    def __init__(self, first):
+        self.pools = []
+        self.restarts = first.restarts  # shared by pools of one queue (same pool id)
+        self.procs = {}
+        self._counters = None
+
+    def add(self, pool) -> None:
+        # Pools of the same queue share one pool id, so their folded totals are
+        # one entry: count them once, then add every live worker.
+        if not self.pools:
+            self._counters = pool.counters()
+        else:
+            for proc in pool.procs.values():
+                for w, v in proc.slot.counters().items():
+                    self._counters[w] += v
+        self.pools.append(pool)
+        self.procs.update(pool.procs)
+
+    def counters(self):
+        return self._counters
 
 
 class Exposition:

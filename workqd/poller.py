@@ -48,6 +48,7 @@ class QueuePoller:
     def poll_once(self) -> None:
         cfg = self.cfg
         depth: dict[str, tuple[int, int]] = {}
+        last_error = "no broker URL"
         for url in cfg.broker.urls:
             try:
                 params = connection_parameters(cfg.broker, url, "workqd master (queue poller)",
@@ -64,7 +65,7 @@ class QueuePoller:
                         depth[q.name] = (ok.method.message_count, ok.method.consumer_count)
                         ch.close()
                     except pika.exceptions.ChannelClosedByBroker:
-                        depth[q.name] = (0, 0)  # not declared yet: no worker got that far
+                        pass  # not declared yet: no sample rather than a made-up 0
                 conn.close()
             except (pika.exceptions.AMQPError, OSError) as e:
                 last_error = f"{redact(url)}: {e!r}"
@@ -72,6 +73,7 @@ class QueuePoller:
             self.depth = depth
             self._set_connected(True, "")
             return
+        self.depth = {}  # no stale depth while the broker is out of reach
         self._set_connected(False, last_error)
 
     def _set_connected(self, ok: bool, error: str) -> None:

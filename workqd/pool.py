@@ -55,6 +55,7 @@ class WorkerProc:
 class Pool:
     queue: Queue
     pool_id: int
+    restarts: dict[str, int]       # by reason; shared with any earlier pool of this queue
     broker: Broker
     slots: SlotTable
     totals: Totals
@@ -67,7 +68,6 @@ class Pool:
     boot_failures: int = 0
     next_spawn: float = 0.0
     procs: dict[int, WorkerProc] = field(default_factory=dict)
-    restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_REASONS, 0))
     removed: bool = False
 
     @property

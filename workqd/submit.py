@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_tasks(args: argparse.Namespace) -> list[tuple[str, bytes]]:
     """(message id, body) for every task the arguments describe."""
+    if args.words == ["-"] and not args.file:
+        args.file, args.words = "-", []  # a lone "-" reads tasks from stdin, like --file -
     if args.file and args.words:
         raise UsageError("give WORDS or --file, not both")
     if args.file:

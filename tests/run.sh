@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (`make test`): installs what the tests
+# need, makes sure RabbitMQ answers on 127.0.0.1:5672, then runs pytest twice:
+# on Debian bookworm's library versions (what the .deb depends on) and on the
+# current PyPI releases.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(python3-venv rabbitmq-server prometheus systemd-container debootstrap
+              debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
+              lintian python3-pika python3-yaml python3-sdnotify python3-prometheus-client)
+# Bookworm's versions: python3-pika 1.2.0, python3-prometheus-client 0.16.0,
+# python3-sdnotify 0.3.1, python3-yaml 6.0.
+BOOKWORM_PINS=(pika==1.2.0 prometheus-client==0.16.0 sdnotify==0.3.1 PyYAML==6.0)
+
+log() { printf '== %s\n' "$*" >&2; }
+
+install_debian_packages() {
+    local missing=()
+    for p in "${DEB_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" != 0 ]; then
+        log "missing Debian packages (run as root to install): ${missing[*]}"
+        return 0
+    fi
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_broker() {
+    if timeout 30 rabbitmqctl -q status >/dev/null 2>&1; then
+        return 0
+    fi
+    log "RabbitMQ is not running; starting it"
+    rabbitmq-server -detached
+    # -detached returns at once; wait for the node, then for the app (bounded).
+    local deadline=$((SECONDS + 120))
+    until timeout 30 rabbitmqctl -q await_startup >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || { log "RabbitMQ did not start within 120 s"; return 1; }
+        sleep 1
+    done
+}
+
+make_venv() {  # make_venv DIR PIP-ARGS...
+    local dir=$1; shift
+    if [ ! -x "$dir/bin/python" ]; then
+        python3 -m venv "$dir"
+        "$dir/bin/pip" install -q --upgrade pip >/dev/null
+    fi
+    "$dir/bin/pip" install -q "$@" pytest >/dev/null
+    # As a new user would: a regular (not editable) install of this tree.
+    "$dir/bin/pip" install -q --force-reinstall --no-deps . >/dev/null
+}
+
+install_debian_packages
+ensure_broker
+
+log "venv with bookworm's versions: ${BOOKWORM_PINS[*]}"
+make_venv .venv-bookworm "${BOOKWORM_PINS[@]}"
+log "venv with current PyPI releases"
+make_venv .venv-latest --upgrade pika prometheus-client sdnotify PyYAML
+
+status=0
+log "pytest on bookworm's versions (full suite, with the system test)"
+.venv-bookworm/bin/python -m pytest "$@" || status=$?
+log "pytest on current PyPI releases (without the system test, which uses Debian's packages)"
+.venv-latest/bin/python -m pytest -m "not system" "$@" || status=$?
+exit $status

@@ -1,0 +1,44 @@
+"""The broker going away and coming back while tasks flow."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+
+from conftest import Amqp, queue_config, wait_for
+
+
+def rabbitmqctl(*args: str, timeout: float = 120) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def broker_app_stopped():
+    """Stop the RabbitMQ application; whatever happens, start it again."""
+    rabbitmqctl("stop_app")
+    try:
+        yield
+    finally:
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+
+
+def test_workers_reconnect_after_broker_restart(daemon, qname):
+    amqp = Amqp()
+    d = daemon([queue_config(qname, workers=2, type="quorum")])
+    ids = [amqp.publish(qname, f"n={i} sleep=0.1") for i in range(30)]
+    wait_for(lambda: len(d.ledger.ended_ids()) >= 5, 20, what="tasks flowing")
+    amqp.close()
+    with broker_app_stopped():
+        wait_for(lambda: d.http("/readyz")[0] == 503, 20, what="/readyz 503 while broker down")
+    # Workers come back by themselves: no daemon restart.
+    d.wait_ready(timeout=60)
+    amqp = Amqp()
+    late = [amqp.publish(qname, f"late={i}") for i in range(5)]
+    wait_for(lambda: d.ledger.ended_ids() >= set(ids) | set(late), 60,
+             what="every task done after the restart")
+    assert d.proc.poll() is None
+    assert "reconnecting" in d.log()
+    assert d.stop() == 0
+    assert amqp.count(qname) == 0
+    amqp.close()

@@ -131,19 +131,21 @@ def test_hundred_restarts_keep_counters_and_nothing_grows(daemon, amqp, qname, c
                 assert value >= seen.get(key, 0), f"{key} went back {seen.get(key)} -> {value}"
                 seen[key] = value
         time.sleep(0.05)
-    # The counter must equal the ledger of completed runs: 200, plus a duplicate
-    # for each kill that landed after a handler returned but before its ack left
-    # (at-least-once: the broker redelivered a task that had in fact completed).
+    # Every task settled at least once, counted by workers most of which are dead
+    # by now. A kill that lands after a handler returned makes the broker run the
+    # task again (at-least-once): such a run shows in the ledger, and in the
+    # counter only if its settlement was recorded before the kill.
     runs = len(d.ledger.events("end"))
-    wait_for(lambda: d.metric(SUCCESS, queue=qname, outcome="success") == runs, 10,
-             what=f"{runs} successes counted")
-    assert 200 <= runs <= 200 + kills
+    wait_for(lambda: d.metric(SUCCESS, queue=qname, outcome="success") >= 200, 10,
+             what="200 successes counted")
+    success = d.metric(SUCCESS, queue=qname, outcome="success")
+    assert 200 <= success <= runs <= 200 + kills, (success, runs, kills)
     restarts = (d.metric("workqd_worker_restarts_total", queue=qname, reason="crash")
                 + d.metric("workqd_worker_restarts_total", queue=qname, reason="recycle"))
     assert restarts >= 100, restarts
     wait_for(lambda: d.metric("workqd_workers", queue=qname) == 2
              and len(d.worker_pids()) == 2, 10, what="pool of 2")
-    assert d.metric("workqd_task_duration_seconds_count", queue=qname) == runs
+    assert d.metric("workqd_task_duration_seconds_count", queue=qname) == success
     assert d.metric("workqd_tasks_in_flight", queue=qname) == 0
     rss1, fds1 = _master_footprint(d.proc.pid)
     assert fds1 == fds0, (fds0, fds1)

@@ -72,8 +72,8 @@ class _Collector:
                     st = proc.slot.state
                     if st == BUSY:
                         states["busy"] += 1
-                    elif st == IDLE:
-                        states["idle"] += 1
+                    elif st == IDLE and not proc.slot.draining:
+                        states["idle"] += 1  # an idle draining worker is leaving: not capacity
                     elif st in (STARTING, CONNECTING):
                         states["starting"] += 1
                 in_flight.add_metric([name], states["busy"])

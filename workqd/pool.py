@@ -181,6 +181,14 @@ class Pool:
         slot = proc.slot
         held = slot.message_id()
         consumed_ever = slot.ever_consumed
+        if held and not proc.retiring and not (os.WIFEXITED(status) and os.WEXITSTATUS(status)
+                                               in (exitcodes.WORKER_OK, exitcodes.WORKER_RECYCLE,
+                                                   exitcodes.WORKER_TIMEOUT)):
+            # Recorded before the slot is freed: a sibling that receives the
+            # redelivery meanwhile counts this death exactly once (slots.crashes).
+            crashes = self.slots.record_crash(self.pool_id, held, proc.pid)
+        else:
+            crashes = 0
         self.totals.fold(self.pool_id, slot.counters())
         slot.release()
         who = f"worker {self.name}#{proc.number} (pid {proc.pid})"
@@ -213,6 +221,11 @@ class Pool:
         level = logging.WARNING if code == exitcodes.WORKER_OK else logging.ERROR
         log.log(level, "%s %s%s", who, how, holding)
         self.restarts["crash"] += 1
+        if crashes:
+            if crashes >= self.queue.max_redeliveries:
+                log.error("message %s has killed %d workers (max_redeliveries %d): it is poison "
+                          "and goes to %s on its next delivery", held, crashes,
+                          self.queue.max_redeliveries, self.queue.dead_letter_queue)
         if consumed_ever:
             self.boot_failures = 0
             self.transition(RUNNING)

@@ -50,16 +50,83 @@ COUNTER_WORDS = (W_REDELIVERED, W_DURATION_SUM, *range(W_OUTCOMES, W_CONSUMED))
 FLOAT_WORDS = {W_BUSY_SINCE, W_TICK, W_DURATION_SUM}
 
 
+# Crash table entries, in 8-byte words: how often a message was held by a worker
+# that died, for poison detection on classic queues (quorum queues also have the
+# broker's x-delivery-count).
+C_POOL, C_COUNT, C_LAST_PID, C_STAMP, C_LEN = range(5)
+C_MSGID = 5
+CRASH_WORDS = C_MSGID + MSGID_BYTES // 8
+CRASH_ENTRIES = 1024
+
+
 class SlotTable:
-    """The shared region: ``capacity`` slots, allocated by the master before any fork."""
+    """The shared region: ``capacity`` slots, allocated by the master before any fork,
+    followed by the crash table."""
 
     def __init__(self, capacity: int = 1024):
         self.capacity = capacity
         # Anonymous mappings are MAP_SHARED on Linux: children see the same pages.
         # Pages are only backed once touched, so unused slots cost nothing.
-        self._mm = mmap.mmap(-1, capacity * SLOT_BYTES)
+        self._crash_base = capacity * SLOT_WORDS
+        self._mm = mmap.mmap(-1, (self._crash_base + CRASH_ENTRIES * CRASH_WORDS) * 8)
         self._q = memoryview(self._mm).cast("q")
         self._d = memoryview(self._mm).cast("d")
+        self._stamp = 0
+
+    # --- crash table -----------------------------------------------------
+
+    def _crash_entry(self, pool_id: int, raw: bytes) -> int | None:
+        q, mm = self._q, self._mm
+        for i in range(CRASH_ENTRIES):
+            b = self._crash_base + i * CRASH_WORDS
+            if q[b + C_POOL] == pool_id and q[b + C_LEN] == len(raw):
+                off = (b + C_MSGID) * 8
+                if mm[off:off + len(raw)] == raw:
+                    return b
+        return None
+
+    def record_crash(self, pool_id: int, message_id: str, pid: int) -> int:
+        """Master only: ``pid`` died holding ``message_id``; returns the crash count."""
+        raw = message_id.encode("utf-8", "replace")[:MSGID_BYTES]
+        q = self._q
+        b = self._crash_entry(pool_id, raw)
+        self._stamp += 1
+        if b is None:
+            # Reuse the least recently recorded entry: old crashes age out.
+            b = min((self._crash_base + i * CRASH_WORDS for i in range(CRASH_ENTRIES)),
+                    key=lambda base: q[base + C_STAMP])
+            q[b + C_COUNT] = 0
+            q[b + C_LEN] = 0
+            off = (b + C_MSGID) * 8
+            self._mm[off:off + len(raw)] = raw
+            q[b + C_LEN] = len(raw)
+            q[b + C_POOL] = pool_id
+        q[b + C_LAST_PID] = pid
+        q[b + C_COUNT] += 1
+        q[b + C_STAMP] = self._stamp
+        return q[b + C_COUNT]
+
+    def crashes(self, pool_id: int, message_id: str, me: int) -> int:
+        """How many workers died holding ``message_id``, counting one whose death the
+        master has not recorded yet (its slot still says busy with it)."""
+        raw = message_id.encode("utf-8", "replace")[:MSGID_BYTES]
+        # Slots first, then the table: the master records a crash before it frees
+        # the slot, and the entry's last pid says whether this death is in it.
+        dead_holder = 0
+        q = self._q
+        for i in range(self.capacity):
+            base = i * SLOT_WORDS
+            if (q[base + W_STATE] == BUSY and q[base + W_POOL] == pool_id
+                    and q[base + W_PID] != me and q[base + W_MSGID_LEN] == len(raw)):
+                off = (base + W_MSGID) * 8
+                if self._mm[off:off + len(raw)] == raw and _is_dead(q[base + W_PID]):
+                    dead_holder = q[base + W_PID]
+                    break
+        b = self._crash_entry(pool_id, raw)
+        count = q[b + C_COUNT] if b is not None else 0
+        if dead_holder and (b is None or q[b + C_LAST_PID] != dead_holder):
+            count += 1
+        return count
 
     def slot(self, index: int) -> "Slot":
         return Slot(self, index)
@@ -204,3 +271,12 @@ class Totals:
 
     def get(self, pool_id: int) -> dict[int, float]:
         return dict(self._by_pool.get(pool_id, dict.fromkeys(COUNTER_WORDS, 0)))
+
+
+def _is_dead(pid: int) -> bool:
+    """Gone, or a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True

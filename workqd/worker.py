@@ -35,7 +35,7 @@ from .slots import BUSY, CONNECTING, DEAD_LETTER, IDLE, RETRY, SUCCESS, TIMEOUT,
 
 log = logging.getLogger("workqd.worker")
 
-TICK = 1.0                 # seconds between liveness ticks and timeout/memory checks
+TICK = 0.25                # seconds between liveness ticks and Python-handler timeout checks
 ACK_FLUSH_DELAY = 0.005    # coalesced acks wait at most this long
 RECONNECT_MAX = 15.0       # cap of the reconnect backoff, seconds
 AUTH_ERRORS = (pika.exceptions.ProbableAuthenticationError,
@@ -99,7 +99,7 @@ class Worker:
         self._exit_code: int | None = None
         self._failures = 0         # consecutive failed connection attempts
         self._declaring = False
-        self._tasks_run = 0
+        self._received = 0          # deliveries handed to the handler thread
 
     # --- life cycle ------------------------------------------------------
 
@@ -146,8 +146,12 @@ class Worker:
                     log.info("stopping: finishing the running task, taking no new ones")
                 self.stop(exitcodes.WORKER_OK)
 
-    def stop(self, exit_code: int) -> None:
-        """Stop taking tasks, settle what runs, then close and leave with ``exit_code``."""
+    def stop(self, exit_code: int, requeue_buffered: bool = True) -> None:
+        """Stop taking tasks, settle what runs, then close and leave with ``exit_code``.
+
+        The draining flag makes the master start a replacement at once (unless
+        it is stopping everything), so capacity does not wait for this exit.
+        """
         if self._exit_code is None:
             self._exit_code = exit_code
         if self._stopping:
@@ -158,7 +162,8 @@ class Worker:
         self._wake_master()
         if self._channel is not None and self._channel.is_open and self._consumer_tag:
             self._channel.basic_cancel(self._consumer_tag)
-        self._requeue_unstarted()
+        if requeue_buffered:
+            self._requeue_unstarted()
         self._maybe_finish_stop()
 
     def _requeue_unstarted(self) -> None:
@@ -348,18 +353,52 @@ class Worker:
                            int(headers.get("x-delivery-count", 0) or 0),
                            int(headers.get(H_ATTEMPT, 1) or 1))
         d = _Delivery(channel, method.delivery_tag, body, props, task)
-        if method.redelivered:
-            log.info("task %s redelivered (delivery count %d): it may have run before",
-                     mid, task.delivery_count)
         if self._stopping:
             channel.basic_nack(d.tag, requeue=True)
             return
         self._inflight[d.tag] = d
+        if method.redelivered and self._is_poison(d):
+            return
         if len(body) > self.queue.max_body:
             d.outcome, d.error = DEAD_LETTER, f"body of {len(body)} bytes exceeds max_body"
             self._settle(d, reason="too-large")
             return
         self._tasks.put(d)
+        self._received += 1
+        if self._last_task_taken():
+            # Cancel now, while this last task runs, so the master's replacement
+            # is consuming by the time this worker leaves.
+            self.stop(exitcodes.WORKER_RECYCLE, requeue_buffered=False)
+
+    def _is_poison(self, d: _Delivery) -> bool:
+        """Dead-letter, unrun, a task that already killed max_redeliveries workers."""
+        task, q = d.task, self.queue
+        crashes = self.slot.table.crashes(self.slot.pool_id, task.message_id, self.pid)
+        # On quorum queues the broker counts every return, cluster-wide.
+        returns = task.delivery_count if q.type == "quorum" else 0
+        log.info("task %s redelivered (%d earlier deliveries, %d worker deaths): it may have "
+                 "run before", task.message_id, returns, crashes)
+        if max(crashes, returns) < q.max_redeliveries:
+            return False
+        d.outcome = DEAD_LETTER
+        d.error = (f"poison: killed its worker {crashes} time(s)" if crashes >= returns else
+                   f"poison: delivered {returns + 1} times without being acked")
+        self._settle(d, reason="poison")
+        return True
+
+    def _last_task_taken(self) -> bool:
+        q = self.queue
+        if q.max_tasks_per_worker and self._received >= q.max_tasks_per_worker:
+            log.info("recycling after this task: %d tasks taken (max_tasks_per_worker)",
+                     self._received)
+            return True
+        if q.max_memory_per_worker:
+            rss = _rss_bytes()
+            if rss > q.max_memory_per_worker:
+                log.info("recycling after this task: RSS %d MiB is past max_memory_per_worker "
+                         "(%d MiB)", rss >> 20, q.max_memory_per_worker >> 20)
+                return True
+        return False
 
     def _handler_loop(self) -> None:
         """The handler thread: run tasks one by one, hand results back to the I/O loop."""
@@ -392,10 +431,14 @@ class Worker:
     def _on_task_done(self, d: _Delivery) -> None:
         if d.abandoned:
             return
-        self._tasks_run += 1
         self._settle(d)
-        if self._exit_code is None and not self._stopping:
-            self._check_recycle()
+        q = self.queue
+        if (q.max_memory_per_worker and not self._stopping and self._tasks.empty()
+                and _rss_bytes() > q.max_memory_per_worker):
+            # Idle and too big: leave now rather than at the next delivery.
+            log.info("recycling: RSS %d MiB is past max_memory_per_worker (%d MiB)",
+                     _rss_bytes() >> 20, q.max_memory_per_worker >> 20)
+            self.stop(exitcodes.WORKER_RECYCLE)
 
     def _settle(self, d: _Delivery, reason: str | None = None) -> None:
         """Turn the outcome into what the broker must see: ack, or republish then ack."""
@@ -574,18 +617,6 @@ class Worker:
             self._settle(d)
             self.stop(exitcodes.WORKER_TIMEOUT)
         self._ioloop.call_later(TICK, self._tick)
-
-    def _check_recycle(self) -> None:
-        q = self.queue
-        if q.max_tasks_per_worker and self._tasks_run >= q.max_tasks_per_worker:
-            log.info("recycling after %d tasks (max_tasks_per_worker)", self._tasks_run)
-            self.stop(exitcodes.WORKER_RECYCLE)
-        elif q.max_memory_per_worker:
-            rss = _rss_bytes()
-            if rss > q.max_memory_per_worker:
-                log.info("recycling: RSS %d MiB is past max_memory_per_worker (%d MiB)",
-                         rss >> 20, q.max_memory_per_worker >> 20)
-                self.stop(exitcodes.WORKER_RECYCLE)
 
 
 def _error_line(e: BaseException) -> str:

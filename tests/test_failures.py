@@ -1,0 +1,248 @@
+"""Fault injection: retries, dead letters, poison, timeouts, recycling, chaos (issue 5).
+
+Every execution lands in the ledger (tests/taskfns.py), so each test can say
+exactly how often what ran, where, and whether it completed.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Amqp, queue_config, wait_for
+from test_broker_loss import broker_app_stopped, rabbitmqctl
+
+OUTCOME = "workqd_tasks_processed_total"
+
+
+def test_retries_with_backoff_then_dead_letter(daemon, amqp, qname):
+    d = daemon([queue_config(qname, workers=2, retry={"attempts": 3, "backoff": [1, 1]})])
+    mid = amqp.publish(qname, "fail=1")
+    wait_for(lambda: amqp.count(f"{qname}.dead") == 1, 20, what="dead-lettered")
+    fails = d.ledger.events("fail")
+    assert [f["attempt"] for f in fails] == [1, 2, 3]
+    starts = [e["t"] for e in d.ledger.events("start")]
+    assert all(b - a >= 1.0 for a, b in zip(starts, starts[1:])), starts  # backoff respected
+    wait_for(lambda: d.metric(OUTCOME, queue=qname, outcome="dead_letter") == 1, 5,
+             what="dead_letter counted")
+    assert d.metric(OUTCOME, queue=qname, outcome="retry") == 2
+    assert d.metric(OUTCOME, queue=qname, outcome="success") == 0
+    (props, body), = amqp.get_all(f"{qname}.dead")
+    h = props.headers
+    assert body == b"fail=1" and props.message_id == mid
+    assert h["x-workq-reason"] == "failed" and h["x-workq-attempt"] == 3
+    assert "failed on purpose" in h["x-workq-error"] and h["x-workq-queue"] == qname
+    assert h["x-workq-dead-at"].endswith("+00:00")
+    assert amqp.count(qname) == 0 and amqp.count(f"{qname}.delay.1s") == 0
+
+
+def test_a_retry_that_succeeds_is_a_success(daemon, amqp, qname, tmp_path):
+    marker = tmp_path / "second-time"
+    script = tmp_path / "flaky.sh"
+    script.write_text(f"#!/bin/sh\n[ -e {marker} ] && exit 0\ntouch {marker}\nexit 1\n")
+    script.chmod(0o755)
+    d = daemon([queue_config(qname, workers=1, handler={"command": [str(script)]},
+                             retry={"attempts": 2, "backoff": [0]})])
+    amqp.publish(qname, "x")
+    wait_for(lambda: d.metric(OUTCOME, queue=qname, outcome="success") == 1, 15, what="success")
+    assert d.metric(OUTCOME, queue=qname, outcome="retry") == 1
+    assert amqp.count(f"{qname}.dead") == 0
+
+
+@pytest.mark.parametrize("qtype", ["classic", "quorum"])
+def test_poison_task_is_dead_lettered_after_max_redeliveries(daemon, amqp, qname, qtype):
+    d = daemon([queue_config(qname, workers=2, type=qtype, max_redeliveries=3)])
+    before = [amqp.publish(qname, f"n=a{i} sleep=0.05") for i in range(5)]
+    poison = amqp.publish(qname, "die=1")
+    after = [amqp.publish(qname, f"n=b{i} sleep=0.05") for i in range(5)]
+    wait_for(lambda: amqp.count(f"{qname}.dead") == 1, 30, what="poison dead-lettered")
+    wait_for(lambda: d.ledger.ended_ids() >= set(before + after), 20, what="healthy tasks done")
+    runs = [e for e in d.ledger.events("start") if e["id"] == poison]
+    assert len(runs) == 3, runs  # it killed exactly max_redeliveries workers, then no more
+    (props, _), = amqp.get_all(f"{qname}.dead")
+    assert props.message_id == poison and props.headers["x-workq-reason"] == "poison"
+    wait_for(lambda: d.http("/readyz")[0] == 200 and len(d.worker_pids()) == 2, 10,
+             what="daemon ready with 2 workers")
+    assert d.metric(OUTCOME, queue=qname, outcome="dead_letter") == 1
+    assert d.metric("workqd_worker_restarts_total", queue=qname, reason="crash") == 3
+    assert "it is poison" in d.log()
+
+
+def _tree_alive(pid_file: Path) -> list[int]:
+    if not pid_file.exists():
+        return []
+    alive = []
+    for pid in map(int, pid_file.read_text().split()):
+        try:  # a zombie is dead: it only waits for its parent to reap it
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def test_command_timeout_kills_the_process_tree(daemon, amqp, qname, tmp_path):
+    pids = tmp_path / "pids"
+    script = tmp_path / "slow.sh"
+    # The handler starts a grandchild too: the whole tree must go.
+    script.write_text(f"#!/bin/sh\nsleep 60 &\necho $$ $! > {pids}\nwait\n")
+    script.chmod(0o755)
+    d = daemon([queue_config(qname, workers=1, timeout=2, handler={"command": [str(script)]},
+                             retry={"attempts": 1})])
+    amqp.publish(qname, "x")
+    wait_for(lambda: len(_tree_alive(pids)) == 2, 10, what="handler and grandchild running")
+    started = pids.stat().st_mtime
+    wait_for(lambda: not _tree_alive(pids), 5, what="process tree gone")
+    assert time.time() - started < 2 + 1.5
+    wait_for(lambda: d.metric(OUTCOME, queue=qname, outcome="timeout") == 1, 5,
+             what="timeout counted")
+    (props, _), = amqp.get_all(f"{qname}.dead")
+    assert props.headers["x-workq-reason"] == "timeout"
+
+
+def test_python_timeout_settles_the_task_and_recycles_the_worker(daemon, amqp, qname):
+    d = daemon([queue_config(qname, workers=1, timeout=1, retry={"attempts": 2, "backoff": [0]})])
+    amqp.publish(qname, "sleep=30")
+    first = wait_for(lambda: d.ledger.events("start"), 10, what="task started")[0]
+    # Try 1 times out, the worker leaves; try 2 runs on its replacement and times out too.
+    wait_for(lambda: amqp.count(f"{qname}.dead") == 1, 15, what="dead-lettered after 2 tries")
+    starts = d.ledger.events("start")
+    assert [s["attempt"] for s in starts] == [1, 2]
+    assert starts[1]["pid"] != first["pid"]
+    assert d.metric(OUTCOME, queue=qname, outcome="timeout") == 2
+    wait_for(lambda: d.metric("workqd_worker_restarts_total", queue=qname, reason="timeout") == 2,
+             5, what="2 timeout restarts")
+    wait_for(lambda: len(d.worker_pids()) == 1, 5, what="pool back to 1")
+
+
+def _sample_capacity(d, qname, n, stop_when, timeout):
+    """Poll the worker gauges until ``stop_when()``; return the smallest idle+busy seen."""
+    lowest = n
+    deadline = time.monotonic() + timeout
+    while not stop_when():
+        assert time.monotonic() < deadline, "timed out"
+        m = d.metrics()
+        busy = m.get(f'workqd_workers{{queue="{qname}",state="busy"}}', 0)
+        idle = m.get(f'workqd_workers{{queue="{qname}",state="idle"}}', 0)
+        lowest = min(lowest, busy + idle)
+        time.sleep(0.02)
+    return lowest
+
+
+def test_recycling_by_task_count_keeps_the_pool_full(daemon, amqp, qname):
+    d = daemon([queue_config(qname, workers=2, max_tasks_per_worker=3)])
+    ids = [amqp.publish(qname, f"n={i} sleep=0.3") for i in range(18)]
+    lowest = _sample_capacity(d, qname, 2, lambda: d.ledger.ended_ids() >= set(ids), 60)
+    assert lowest >= 2, f"capacity dipped to {lowest}"
+    wait_for(lambda: d.metric("workqd_worker_restarts_total", queue=qname, reason="recycle") >= 5,
+             10, what="recycles counted")
+    per_pid = collections.Counter(e["pid"] for e in d.ledger.events("end"))
+    assert max(per_pid.values()) <= 3, per_pid
+    assert d.metric(OUTCOME, queue=qname, outcome="success") == 18
+
+
+def test_recycling_by_memory_keeps_the_pool_full(daemon, amqp, qname):
+    d = daemon([queue_config(qname, workers=2, max_memory_per_worker="150MiB")])
+    ids = [amqp.publish(qname, f"n={i} leak=40 sleep=0.3") for i in range(12)]
+    lowest = _sample_capacity(d, qname, 2, lambda: d.ledger.ended_ids() >= set(ids), 60)
+    assert lowest >= 2, f"capacity dipped to {lowest}"
+    wait_for(lambda: d.metric("workqd_worker_restarts_total", queue=qname, reason="recycle") >= 2,
+             10, what="memory recycles counted")
+    assert "past max_memory_per_worker" in d.log()
+
+
+def test_hostile_messages_never_crash_a_worker(daemon, amqp, qname, tmp_path):
+    script = tmp_path / "cat.sh"
+    script.write_text("#!/bin/sh\nhead -c 3000000 /dev/zero | tr '\\0' 'x' | fold -w 100\n"
+                      "cat > /dev/null\n")
+    script.chmod(0o755)
+    d = daemon([queue_config(qname, workers=1, handler={"command": [str(script)]},
+                             max_body="1MiB")])
+    ch = amqp.channel()
+    import pika
+    ch.basic_publish("", qname, b"\xff\xfe not utf-8 \x00", pika.BasicProperties())  # no props
+    big = amqp.publish(qname, b"x" * (2 << 20))
+    ok = amqp.publish(qname, "fine")
+    wait_for(lambda: amqp.count(f"{qname}.dead") == 1, 20, what="big body dead-lettered")
+    wait_for(lambda: d.metric(OUTCOME, queue=qname, outcome="success") == 2, 20,
+             what="the other two done (megabytes of output did not block)")
+    (props, _), = amqp.get_all(f"{qname}.dead")
+    assert props.message_id == big and props.headers["x-workq-reason"] == "too-large"
+    assert d.metric("workqd_worker_restarts_total", queue=qname, reason="crash") == 0
+    assert f"task {ok} stdout: (" in d.log()  # output past the logged lines is counted
+
+
+def test_broker_down_for_20_seconds_loses_nothing(daemon, qname):
+    amqp = Amqp()
+    d = daemon([queue_config(qname, workers=2, type="quorum")])
+    ids = [amqp.publish(qname, f"n={i} sleep=0.2") for i in range(40)]
+    wait_for(lambda: len(d.ledger.ended_ids()) >= 5, 20, what="tasks flowing")
+    amqp.close()
+    with broker_app_stopped():
+        wait_for(lambda: d.http("/readyz")[0] == 503, 20, what="/readyz 503 during outage")
+        outage_end = time.monotonic() + 20
+        while time.monotonic() < outage_end:
+            assert d.http("/readyz")[0] == 503
+            assert d.proc.poll() is None
+            time.sleep(0.5)
+    d.wait_ready(timeout=60)
+    wait_for(lambda: d.ledger.ended_ids() >= set(ids), 60, what="every task done")
+    assert d.stop() == 0
+    amqp = Amqp()
+    assert amqp.count(qname) == 0
+    amqp.close()
+
+
+def test_soak_chaos_loses_nothing(daemon, qname, capsys):
+    amqp = Amqp()
+    n = 5000
+    # A high poison limit: chaos kills are not the task's fault.
+    d = daemon([queue_config(qname, workers=4, type="quorum", max_redeliveries=50)], start=False)
+    amqp.declare(qname, "quorum")
+    ids = [amqp.publish(qname, f"n={i} sleep=0.01") for i in range(n)]
+    amqp.close()
+    d.start()
+    rng = random.Random(42)
+    kills = cuts = 0
+    next_cut = time.monotonic() + 5
+    deadline = time.monotonic() + 240
+    while not d.ledger.ended_ids() >= set(ids):
+        assert time.monotonic() < deadline, f"{len(d.ledger.ended_ids())}/{n} done"
+        pids = d.worker_pids()
+        if pids:
+            try:
+                os.kill(rng.choice(pids), signal.SIGKILL)
+                kills += 1
+            except ProcessLookupError:
+                pass
+        if time.monotonic() >= next_cut:
+            rabbitmqctl("close_all_connections", "chaos test")
+            cuts += 1
+            next_cut = time.monotonic() + 5
+        time.sleep(0.3)
+    ends = d.ledger.events("end")
+    runs = collections.Counter(e["id"] for e in ends)
+    duplicates = sum(c - 1 for c in runs.values())
+    # A duplicate is a task whose ack was lost to a kill or a cut: its later run
+    # came as a redelivery.
+    for mid, count in runs.items():
+        if count > 1:
+            redelivered = sum(1 for e in ends if e["id"] == mid and e["redelivered"])
+            assert redelivered >= count - 1, mid
+    assert set(runs) == set(ids)  # 0 lost
+    d.wait_ready(timeout=30)
+    assert d.stop() == 0
+    amqp = Amqp()
+    assert amqp.count(qname) == 0 and amqp.count(f"{qname}.dead") == 0
+    amqp.close()
+    with capsys.disabled():
+        print(f"\n[soak] {n} tasks, {kills} kill -9, {cuts} connection cuts: 0 lost, "
+              f"{duplicates} duplicate runs (each a redelivery)")

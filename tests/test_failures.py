@@ -11,12 +11,13 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Amqp, queue_config, wait_for
+from conftest import BROKER_URL, Amqp, queue_config, wait_for
 from test_broker_loss import broker_app_stopped, rabbitmqctl
 
 OUTCOME = "workqd_tasks_processed_total"
@@ -246,3 +247,21 @@ def test_soak_chaos_loses_nothing(daemon, qname, capsys):
     with capsys.disabled():
         print(f"\n[soak] {n} tasks, {kills} kill -9, {cuts} connection cuts: 0 lost, "
               f"{duplicates} duplicate runs (each a redelivery)")
+
+
+def test_requeue_dead_moves_tasks_back_for_a_fresh_try(daemon, amqp, qname, tmp_path):
+    flag = tmp_path / "fixed"
+    script = tmp_path / "h.sh"
+    script.write_text(f"#!/bin/sh\n[ -e {flag} ]\n")  # fails until the operator "fixes" it
+    script.chmod(0o755)
+    d = daemon([queue_config(qname, workers=1, handler={"command": [str(script)]},
+                             retry={"attempts": 1})])
+    ids = [amqp.publish(qname, f"t{i}") for i in range(3)]
+    wait_for(lambda: amqp.count(f"{qname}.dead") == 3, 15, what="3 dead-lettered")
+    flag.touch()
+    r = subprocess.run([sys.executable, "-m", "workqd.submit", "--url", BROKER_URL,
+                        "--requeue-dead", qname], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "moved 3 task(s)" in r.stderr, r.stderr
+    wait_for(lambda: d.metric(OUTCOME, queue=qname, outcome="success") == 3, 15,
+             what="requeued tasks succeed")
+    assert amqp.count(f"{qname}.dead") == 0 and len(ids) == 3

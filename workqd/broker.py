@@ -52,9 +52,16 @@ def delay_queue_arguments(queue: Queue, delay: float) -> dict:
 def connection_parameters(broker: Broker, url: str, name: str,
                           heartbeat: int | None = None) -> pika.ConnectionParameters:
     """Parameters for one broker URL; the password_file and TLS options override the URL."""
-    params = pika.URLParameters(url)
-    if broker.password is not None:
-        params.credentials = pika.PlainCredentials(params.credentials.username, broker.password)
+    parts = urllib.parse.urlsplit(url)
+    user = urllib.parse.unquote(parts.username) if parts.username else "guest"
+    password = broker.password
+    if password is None:
+        password = urllib.parse.unquote(parts.password) if parts.password is not None else "guest"
+    # pika 1.2.0 cannot parse a URL with a user but no password, so the
+    # credentials never go through URLParameters.
+    params = pika.URLParameters(urllib.parse.urlunsplit(
+        parts._replace(netloc=parts.netloc.rpartition("@")[2])))
+    params.credentials = pika.PlainCredentials(user, password)
     params.heartbeat = broker.heartbeat if heartbeat is None else heartbeat
     # One attempt per URL: retry policy lives in the callers, with backoff and failover.
     params.connection_attempts = 1

@@ -226,6 +226,13 @@ def _broker(r: _Reader, raw: Any) -> Broker:
         urls = (r.get(data, "url", "broker", amqp_url, DEFAULT_URL),)
     password = None
     pw_file = r.get(data, "password_file", "broker", text, None)
+    if not pw_file:
+        for i, u in enumerate(urls):
+            parts = urllib.parse.urlsplit(u)
+            if parts.username and parts.password is None:
+                key = f"broker.urls[{i}]" if "urls" in data else "broker.url"
+                r.problem(key, "names a user but no password: add it, or set "
+                          "broker.password_file")
     if pw_file:
         try:
             with open(pw_file, encoding="utf-8") as f:

@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wait", action="store_true",
                    help="wait for each task's outcome and print one line per task")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    p.add_argument("--requeue-dead", metavar="QUEUE",
+                   help="move every task in QUEUE.dead back to QUEUE (after fixing the cause), "
+                   "as a first try again; nothing else is published")
     p.add_argument("words", nargs="*", metavar="WORDS")
     return p.parse_args(argv)
 
@@ -308,6 +311,48 @@ def _describe(error) -> str:
     return text
 
 
+def requeue_dead(urls, broker, queue: str) -> int:
+    """Move dead-lettered tasks back, each acked on the dead queue only once its copy is
+    confirmed on the work queue, so a failure half-way loses nothing."""
+    from .broker import H_ATTEMPT, H_DEAD_AT, H_ERROR, H_QUEUE, H_REASON
+    dead = f"{queue}.dead"
+    try:
+        conn = pika.BlockingConnection([connection_parameters(broker, u, "workq-submit")
+                                        for u in urls])
+    except pika.exceptions.AMQPError as e:
+        print(f"workq-submit: cannot connect: {_describe(e)}", file=sys.stderr)
+        return exitcodes.SUBMIT_UNREACHABLE
+    moved = 0
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        while True:
+            method, props, body = ch.basic_get(dead, auto_ack=False)
+            if method is None:
+                break
+            headers = {k: v for k, v in (props.headers or {}).items()
+                       if k not in (H_ATTEMPT, H_DEAD_AT, H_ERROR, H_QUEUE, H_REASON,
+                                    "x-delivery-count", "x-death")}
+            props.headers = headers or None
+            try:
+                ch.basic_publish("", queue, body, props, mandatory=True)
+            except (pika.exceptions.UnroutableError, pika.exceptions.NackError):
+                ch.basic_nack(method.delivery_tag, requeue=True)
+                print(f"workq-submit: task {props.message_id} could not be moved to {queue} "
+                      f"(no such queue?); it stays in {dead}", file=sys.stderr)
+                return exitcodes.SUBMIT_NOT_CONFIRMED
+            ch.basic_ack(method.delivery_tag)
+            moved += 1
+    except pika.exceptions.ChannelClosedByBroker as e:
+        print(f"workq-submit: {dead}: {e.reply_text}", file=sys.stderr)
+        return exitcodes.SUBMIT_NOT_CONFIRMED if moved else exitcodes.SUBMIT_USAGE
+    finally:
+        if conn.is_open:
+            conn.close()
+    print(f"workq-submit: moved {moved} task(s) from {dead} back to {queue}", file=sys.stderr)
+    return exitcodes.SUBMIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -328,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         urls = [args.url] if args.url else list(broker.urls)
         if args.url:
             config_mod.amqp_url(args.url)
+        if args.requeue_dead:
+            if args.words or args.file or args.wait:
+                raise UsageError("--requeue-dead takes no tasks and no --wait")
+            return requeue_dead(urls, broker, args.requeue_dead)
         tasks = build_tasks(args)
     except config_mod.ConfigError as e:
         for line in e.problems:

@@ -42,3 +42,17 @@ def test_workers_reconnect_after_broker_restart(daemon, qname):
     assert d.stop() == 0
     assert amqp.count(qname) == 0
     amqp.close()
+
+
+def test_broker_urls_fail_over_to_the_next_node(daemon, qname):
+    from conftest import BROKER_URL, free_port
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
+    d = daemon([queue_config(qname, workers=2)], start=False)
+    d.config["broker"] = {"urls": [dead, BROKER_URL]}
+    d.write_config()
+    d.start()  # ready: every worker found the live node
+    amqp = Amqp()
+    mid = amqp.publish(qname, "sleep=0")
+    wait_for(lambda: mid in d.ledger.ended_ids(), 10, what="task done via the second URL")
+    assert "cannot connect to amqp://guest:***@127.0.0.1" in d.log()
+    amqp.close()

@@ -64,56 +64,82 @@ def free_port() -> int:
 # --- the broker ------------------------------------------------------------------
 
 class Admin:
-    """A blocking connection for setup, depth checks and cleanup (never on the hot path)."""
+    """A blocking connection for setup, depth checks and cleanup (never on the hot path).
+
+    It reconnects by itself: other users of a shared broker may restart it.
+    """
 
     def __init__(self, url: str = URL):
         self.url = url
-        try:
-            self.conn = pika.BlockingConnection(pika.URLParameters(url))
-        except pika.exceptions.AMQPError as e:
-            raise BenchError(f"RabbitMQ is not reachable at {url}: {e!r}") from None
-        self.ch = self.conn.channel()
+        self.conn = self.ch = None
+        self.channel()
 
     def channel(self):
-        if self.conn.is_closed:
-            self.conn = pika.BlockingConnection(pika.URLParameters(self.url))
-        if self.ch.is_closed:
+        if self.conn is None or self.conn.is_closed:
+            try:
+                self.conn = pika.BlockingConnection(pika.URLParameters(self.url))
+            except pika.exceptions.AMQPError as e:
+                raise BenchError(f"RabbitMQ is not reachable at {self.url}: {e!r}") from None
+            self.ch = None
+        if self.ch is None or self.ch.is_closed:
             self.ch = self.conn.channel()
         return self.ch
 
+    def _do(self, fn):
+        try:
+            return fn(self.channel())
+        except (pika.exceptions.StreamLostError, pika.exceptions.ConnectionClosed,
+                pika.exceptions.AMQPConnectionError):
+            self.conn = None
+            return fn(self.channel())
+
+    def server_version(self) -> str:
+        self.channel()
+        props = self.conn._impl.server_properties or {}
+        v = props.get("version", b"?")
+        return v.decode() if isinstance(v, bytes) else str(v)
+
     def declare(self, name: str, arguments: dict | None = None) -> None:
-        self.channel().queue_declare(name, durable=True, arguments=arguments)
+        self._do(lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
+
+    def _passive(self, name: str):
+        def fn(ch):
+            try:
+                return ch.queue_declare(name, passive=True).method
+            except pika.exceptions.ChannelClosedByBroker:
+                return None
+        return self._do(fn)
 
     def depth(self, name: str) -> int:
         """Messages ready in ``name`` (exact, from a passive declare), -1 if there is no such queue."""
-        try:
-            return self.channel().queue_declare(name, passive=True).method.message_count
-        except pika.exceptions.ChannelClosedByBroker:
-            return -1
+        m = self._passive(name)
+        return -1 if m is None else m.message_count
 
     def consumers(self, name: str) -> int:
-        try:
-            return self.channel().queue_declare(name, passive=True).method.consumer_count
-        except pika.exceptions.ChannelClosedByBroker:
-            return -1
+        m = self._passive(name)
+        return -1 if m is None else m.consumer_count
+
+    def exists(self, name: str) -> bool:
+        return self._passive(name) is not None
 
     def delete(self, *names: str) -> None:
         for name in names:
             try:
-                self.channel().queue_delete(name)
-            except pika.exceptions.AMQPError:
+                self._do(lambda ch: ch.queue_delete(name))
+            except (pika.exceptions.AMQPError, BenchError):
                 pass
 
     def delete_exchange(self, *names: str) -> None:
         for name in names:
             try:
-                self.channel().exchange_delete(name)
-            except pika.exceptions.AMQPError:
+                self._do(lambda ch: ch.exchange_delete(name))
+            except (pika.exceptions.AMQPError, BenchError):
                 pass
 
     def close(self) -> None:
         try:
-            self.conn.close()
+            if self.conn is not None and self.conn.is_open:
+                self.conn.close()
         except pika.exceptions.AMQPError:
             pass
 

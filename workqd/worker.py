@@ -431,14 +431,10 @@ class Worker:
     def _on_task_done(self, d: _Delivery) -> None:
         if d.abandoned:
             return
+        # A worker past max_memory_per_worker recycles when it takes its next task
+        # (see _last_task_taken), not now: leaving while idle would open a gap
+        # until the replacement consumes.
         self._settle(d)
-        q = self.queue
-        if (q.max_memory_per_worker and not self._stopping and self._tasks.empty()
-                and _rss_bytes() > q.max_memory_per_worker):
-            # Idle and too big: leave now rather than at the next delivery.
-            log.info("recycling: RSS %d MiB is past max_memory_per_worker (%d MiB)",
-                     _rss_bytes() >> 20, q.max_memory_per_worker >> 20)
-            self.stop(exitcodes.WORKER_RECYCLE)
 
     def _settle(self, d: _Delivery, reason: str | None = None) -> None:
         """Turn the outcome into what the broker must see: ack, or republish then ack."""

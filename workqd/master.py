@@ -7,6 +7,7 @@ to the outside (HTTP, the queue-depth poller, sd_notify) lives in its own module
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -145,11 +146,11 @@ class Master:
             return
         for warning in new.warnings:
             log.warning("%s", warning)
-        if new.broker != self.cfg.broker or new.metrics_listen != self.cfg.metrics_listen:
-            # The listener and the broker settings are read at start only.
-            if new.metrics_listen != self.cfg.metrics_listen:
-                log.warning("reload: metrics.listen changes need a restart; keeping %s:%d",
-                            *self.cfg.metrics_listen)
+        if new.metrics_listen != self.cfg.metrics_listen:
+            # The listening socket is bound once; the new workers do get new broker settings.
+            log.warning("reload: metrics.listen changes need a restart; keeping %s:%d",
+                        *self.cfg.metrics_listen)
+            new = dataclasses.replace(new, metrics_listen=self.cfg.metrics_listen)
         names = {q.name for q in new.queues}
         for name, pool in self.pools.items():
             if name not in names and not pool.removed:

@@ -141,7 +141,7 @@ check_boot() {
     cp "$WORK/debs/$PREV_DEB" "$CT_ROOT/debs/prev/"
     ct_boot "workqd-systest" "$LOGS/nspawn.log" \
         || { DETAIL="container did not boot: $(tail -n 3 "$LOGS/nspawn.log" | tr '\n' ' ')"; return 1; }
-    DETAIL="$(ct systemctl --version | head -n 1), root ${lower%/root} (${CT_OVERLAY:+overlay}${CT_OVERLAY:-copy})"
+    DETAIL="$(ct systemctl --version | head -n 1); cached root ${lower%/root}, $([ -n "${CT_OVERLAY:-}" ] && echo overlay || echo copy) per run"
 }
 
 check_install() {
@@ -155,7 +155,10 @@ check_install() {
     local perms
     perms=$(ct stat -c '%a %U:%G' "$CONF")
     [ "$perms" = "640 root:workqd" ] || { DETAIL="$DETAIL; $CONF is $perms"; return 1; }
-    DETAIL="$DETAIL; enabled and started; user workqd; $CONF $perms"
+    local verify
+    verify=$(ct systemd-analyze verify --man=no workqd.service workqd@check.service 2>&1)
+    [ -z "$verify" ] || { DETAIL="$DETAIL; systemd-analyze verify: $verify"; return 1; }
+    DETAIL="$DETAIL; enabled and started; user workqd; $CONF $perms; systemd-analyze verify clean"
 }
 
 check_start_ready() {

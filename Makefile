@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 test:
 	bash tests/run.sh
 
-# Builds ../workqd_<version>_all.deb and copies it to dist/.
+# Builds dist/workqd_<version>_all.deb in a temporary copy of the tree.
 deb:
 	bash packaging/build-deb.sh
 

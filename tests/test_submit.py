@@ -92,3 +92,16 @@ def test_wait_timeout_exits_4(daemon, amqp, qname):
     r = submit("--url", BROKER_URL, "-q", qname, "--wait", "--timeout", "1", "sleep=5")
     assert r.returncode == 4, r.stderr
     wait_for(lambda: amqp.count(qname) == 0, 10, what="task taken")
+
+
+def test_wait_hears_the_outcome_of_a_task_finished_during_stop(daemon, amqp, qname):
+    import signal
+    d = daemon([queue_config(qname, workers=1)])
+    waiter = subprocess.Popen([sys.executable, "-m", "workqd.submit", "--url", BROKER_URL,
+                               "-q", qname, "--wait", "--timeout", "20", "--message-id", "s-1",
+                               "sleep=1.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: d.ledger.events("start"), 10, what="task running")
+    assert d.stop(signal.SIGTERM) == 0
+    out, err = waiter.communicate(timeout=20)
+    assert waiter.returncode == 0, err
+    assert out.decode().startswith("s-1 success")

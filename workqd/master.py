@@ -27,6 +27,9 @@ log = logging.getLogger("workqd.master")
 
 LOOP_TIMEOUT = 1.0       # the loop turns at least this often, signals or not
 STARTING_TIMEOUT = 0.05  # while not ready yet, so READY goes out promptly
+# A reload whose new workers never consume (e.g. an unreachable new broker) must
+# not leave systemd in "reloading" forever; below the unit's TimeoutStartSec.
+RELOAD_READY_TIMEOUT = 20.0
 
 
 class Master:
@@ -49,6 +52,7 @@ class Master:
         self.started = time.monotonic()
         self.last_loop = time.monotonic()
         self.reloading = False
+        self.reload_started = 0.0
         self._orphans: list[Pool] = []  # pools removed and re-added while still draining
         # Held while pools or their worker records change, and by the scrape that
         # reads them, so a reaped worker is never counted both live and folded.
@@ -171,6 +175,7 @@ class Master:
         logsetup.configure(new.log_level, f"master (pid {self.pid})")
         self.poller.reconfigure(new)
         self.reloading = True
+        self.reload_started = time.monotonic()
         log.info("reload: new config from %s applied; replacing workers gradually", new.path)
 
     def replace_pool_workers(self, pool: Pool, queue: config_mod.Queue,
@@ -264,7 +269,9 @@ class Master:
             done += sum(c[w] for w in OUTCOME_WORDS)
             redelivered += c[W_REDELIVERED]
         text = f"{consuming}/{size} workers, {busy} busy, {done} done, {redelivered} redelivered"
-        return f"stopping: {text}" if self.draining else text
+        if self.draining:
+            return f"stopping: {text}"
+        return f"reloading: {text}" if self.reloading else text
 
     def report(self, now: float) -> None:
         if not self.draining and self.fully_ready():
@@ -277,6 +284,13 @@ class Master:
                 self.reloading = False
                 log.info("reload complete")
                 self.notifier.ready(self.status_text())
+        elif (self.reloading and not self.draining
+              and now - self.reload_started >= RELOAD_READY_TIMEOUT):
+            self.reloading = False
+            log.warning("reload: the new workers are not all consuming after %gs; reporting the "
+                        "reload done (old workers keep serving until new ones take over)",
+                        RELOAD_READY_TIMEOUT)
+            self.notifier.ready(self.status_text())
         if self.healthy():
             self.notifier.watchdog()
         self.notifier.status(self.status_text(), now)

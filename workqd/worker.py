@@ -444,6 +444,8 @@ class Worker:
             self.slot.record(SUCCESS, duration)
             if self._ack(d):
                 self._reply(d, "success")
+            if self._stopping:
+                self._maybe_finish_stop()  # after the reply: closing would drop it
             return
         q = self.queue
         if outcome == TIMEOUT:
@@ -547,8 +549,6 @@ class Worker:
                 self._flush_acks()
             elif self._ack_timer is None:
                 self._ack_timer = self._ioloop.call_later(ACK_FLUSH_DELAY, self._flush_acks)
-        if self._stopping:
-            self._maybe_finish_stop()
         return True
 
     def _flush_acks(self) -> None:

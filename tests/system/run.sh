@@ -300,13 +300,12 @@ check_stop() {
     status=$(prop ExecMainStatus)
     # Acked, not cut: a cut task would be back in the queue, ready.
     depth=$("$PY" "$here/probe.py" depth tasks)
-    # workq-submit --wait hears of the outcome only if the worker replied
-    # before it closed its connection; reported, not required here.
+    # The worker replies to workq-submit --wait before it closes its connection.
     local heard="no outcome"
     if poll 5 bash -c "! kill -0 $bg" && wait "$bg"; then heard="success"; fi
     kill "$bg" 2>/dev/null
     DETAIL="stop took ${took}s waiting for the running 4-s task; Result=$result, exit status $status; queue tasks: ${depth% *} ready, ${depth#* } consumers; workq-submit --wait: $heard"
-    [ "$result" = success ] && [ "$status" = 0 ] && [ "$depth" = "0 0" ] \
+    [ "$result" = success ] && [ "$status" = 0 ] && [ "$depth" = "0 0" ] && [ "$heard" = success ] \
         && awk -v t="$took" 'BEGIN { exit !(t > 1) }' && [ "$(prop ActiveState)" = inactive ]
 }
 

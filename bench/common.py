@@ -222,6 +222,10 @@ class Procs:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""
 
+    def last_line(self) -> str:
+        lines = self.log().strip().splitlines()
+        return lines[-1] if lines else "(no output)"
+
 
 def _signal_group(pid: int, sig: int) -> None:
     try:
@@ -269,6 +273,59 @@ def memory_kib(pids: list[int]) -> tuple[int, int]:
         except OSError:
             pass
     return rss, pss
+
+
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system seconds of a process (its reaped children not included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _broker_pids() -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == "beam.smp":
+                        out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+class CpuWatch:
+    """How busy the machine was with work other than the bench, the system under test and
+    the broker, while one measurement ran (other sessions' tests, say): a noise indicator."""
+
+    def __init__(self):
+        self.broker = _broker_pids()
+        self.t0 = time.monotonic()
+        self.busy0 = _busy_seconds()
+        self.broker0 = sum(_proc_cpu(p) for p in self.broker)
+        self.self0 = _proc_cpu(os.getpid())
+
+    def other_load(self, sut_pids: list[int]) -> float:
+        """Share of all cores used by others since start; ``sut_pids`` started after it."""
+        elapsed = time.monotonic() - self.t0
+        busy = _busy_seconds() - self.busy0
+        ours = (sum(_proc_cpu(p) for p in self.broker) - self.broker0
+                + _proc_cpu(os.getpid()) - self.self0 + sum(_proc_cpu(p) for p in sut_pids))
+        return max(0.0, (busy - ours) / (elapsed * (os.cpu_count() or 1))) if elapsed > 0 else 0.0
+
+
+def _busy_seconds() -> float:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / _TCK
 
 
 class StampDir:
@@ -352,7 +409,7 @@ class Workqd:
         """Seconds from start until /readyz answered 200."""
         def ready():
             if not self.procs.alive():
-                raise BenchError(f"workqd exited {self.procs.procs[0].returncode}:\n{self.procs.log()}")
+                raise BenchError(f"workqd exited {self.procs.procs[0].returncode}: {self.procs.last_line()}")
             return self.http("/readyz")[0] == 200
         wait_for(ready, timeout, interval, "workqd /readyz")
         return time.monotonic() - self.started
@@ -385,8 +442,14 @@ class Workqd:
     def log(self) -> str:
         return self.procs.log()
 
+    def last_line(self) -> str:
+        return self.procs.last_line()
+
     def worker_pids(self) -> list[int]:
         return [p for p in process_tree(self.pid) if p != self.pid]
+
+    def pids(self) -> list[int]:
+        return process_tree(self.pid)
 
     def stop(self) -> None:
         if self.procs is not None:

@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Admin, BenchError, StampDir, bodies, fill, median, queue_name, wait_for
+from common import (Admin, BenchError, CpuWatch, StampDir, bodies, fill, median, queue_name,
+                    wait_for)
 import systems as systems_mod
 
 
@@ -38,20 +39,23 @@ def drain_once(system: systems_mod.System, qtype: str, prefetch: int, n: int = 2
     try:
         admin.declare(q, system.queue_arguments(q, qtype))
         fill(q, system.messages(q, bodies(n, size)), admin)
+        watch = CpuWatch()
         procs = system.start(q, qtype, workers, prefetch, {"BENCH_STAMP_DIR": stamps.path})
 
         def done():
             if not procs.alive():
-                raise BenchError(f"{system.name} exited during the drain:\n{procs.log()}")
+                raise BenchError(f"{system.name} exited during the drain: {procs.last_line()}")
             return stamps.count() >= n
         wait_for(done, timeout=60 + n / 200, interval=0.01, what=f"{system.name} to run {n} tasks")
         calls, first, last = stamps.window()
+        other = watch.other_load(procs.pids())
         procs.stop()
         procs = None
         remaining = admin.depth(q)
         result = {"system": system.name, "type": qtype, "prefetch": prefetch, "workers": workers,
                   "size": size, "tasks": n, "calls": calls, "remaining": remaining,
-                  "seconds": last - first, "rate": calls / (last - first) if last > first else 0.0}
+                  "seconds": last - first, "rate": calls / (last - first) if last > first else 0.0,
+                  "other_load": other}
         if calls != n or remaining != 0:
             raise BenchError(f"{system.name} {qtype} prefetch {prefetch}: ran {calls} of {n} "
                              f"tasks, {remaining} left in the queue")

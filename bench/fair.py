@@ -65,7 +65,7 @@ def fair_once(system: systems_mod.System, qtype: str = "classic", workers: int =
 
         def consuming():
             if not procs.alive():
-                raise BenchError(f"{system.name} exited:\n{procs.log()}")
+                raise BenchError(f"{system.name} exited: {procs.last_line()}")
             return admin.consumers(q) >= expected
         wait_for(consuming, 60, 0.01, f"{expected} consumers on {q}")
         payloads = [f"t{i:04d} {m}".encode() for i, m in enumerate(ms)]
@@ -75,7 +75,7 @@ def fair_once(system: systems_mod.System, qtype: str = "classic", workers: int =
 
         def finished():
             if not procs.alive():
-                raise BenchError(f"{system.name} exited:\n{procs.log()}")
+                raise BenchError(f"{system.name} exited: {procs.last_line()}")
             return sum(1 for e in read_log(log_path) if e["e"] == "end") >= n
         wait_for(finished, 60 + sum(ms) / 1000, 0.02, f"{n} tasks to end")
         events = read_log(log_path)

@@ -33,7 +33,7 @@ def idle_memory(system: systems_mod.System, workers: int, qtype: str = "classic"
 
         def consuming():
             if not procs.alive():
-                raise BenchError(f"{system.name} exited:\n{procs.log()}")
+                raise BenchError(f"{system.name} exited: {procs.last_line()}")
             return admin.consumers(q) >= expected
         wait_for(consuming, 60, 0.01, f"{expected} consumers on {q}")
         if isinstance(procs, Workqd):

@@ -105,19 +105,30 @@ class Report:
                                 c["ratio"] >= goal)
         header = ["system", "queue", "prefetch"]
         for p in pikas:
-            header += [f"tasks/s (pika {p})", "vs plain pika"]
+            tasks = next(x["tasks"] for x in self.r["w1"] if x["pika"] == p)
+            header += [f"tasks/s (pika {p}, {tasks:,} tasks)", "vs plain pika"]
         runs = max(x["runs"] for x in rows_all)
         return "\n".join([
             "## W1 drain",
             "",
-            f"{n:,} pre-published persistent no-op tasks of 100 B, 2 worker processes, ack after "
+            f"{n:,} pre-published persistent no-op tasks of 100 B (10,000 in the repeat with the "
+            "current pika, for the time budget), 2 worker processes, ack after "
             f"the task. Median of {runs} runs; the ratio is the median of per-run ratios against "
             "plain pika consumers (the RabbitMQ tutorial's `BlockingConnection` consumer, one "
             "process each, same prefetch, one ack per message) measured in the same run with the "
-            "same pika.",
+            "same pika." + self.noise(self.r["w1"]),
             "",
             table(header, rows),
         ])
+
+    def noise(self, rs) -> str:
+        loads = [x["other_load"] for x in rs if "other_load" in x]
+        if not loads:
+            return ""
+        return (f" Other work on the machine during these drains (CPU not used by the bench, the "
+                f"system under test or the broker): median {med(loads):.0%}, worst "
+                f"{max(loads):.0%} of both cores; a drain above {25}% was measured again "
+                f"({self.r.get('noisy_repeats', 0)} times in the whole suite).")
 
     def w1_others(self) -> str:
         rows_all = summarize_w1(self.r.get("w1_others", []))
@@ -137,7 +148,8 @@ class Report:
             "",
             f"Same tasks (in each framework's own message format), {n:,} per drain so the slow "
             "ones fit the time budget (their rate is steady long before that). Baseline: plain "
-            f"pika {rows_all[0]['pika']} from the same venv, same run.",
+            f"pika {rows_all[0]['pika']} from the same venv, same run." +
+            self.noise(self.r["w1_others"]),
             "",
             table(["system", "queue", "prefetch", "tasks/s", "vs plain pika", "runs"], rows),
         ])

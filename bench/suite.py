@@ -37,12 +37,15 @@ import systems as systems_mod
 
 # Sizes of each part: (full, smoke).
 W1_TASKS = (20000, 300)
+W1_NEW_TASKS = (10000, 300)      # the repeat with current pika: half, for the time budget
 W1_OTHERS_TASKS = (5000, 300)
 RUNS = (3, 1)
 W4_TASKS = (20000, 300)
 W4_ONE_TASKS = (5000, 100)
 SCALE_WORKERS = ((1, 2, 4, 8), (1, 2))
 SCALE_SIZES = (((100, 3000), (10240, 3000), (1 << 20, 150)), ((100, 300), (10240, 100)))
+NOISY = 0.25          # other load (share of all cores) above which a drain is measured again
+BUDGET = 13 * 60      # seconds after which noisy drains are no longer measured again
 
 
 class Suite:
@@ -71,6 +74,20 @@ class Suite:
                     return None
                 self.results["retries"] += 1
                 wait_for(_broker_up, 120, 0.5, "the broker to answer again")
+
+    def drain(self, what: str, system, qtype: str, prefetch: int, n: int, workers: int = 2,
+              size: int = 100):
+        """One valid drain; measured once more when other work on the machine disturbed it."""
+        r = self.attempt(what, drain.drain_once, system, qtype, prefetch, n, workers, size)
+        if (r and r["other_load"] > NOISY and not self.smoke
+                and time.monotonic() - self.t0 < BUDGET):
+            self.log(f"  {what}: other load {r['other_load']:.0%} of the machine, measuring again")
+            again = self.attempt(what, drain.drain_once, system, qtype, prefetch, n, workers, size)
+            if again:
+                self.results["noisy_repeats"] = self.results.get("noisy_repeats", 0) + 1
+                if again["other_load"] < r["other_load"]:
+                    r = again
+        return r
 
     def system(self, name: str, python: str):
         return systems_mod.make(name, python, self.workdir)
@@ -105,12 +122,13 @@ class Suite:
             self.results["versions"]["others"] = versions(self.a.others)
 
     def w1(self) -> None:
-        n, runs = self.size(W1_TASKS), self.size(RUNS)
+        runs = self.size(RUNS)
         types = ["classic"] if self.smoke else ["classic", "quorum"]
         out = []
         for label, py in (("1.2.0", self.a.py12), ("current", self.a.pynew)):
             if self.smoke and label == "current":
                 continue
+            n = self.size(W1_TASKS if label == "1.2.0" else W1_NEW_TASKS)
             ver = self.results["versions"]["py12" if label == "1.2.0" else "pynew"]["pika"]
             self.log(f"W1 drain with pika {ver}: {n} tasks, {runs} runs per cell")
             systems = [self.system("pika", py), self.system("workqd", py)]
@@ -118,13 +136,14 @@ class Suite:
                 for prefetch in (1, 50):
                     for run in range(runs):
                         for s in (systems if run % 2 == 0 else systems[::-1]):
-                            r = self.attempt(f"W1 {s.name} {qtype} p{prefetch}", drain.drain_once,
-                                             s, qtype, prefetch, n)
+                            r = self.drain(f"W1 {s.name} {qtype} p{prefetch}", s, qtype,
+                                           prefetch, n)
                             if r:
                                 r.update(run=run, pika=ver)
                                 out.append(r)
                                 self.log(f"  W1 pika {ver} {qtype:7} prefetch {prefetch:2} run {run} "
-                                         f"{s.name:8} {r['rate']:7.0f} tasks/s")
+                                         f"{s.name:8} {r['rate']:7.0f} tasks/s "
+                                         f"(other load {r['other_load']:.0%})")
         self.results["w1"] = out
         self.results["w1_summary"] = drain.summarize(out)
 
@@ -142,8 +161,7 @@ class Suite:
             for run in range(runs):
                 for name, prefetch in (cells if run % 2 == 0 else cells[::-1]):
                     s = self.system(name, self.a.others)
-                    r = self.attempt(f"W1 {name} {qtype} p{prefetch}", drain.drain_once, s, qtype,
-                                     prefetch, n)
+                    r = self.drain(f"W1 {name} {qtype} p{prefetch}", s, qtype, prefetch, n)
                     if r:
                         r.update(run=run, pika=ver)
                         out.append(r)
@@ -211,8 +229,8 @@ class Suite:
             for workers in self.size(SCALE_WORKERS):
                 for run in range(runs):
                     for s in (systems if run % 2 == 0 else systems[::-1]):
-                        r = self.attempt(f"scale {s.name} {workers}x{size}", drain.drain_once, s,
-                                         "classic", 1, n, workers, size)
+                        r = self.drain(f"scale {s.name} {workers}x{size}", s, "classic", 1, n,
+                                       workers, size)
                         if r:
                             r["run"] = run
                             out.append(r)

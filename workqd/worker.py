@@ -128,8 +128,7 @@ class Worker:
         # the wakeup pipe, and the I/O loop reads it there, outside any handler.
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: None)
         # Ctrl-C reaches the whole process group; the master decides what it means.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

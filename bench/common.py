@@ -27,6 +27,8 @@ import yaml
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+# Another checkout of workqd to measure instead of this one (A/B a patch): its root directory.
+WORKQD_ROOT = os.environ.get("BENCH_WORKQD_ROOT", str(ROOT))
 URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 PREFIX = "bench."   # every queue the bench creates starts with this
 
@@ -111,7 +113,7 @@ class Admin:
         return self._do(fn)
 
     def depth(self, name: str) -> int:
-        """Messages ready in ``name`` (exact, from a passive declare), -1 if there is no such queue."""
+        """Messages ready in ``name`` (exact, from a passive declare); -1: no such queue."""
         m = self._passive(name)
         return -1 if m is None else m.message_count
 
@@ -172,10 +174,10 @@ def bodies(n: int, size: int) -> list[bytes]:
 # --- processes -------------------------------------------------------------------
 
 def venv_env(python: str, extra: dict | None = None) -> dict:
-    """Environment for a process of the system under test: its venv first on PATH, bench/ importable."""
+    """Environment for a process under test: its venv first on PATH, bench/ importable."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(python).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(ROOT)])
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCH), WORKQD_ROOT])
     env.pop("NOTIFY_SOCKET", None)
     env.pop("JOURNAL_STREAM", None)
     env.pop("PYTHONSTARTUP", None)
@@ -409,7 +411,8 @@ class Workqd:
         """Seconds from start until /readyz answered 200."""
         def ready():
             if not self.procs.alive():
-                raise BenchError(f"workqd exited {self.procs.procs[0].returncode}: {self.procs.last_line()}")
+                raise BenchError(f"workqd exited {self.procs.procs[0].returncode}: "
+                                 f"{self.procs.last_line()}")
             return self.http("/readyz")[0] == 200
         wait_for(ready, timeout, interval, "workqd /readyz")
         return time.monotonic() - self.started

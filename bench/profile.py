@@ -92,7 +92,8 @@ def profile_drain(system: systems_mod.System, pyspy: str, prefetch: int, n: int,
         calls, first, last = stamps.window()
         cpu = sum(cpu_seconds(pid) for pid in targets)
         threads = thread_costs(targets, calls)
-        line = (f"{system.name} prefetch {prefetch}: {calls} tasks at {calls / (last - first):.0f}/s "
+        line = (f"{system.name} prefetch {prefetch}: {calls} tasks at "
+                f"{calls / (last - first):.0f}/s "
                 f"under py-spy; worker CPU {1e6 * cpu / calls:.0f} us per task "
                 f"(user+system, all worker processes, start-up included)")
         print(line)

@@ -256,7 +256,8 @@ class Report:
                             and x["system"] == s] for s in ("pika", "workqd")}
                 if not cell["workqd"]:
                     continue
-                pk, wq = med(x["rate"] for x in cell["pika"]), med(x["rate"] for x in cell["workqd"])
+                pk = med(x["rate"] for x in cell["pika"])
+                wq = med(x["rate"] for x in cell["workqd"])
                 ratios = []
                 for x in cell["workqd"]:
                     base = [y["rate"] for y in cell["pika"] if y["run"] == x["run"]]
@@ -406,7 +407,8 @@ def chart(r: dict, path: str) -> None:
     labels, vals = [], []
     for label in dict.fromkeys(x["pika"] for x in w4):
         for row in summarize_w4([x for x in w4 if x["pika"] == label]):
-            labels.append(f"{row['publisher']}\n(pika {label})" if label != "-" else row["publisher"])
+            labels.append(f"{row['publisher']}\n(pika {label})" if label != "-"
+                          else row["publisher"])
             vals.append(row["rate"])
     ax.barh(labels, vals, color=["#1f77b4" if "workq" in lab else "#888888" for lab in labels])
     ax.set_xlabel("tasks/s, whole process")
@@ -432,8 +434,10 @@ def chart(r: dict, path: str) -> None:
     ax = axes[1][1]
     mem = r.get("memory", [])
     keys = list(dict.fromkeys((x["system"], x["workers"], x["pika"]) for x in mem))
-    rss = [med(x["rss_mib"] for x in mem if (x["system"], x["workers"], x["pika"]) == k) for k in keys]
-    pss = [med(x["pss_mib"] for x in mem if (x["system"], x["workers"], x["pika"]) == k) for k in keys]
+    def of(field, k):
+        return med(x[field] for x in mem if (x["system"], x["workers"], x["pika"]) == k)
+    rss = [of("rss_mib", k) for k in keys]
+    pss = [of("pss_mib", k) for k in keys]
     ys = range(len(keys))
     ax.barh([y - 0.2 for y in ys], rss, 0.4, label="RSS (sum of VmRSS)", color="#1f77b4")
     ax.barh([y + 0.2 for y in ys], pss, 0.4, label="PSS (sum of Pss)", color="#aec7e8")

@@ -141,8 +141,8 @@ class Suite:
                             if r:
                                 r.update(run=run, pika=ver)
                                 out.append(r)
-                                self.log(f"  W1 pika {ver} {qtype:7} prefetch {prefetch:2} run {run} "
-                                         f"{s.name:8} {r['rate']:7.0f} tasks/s "
+                                self.log(f"  W1 pika {ver} {qtype:7} prefetch {prefetch:2} "
+                                         f"run {run} {s.name:8} {r['rate']:7.0f} tasks/s "
                                          f"(other load {r['other_load']:.0%})")
         self.results["w1"] = out
         self.results["w1_summary"] = drain.summarize(out)
@@ -200,7 +200,8 @@ class Suite:
 
     def w4(self) -> None:
         n, n_one, runs = self.size(W4_TASKS), self.size(W4_ONE_TASKS), self.size(RUNS)
-        path, path_one = (publish.task_file(self.workdir, n), publish.task_file(self.workdir, n_one))
+        path = publish.task_file(self.workdir, n)
+        path_one = publish.task_file(self.workdir, n_one)
         self.log(f"W4 submit: {n} tasks ({n_one} for one-at-a-time and Celery), {runs} runs")
         out = []
         kinds = [("workq-submit", self.a.py12, "1.2.0", path, n),
@@ -234,8 +235,9 @@ class Suite:
                         if r:
                             r["run"] = run
                             out.append(r)
+                cell = [r for r in out if r["size"] == size and r["workers"] == workers]
                 self.log(f"  scale {size:>8} B x {workers} workers: " + ", ".join(
-                    f"{name} {median(r['rate'] for r in out if r['system'] == name and r['size'] == size and r['workers'] == workers):.0f}/s"
+                    f"{name} {median(r['rate'] for r in cell if r['system'] == name):.0f}/s"
                     for name in ("pika", "workqd")))
         self.results["scale"] = out
 
@@ -255,8 +257,10 @@ class Suite:
                 if r:
                     r.update(run=run, python=py, pika=versions_pika(self.results, py, self.a))
                     mem.append(r)
+            cell = [r for r in mem
+                    if r["python"] == py and r["system"] == name and r["workers"] == workers]
             self.log(f"  idle {name} x{workers} (pika {versions_pika(self.results, py, self.a)}): "
-                     f"RSS {median(r['rss_mib'] for r in mem if r['python'] == py and r['system'] == name and r['workers'] == workers):.1f} MiB")
+                     f"RSS {median(r['rss_mib'] for r in cell):.1f} MiB")
         ready = []
         for label, py in (("1.2.0", self.a.py12), ("current", self.a.pynew)):
             for run in range(1 if self.smoke else 5):

@@ -11,8 +11,8 @@ unacked delivery, and an ack for a stale tag would be a protocol error.
 
 from __future__ import annotations
 
+import collections
 import datetime
-import functools
 import hashlib
 import json
 import logging
@@ -92,6 +92,9 @@ class Worker:
         self._current: _Delivery | None = None
         self._ack_tags: list[int] = []  # successfully-run tags waiting for a coalesced ack
         self._ack_timer = None
+        self._ack_soon = False
+        self._queue_name = queue.name
+        self._recycles = bool(queue.max_tasks_per_worker or queue.max_memory_per_worker)
         self._publish_seq = 0      # publisher-confirm sequence on the current channel
         self._confirms: dict[int, tuple[_Delivery, int]] = {}
         self._ack_batch = 1 if queue.prefetch == 1 else max(1, (queue.prefetch or 200) // 2)
@@ -116,6 +119,12 @@ class Worker:
             log.error("%s", e)
             return exitcodes.WORKER_BOOT_ERROR
         self._ioloop = IOLoop()
+        # Finished deliveries come back through a deque; the handler thread writes
+        # the eventfd only when the I/O thread is not already due to look.
+        self._done = collections.deque()
+        self._done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_armed = False
+        self._ioloop.add_handler(self._done_fd, self._on_done_fd, IOLoop.READ)
         self._install_signals()
         threading.Thread(target=self._handler_loop, name="handler", daemon=True).start()
         self._ioloop.add_callback_threadsafe(self._connect)
@@ -261,6 +270,7 @@ class Worker:
         if self._ack_timer is not None:
             self._ioloop.remove_timeout(self._ack_timer)
             self._ack_timer = None
+        self._ack_soon = False
         self._ack_tags = []
         self._confirms.clear()
         self._publish_seq = 0
@@ -346,11 +356,15 @@ class Worker:
     # --- deliveries ------------------------------------------------------
 
     def _on_message(self, channel, method, props, body) -> None:
-        headers = props.headers or {}
-        mid = message_id_of(props, body)
-        task = runner.Task(mid, self.queue.name, headers, method.redelivered,
-                           int(headers.get("x-delivery-count", 0) or 0),
-                           int(headers.get(H_ATTEMPT, 1) or 1))
+        headers = props.headers
+        mid = props.message_id
+        mid = str(mid) if mid else message_id_of(props, body)
+        if headers:
+            task = runner.Task(mid, self._queue_name, headers, method.redelivered,
+                               int(headers.get("x-delivery-count", 0) or 0),
+                               int(headers.get(H_ATTEMPT, 1) or 1))
+        else:
+            task = runner.Task(mid, self._queue_name, {}, method.redelivered, 0, 1)
         d = _Delivery(channel, method.delivery_tag, body, props, task)
         if self._stopping:
             channel.basic_nack(d.tag, requeue=True)
@@ -364,7 +378,7 @@ class Worker:
             return
         self._tasks.put(d)
         self._received += 1
-        if self._last_task_taken():
+        if self._recycles and self._last_task_taken():
             # Cancel now, while this last task runs, so the master's replacement
             # is consuming by the time this worker leaves.
             self.stop(exitcodes.WORKER_RECYCLE, requeue_buffered=False)
@@ -404,7 +418,8 @@ class Worker:
         slot = self.slot
         run = self._handler
         tasks = self._tasks
-        callback = self._ioloop.add_callback_threadsafe
+        done = self._done
+        done_fd = self._done_fd
         debug = log.isEnabledFor(logging.DEBUG)
         while True:
             d = tasks.get()
@@ -425,7 +440,20 @@ class Worker:
                             exc_info=not isinstance(e, runner.HandlerFailed))
             self._current = None
             slot.end()
-            callback(functools.partial(self._on_task_done, d))
+            done.append(d)
+            if not self._wake_armed:
+                self._wake_armed = True
+                os.eventfd_write(done_fd, 1)
+
+    def _on_done_fd(self, fd, events) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        self._wake_armed = False  # before draining: a later append wakes us again
+        done = self._done
+        while done:
+            self._on_task_done(done.popleft())
 
     def _on_task_done(self, d: _Delivery) -> None:
         if d.abandoned:
@@ -544,13 +572,22 @@ class Worker:
             ch.basic_ack(d.tag)
         else:
             self._ack_tags.append(d.tag)
-            if len(self._ack_tags) >= self._ack_batch or self._tasks.empty():
+            if len(self._ack_tags) >= self._ack_batch:
                 self._flush_acks()
+            elif self._tasks.empty():
+                # Handler idle: flush at the end of this loop iteration, so every
+                # completion handled in it shares one multiple-ack frame.
+                if not self._ack_soon:
+                    if self._ack_timer is not None:
+                        self._ioloop.remove_timeout(self._ack_timer)
+                    self._ack_timer = self._ioloop.call_later(0, self._flush_acks)
+                    self._ack_soon = True
             elif self._ack_timer is None:
                 self._ack_timer = self._ioloop.call_later(ACK_FLUSH_DELAY, self._flush_acks)
         return True
 
     def _flush_acks(self) -> None:
+        self._ack_soon = False
         if self._ack_timer is not None:
             self._ioloop.remove_timeout(self._ack_timer)
             self._ack_timer = None

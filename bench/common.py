@@ -53,8 +53,20 @@ def median(values) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+CREATED: list[str] = []   # every queue name handed out, for a final sweep
+
+
 def queue_name(kind: str) -> str:
-    return f"{PREFIX}{kind}.{uuid.uuid4().hex[:8]}"
+    name = f"{PREFIX}{kind}.{uuid.uuid4().hex[:8]}"
+    CREATED.append(name)
+    return name
+
+
+def sweep(admin: "Admin") -> None:
+    """Delete whatever the bench created and a failed run could not clean up (broker gone)."""
+    for name in CREATED:
+        admin.delete(name, f"{name}.dead", f"{name}.DQ", f"{name}.XQ")
+        admin.delete_exchange(name)
 
 
 def free_port() -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pika.exceptions
 
-from common import Admin, BenchError, URL, median, versions, wait_for
+from common import Admin, BenchError, median, sweep, versions, wait_for
 import drain
 import fair
 import footprint
@@ -274,11 +274,15 @@ class Suite:
         self.results["memory"], self.results["ready"] = mem, ready
 
     def cleanup(self) -> None:
-        """Celery's native delayed delivery (quorum queues) declares these; they were ours."""
-        if not self.a.others or self.smoke:
+        try:
+            wait_for(_broker_up, 60, 0.5, "the broker, to clean up")
+        except BenchError as e:
+            self.log(f"cannot clean up the bench's queues: {e}")
             return
         admin = Admin()
-        if not self.celery_delayed_existed:
+        sweep(admin)
+        # Celery's native delayed delivery (quorum queues) declares these; they were ours.
+        if self.a.others and not self.smoke and not self.celery_delayed_existed:
             admin.delete(*(f"celery_delayed_{i}" for i in range(28)))
             admin.delete_exchange("celery_delayed_delivery",
                                   *(f"celery_delayed_{i}" for i in range(28)))

@@ -60,7 +60,7 @@ class Report:
                 ["broker", f"RabbitMQ {m['rabbitmq']} on 127.0.0.1, durable queues, "
                            f"persistent messages"],
                 ["Python", v12.get("python", "?")],
-                ["workqd", v12.get("workqd", "?")],
+                ["workqd", f"{v12.get('workqd', '?')}, commit {m.get('workqd_commit', '?')}"],
                 ["pika", f"{v12.get('pika')} (bookworm's) and {vnew.get('pika')} (PyPI)"],
                 ["others", ", ".join(f"{k} {v['others'][k]}" for k in
                                      ("celery", "kombu", "amqp", "dramatiq", "pika")

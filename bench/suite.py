@@ -115,6 +115,7 @@ class Suite:
             "kernel": platform.release(), "os": _os_name(),
             "rabbitmq": admin.server_version(),
             "load_at_start": os.getloadavg()[0],
+            "workqd_commit": _workqd_commit(),
         }
         admin.close()
         self.results["versions"] = {"py12": versions(self.a.py12), "pynew": versions(self.a.pynew)}
@@ -314,6 +315,19 @@ class Suite:
 def versions_pika(results: dict, python: str, a) -> str:
     key = {a.py12: "py12", a.pynew: "pynew", a.others: "others"}.get(python)
     return results.get("versions", {}).get(key, {}).get("pika", "?")
+
+
+def _workqd_commit() -> str:
+    """The commit of the workqd code measured, marked when workqd/ has uncommitted changes."""
+    from common import WORKQD_ROOT
+    try:
+        head = subprocess.run(["git", "-C", WORKQD_ROOT, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", WORKQD_ROOT, "status", "--porcelain", "--",
+                                "workqd"], capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head + (" + uncommitted changes in workqd/" if dirty else "")
 
 
 def _broker_up() -> bool:

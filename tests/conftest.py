@@ -141,7 +141,10 @@ class Ledger:
     def entries(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        text = self.path.read_text()
+        # A line being appended right now may be read half-written: only whole lines count.
+        complete = text[:text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line]
 
     def events(self, kind: str) -> list[dict]:
         return [e for e in self.entries() if e["event"] == kind]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import time
+
+import pytest
 
 from conftest import Amqp, queue_config, wait_for
 
@@ -23,7 +26,8 @@ def broker_app_stopped():
         rabbitmqctl("await_startup")
 
 
-def test_workers_reconnect_after_broker_restart(daemon, qname):
+@pytest.mark.parametrize("outage", [0, 20], ids=["restart", "down-20s"])
+def test_workers_reconnect_after_broker_outage(daemon, qname, outage):
     amqp = Amqp()
     d = daemon([queue_config(qname, workers=2, type="quorum")])
     ids = [amqp.publish(qname, f"n={i} sleep=0.1") for i in range(30)]
@@ -31,6 +35,11 @@ def test_workers_reconnect_after_broker_restart(daemon, qname):
     amqp.close()
     with broker_app_stopped():
         wait_for(lambda: d.http("/readyz")[0] == 503, 20, what="/readyz 503 while broker down")
+        outage_end = time.monotonic() + outage
+        while time.monotonic() < outage_end:  # not ready, and still running, throughout
+            assert d.http("/readyz")[0] == 503
+            assert d.proc.poll() is None
+            time.sleep(0.5)
     # Workers come back by themselves: no daemon restart.
     d.wait_ready(timeout=60)
     amqp = Amqp()

@@ -171,3 +171,20 @@ def test_failing_command_is_dead_lettered_with_reason(daemon, amqp, qname, tmp_p
     assert "exit status 3: disk full" in props.headers["x-workq-error"]
     assert d.metric("workqd_tasks_processed_total", queue=qname, outcome="dead_letter") == 1
     assert amqp.count(qname) == 0
+
+
+def test_prefetch_above_one_coalesces_acks_without_losing_failures(daemon, amqp, qname):
+    # Successes share multiple-acks; a failure between them is dead-lettered and
+    # must be acked on its own, only once its copy is confirmed.
+    d = daemon([queue_config(qname, workers=2, prefetch=20)])
+    bodies = [("fail=1" if i % 7 == 3 else "sleep=0") + f" n={i}" for i in range(300)]
+    ids = [amqp.publish(qname, b) for b in bodies]
+    failing = {mid for mid, b in zip(ids, bodies) if b.startswith("fail")}
+    wait_for(lambda: d.metric("workqd_tasks_processed_total", queue=qname) == 300, 30,
+             what="300 tasks settled")
+    assert d.metric("workqd_tasks_processed_total", queue=qname, outcome="success") == 300 - len(failing)
+    assert d.ledger.ended_ids() == set(ids) - failing
+    assert d.stop() == 0
+    assert amqp.count(qname) == 0  # every delivery was acked exactly once: nothing came back
+    assert {p.message_id for p, _ in amqp.get_all(f"{qname}.dead")} == failing
+    assert "redelivered" not in d.log()

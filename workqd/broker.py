@@ -16,7 +16,7 @@ from .config import Broker, Queue
 
 # Headers workqd writes on messages it republishes; documented in workqd.yaml(5).
 H_ATTEMPT = "x-workq-attempt"        # try number the message is for (1 = first)
-H_REASON = "x-workq-reason"          # failed | timeout | poison | too-large | bad-body
+H_REASON = "x-workq-reason"          # failed | timeout | poison | too-large
 H_ERROR = "x-workq-error"            # last error line of the handler
 H_DEAD_AT = "x-workq-dead-at"        # UTC time of dead-lettering, ISO 8601
 H_QUEUE = "x-workq-queue"            # queue the task was consumed from

@@ -56,9 +56,6 @@ class Handler:
     python: str | None = None            # "package.module:function"
     command: tuple[str, ...] | None = None  # argv, run without a shell
 
-    def describe(self) -> str:
-        return self.python if self.python else " ".join(self.command or ())
-
 
 @dataclass(frozen=True)
 class Retry:

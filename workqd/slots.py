@@ -20,7 +20,6 @@ import time
 # tasks, leaving soon) is a separate flag, so the I/O thread and the handler
 # thread never overwrite each other's word.
 FREE, STARTING, CONNECTING, IDLE, BUSY = range(5)
-STATE_NAMES = {STARTING: "starting", CONNECTING: "starting", IDLE: "idle", BUSY: "busy"}
 
 OUTCOMES = ("success", "retry", "dead_letter", "timeout")
 SUCCESS, RETRY, DEAD_LETTER, TIMEOUT = range(4)

@@ -31,7 +31,7 @@ from .broker import (H_ATTEMPT, H_DEAD_AT, H_ERROR, H_QUEUE, H_REASON, connectio
                      dead_letter_arguments, delay_queue_arguments, delay_queue_name, queue_arguments,
                      redact)
 from .config import Broker, Queue
-from .slots import BUSY, CONNECTING, DEAD_LETTER, IDLE, RETRY, SUCCESS, TIMEOUT, Slot
+from .slots import BUSY, CONNECTING, DEAD_LETTER, OUTCOMES, RETRY, SUCCESS, TIMEOUT, Slot
 
 log = logging.getLogger("workqd.worker")
 
@@ -357,8 +357,7 @@ class Worker:
 
     def _on_message(self, channel, method, props, body) -> None:
         headers = props.headers
-        mid = props.message_id
-        mid = str(mid) if mid else message_id_of(props, body)
+        mid = message_id_of(props, body)
         if headers:
             task = runner.Task(mid, self._queue_name, headers, method.redelivered,
                                int(headers.get("x-delivery-count", 0) or 0),
@@ -477,25 +476,23 @@ class Worker:
         q = self.queue
         if outcome == TIMEOUT:
             reason = "timeout"
+        # The copy is a new message to the broker: its delivery count starts afresh.
+        headers = {k: v for k, v in d.task.headers.items() if k != "x-delivery-count"}
         attempts_left = d.task.attempt < q.retry.attempts and reason in (None, "timeout")
         if attempts_left:
             delay = q.retry.delay_before(d.task.attempt + 1)
             target = delay_queue_name(q, delay) if delay > 0 else q.name
-            headers = dict(d.task.headers)
             headers[H_ATTEMPT] = d.task.attempt + 1
             headers[H_ERROR] = d.error[:500]
-            headers.pop("x-delivery-count", None)
             metric = TIMEOUT if outcome == TIMEOUT else RETRY
             log.info("task %s: %s; try %d of %d in %gs", d.task.message_id, d.error,
                      d.task.attempt + 1, q.retry.attempts, delay)
             self._republish(d, target, headers, metric, "retry")
         else:
-            headers = dict(d.task.headers)
             headers.update({H_REASON: reason or "failed", H_ERROR: d.error[:500],
                             H_ATTEMPT: d.task.attempt, H_QUEUE: q.name,
                             H_DEAD_AT: datetime.datetime.now(datetime.timezone.utc)
                             .isoformat(timespec="seconds")})
-            headers.pop("x-delivery-count", None)
             metric = TIMEOUT if outcome == TIMEOUT else DEAD_LETTER
             log.warning("task %s dead-lettered to %s (%s): %s", d.task.message_id,
                         q.dead_letter_queue, reason or "failed", d.error)
@@ -545,8 +542,7 @@ class Worker:
             self._inflight.pop(d.tag, None)
             if ch is self._channel and ch.is_open:
                 ch.basic_ack(d.tag)
-                self._reply(d, "timeout" if metric == TIMEOUT else
-                            ("retry" if metric == RETRY else "dead_letter"))
+                self._reply(d, OUTCOMES[metric])
         if self._stopping:
             self._maybe_finish_stop()
 

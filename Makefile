@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= etc/workqd/workqd.yaml
 
-.PHONY: run test deb bench bench-smoke system-test clean
+.PHONY: run test deb bench bench-smoke system-test system-test-bookworm system-test-trixie trixie-suite clean
 
 # Runs the daemon in the foreground on the default config against the local RabbitMQ.
 run: $(VENV)/.installed
@@ -25,6 +25,17 @@ deb:
 
 system-test:
 	bash tests/system/run.sh
+
+# The .deb under systemd in a booted container of one release (root).
+system-test-bookworm:
+	bash tests/system/run.sh --suite bookworm
+
+system-test-trixie:
+	bash tests/system/run.sh --suite trixie
+
+# The behaviour suite on trixie's Python, python3-* packages and RabbitMQ 4.0 (root).
+trixie-suite:
+	bash tests/system/trixie-suite.sh
 
 # The benchmark suite: writes bench/RESULTS.md and bench/results.png.
 bench:

@@ -1,7 +1,7 @@
 """A/B: W1 drains of several workqd checkouts (a patch against main), plain pika as the anchor.
 
     bench/.venv-bench/bin/python bench/ab.py --variant main=. --variant patched=/path/to/checkout \
-        [--tasks 20000] [--runs 3] [--prefetch 1 50] [--type classic]
+        [--tasks 20000] [--runs 3] [--prefetch 1 50] [--type classic] [--baseline main]
 
 Each run drains once with plain pika and once with every variant, in rotating
 order; the summary gives each variant's median tasks/s and median per-run ratio
@@ -12,6 +12,7 @@ to plain pika. A variant is the root of a checkout (the directory holding
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -26,11 +27,29 @@ class VariantWorkqd(systems_mod.WorkqdSystem):
         super().__init__(python, workdir)
         self.label = label
         self.root = str(Path(root).resolve())
+        self.worker_cpu: list[float] = []   # seconds, per drain: every worker, start-up included
 
     def start(self, queue, qtype, workers, prefetch, env, task="stamp"):
         bench = str(Path(__file__).resolve().parent)
-        return super().start(queue, qtype, workers, prefetch,
-                             {**env, "PYTHONPATH": f"{bench}:{self.root}"}, task)
+        d = super().start(queue, qtype, workers, prefetch,
+                          {**env, "PYTHONPATH": f"{bench}:{self.root}"}, task)
+        stop = d.stop
+
+        def stop_and_count(*args, **kwargs):
+            # Read the workers' CPU while they live: an exited process's is gone.
+            self.worker_cpu.append(sum(_cpu_seconds(p) for p in d.worker_pids()))
+            return stop(*args, **kwargs)
+        d.stop = stop_and_count
+        return d
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -41,6 +60,9 @@ def main() -> int:
     p.add_argument("--prefetch", type=int, nargs="+", default=[1, 50])
     p.add_argument("--type", default="classic")
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--baseline", metavar="LABEL",
+                   help="also give every other variant's median per-run ratio to this one "
+                        "(paired: both drain in the same run, back to back)")
     a = p.parse_args()
     wd = Path(tempfile.mkdtemp(prefix="workqd-bench-"))
     variants = [VariantWorkqd(a.python, wd, *v.split("=", 1)) for v in a.variant]
@@ -49,6 +71,7 @@ def main() -> int:
     for prefetch in a.prefetch:
         rates: dict[str, list[float]] = {"pika": []}
         ratios: dict[str, list[float]] = {}
+        paired: dict[str, list[float]] = {}
         for run in range(a.runs):
             order = [pika, *variants]
             order = order[run % len(order):] + order[:run % len(order)]
@@ -59,12 +82,21 @@ def main() -> int:
                 rates.setdefault(label, []).append(got[label])
             for v in variants:
                 ratios.setdefault(v.label, []).append(got[v.label] / got["pika"])
+                if a.baseline and v.label != a.baseline:
+                    paired.setdefault(v.label, []).append(got[v.label] / got[a.baseline])
             print(f"prefetch {prefetch} run {run}: " +
                   ", ".join(f"{k} {v:.0f}/s" for k, v in got.items()), flush=True)
         print(f"== {a.type} prefetch {prefetch}, {a.tasks} tasks, median of {a.runs} runs: "
               f"pika {median(rates['pika']):.0f}/s; " + "; ".join(
                   f"{v.label} {median(rates[v.label]):.0f}/s = {median(ratios[v.label]):.2f}x"
                   for v in variants), flush=True)
+        for label, values in paired.items():
+            print(f"== {a.type} prefetch {prefetch}: {label} / {a.baseline} = "
+                  f"{median(values):.3f}x (median of {len(values)} paired runs: "
+                  f"{', '.join(f'{r:.3f}' for r in values)})", flush=True)
+        print(f"== {a.type} prefetch {prefetch}: worker CPU per task (median): " + "; ".join(
+            f"{v.label} {median(v.worker_cpu[-a.runs:]) / a.tasks * 1e6:.1f} us"
+            for v in variants), flush=True)
     admin.close()
     return 0
 

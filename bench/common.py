@@ -461,7 +461,8 @@ class Workqd:
         return self.procs.last_line()
 
     def worker_pids(self) -> list[int]:
-        return [p for p in process_tree(self.pid) if p != self.pid]
+        # Since the redesign the master has one more child, the queue poller.
+        return [p for p in process_tree(self.pid) if p != self.pid and _comm(p) != "workqd-poller"]
 
     def pids(self) -> list[int]:
         return process_tree(self.pid)
@@ -469,6 +470,14 @@ class Workqd:
     def stop(self) -> None:
         if self.procs is not None:
             self.procs.stop()
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def versions(python: str) -> dict[str, str]:

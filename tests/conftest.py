@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import secrets
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -22,21 +23,11 @@ import pika.exceptions
 import pytest
 import yaml
 
+from polling import wait_for  # noqa: F401  (the tests import it from here)
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -55,6 +46,30 @@ def broker():
                     f"start it with: rabbitmq-server -detached && rabbitmqctl await_startup")
     conn.close()
     return BROKER_URL
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run rabbitmqctl against the machine's broker; fail the test on a non-zero exit."""
+    r = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.fixture
+def broker_user(broker):
+    """A real user (not guest) with a random password on the machine's broker, deleted after."""
+    user, password = f"wq_{secrets.token_hex(4)}", new_password()
+    rabbitmqctl("add_user", user, password)
+    try:
+        rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+        yield user, password
+    finally:
+        rabbitmqctl("delete_user", user)
+
+
+def new_password() -> str:
+    # token_urlsafe may start with "-", which rabbitmqctl takes for an option.
+    return "p" + secrets.token_urlsafe(16)
 
 
 class Amqp:
@@ -184,10 +199,15 @@ class Daemon:
         env.pop("JOURNAL_STREAM", None)
         return env
 
-    def start(self, wait_ready: bool = True) -> "Daemon":
+    def start(self, wait_ready: bool = True, module: str = "workqd.cli",
+              nofile: int | None = None) -> "Daemon":
+        """``nofile`` limits the daemon's open files, as systemd's LimitNOFILE= would."""
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "workqd.cli", "-c", str(self.path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env())
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) \
+            if nofile else None
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "-c", str(self.path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env(),
+                                     preexec_fn=limit)
         if wait_ready:
             self.wait_ready()
         return self
@@ -241,8 +261,8 @@ class Daemon:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == self.proc.pid and fields[0] != "Z":
+            comm, fields = stat.split("(", 1)[1].rsplit(")", 1)[0], stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == self.proc.pid and fields[0] != "Z" and comm != "workqd-poller":
                 pids.append(int(entry.name))
         return sorted(pids)
 
@@ -312,3 +332,9 @@ def queue_config(name: str, **overrides) -> dict:
          "retry": {"attempts": 1, "backoff": [1]}}
     q.update(overrides)
     return q
+
+
+# Throwaway nodes beside the main broker (tests/brokers.py): a 3-node cluster, TLS,
+# consumer_timeout and alarm nodes. Imported here so every test module can use them.
+from brokers import (cluster, expired_tls_node, healed_cluster, mtls_node,  # noqa: E402,F401
+                     plain_node, special_node, timeout_node, tls_certs, tls_node)

@@ -54,3 +54,22 @@ def broken_import():
 raise_on_import = os.environ.get("WORKQ_TEST_BROKEN_IMPORT")
 if raise_on_import:
     raise ImportError("this handler module is broken on purpose")
+
+
+def reject(body: bytes, task) -> None:
+    """Says no retry can help this task."""
+    from workqd import Reject
+    _ledger("start", task, body=body.decode())
+    raise Reject(f"cannot use {body[:20]!r}")
+
+
+def later(body: bytes, task) -> None:
+    """Cannot attempt any task now (a service it needs is down, say)."""
+    from workqd import RetryLater
+    _ledger("start", task, body=body.decode(), deferrals=task.headers.get("x-workq-deferrals", 0))
+    raise RetryLater("the database is down")
+
+
+def deadline(body: bytes, task) -> None:
+    """Records how long it has until its deadline."""
+    _ledger("start", task, left=task.deadline - time.monotonic())

@@ -50,7 +50,7 @@ def test_bench_smoke_run_produces_sane_numbers(tmp_path, broker):
     assert res["scale"] and all(x["remaining"] == 0 and x["rate"] > 0 for x in res["scale"])
 
     mem = {(x["system"], x["workers"]): x for x in res["memory"]}
-    assert mem[("workqd", 2)]["processes"] == 3
+    assert mem[("workqd", 2)]["processes"] == 4   # master, 2 workers, the queue poller
     assert mem[("workqd", 2)]["rss_mib"] > mem[("workqd", 2)]["pss_mib"] > 0
     assert all(0 < x["all_consuming_s"] < 30 for x in res["ready"])
 

@@ -44,6 +44,38 @@ def test_retries_with_backoff_then_dead_letter(daemon, amqp, qname):
     assert amqp.count(qname) == 0 and amqp.count(f"{qname}.delay.1s") == 0
 
 
+def test_exponential_backoff_with_jitter_spreads_the_retries(daemon, amqp, qname):
+    # 40 tasks fail at once (one outage); their second tries must not come back together.
+    # initial 2 s, jitter 0.5: try 2 waits 1.0, 1.3, 1.7 or 2.0 s, each in its own queue.
+    steps = [1.0, 1.3, 1.7, 2.0]
+    delay_queues = [f"{qname}.delay.{s:g}s" for s in steps]
+    try:
+        d = daemon([queue_config(qname, workers=4, retry={
+            "attempts": 2, "backoff": {"initial": 2, "jitter": 0.5}})])
+        ids = [amqp.publish(qname, f"n={i} fail=1") for i in range(40)]
+        wait_for(lambda: amqp.count(f"{qname}.dead") == 40, 30, what="all 40 dead-lettered")
+        used = collections.Counter()
+        for props, _ in amqp.get_all(f"{qname}.dead"):
+            assert props.headers["x-workq-attempt"] == 2
+            # The broker stamps x-death when the delay queue's TTL sends the task back.
+            (death,) = [x for x in props.headers["x-death"] if x["reason"] == b"expired"
+                        or x["reason"] == "expired"]
+            queue = death["queue"].decode() if isinstance(death["queue"], bytes) else death["queue"]
+            assert queue in delay_queues, queue
+            used[queue] += 1
+        assert sum(used.values()) == 40 and len(used) >= 2, used
+        fails = {}
+        for e in d.ledger.events("fail"):
+            fails.setdefault(e["id"], []).append(e["t"])
+        assert set(fails) == set(ids) and all(len(t) == 2 for t in fails.values())
+        waits = sorted(b - a for a, b in fails.values())
+        assert waits[0] >= steps[0] - 0.05, waits   # nobody came back before the shortest step
+        print(f"[jitter] second tries per delay queue: {dict(used)}; "
+              f"waits {waits[0]:.2f}..{waits[-1]:.2f} s")
+    finally:
+        amqp.delete(*delay_queues)
+
+
 def test_a_retry_that_succeeds_is_a_success(daemon, amqp, qname, tmp_path):
     marker = tmp_path / "second-time"
     script = tmp_path / "flaky.sh"
@@ -140,14 +172,18 @@ def _sample_capacity(d, qname, n, stop_when, timeout):
 
 def test_recycling_by_task_count_keeps_the_pool_full(daemon, amqp, qname):
     d = daemon([queue_config(qname, workers=2, max_tasks_per_worker=3)])
-    ids = [amqp.publish(qname, f"n={i} sleep=0.3") for i in range(18)]
+    # The replacement starts when the old worker takes its last task, so a task must
+    # outlast a worker's start (a fork, a connect and the declarations) for the pool to
+    # stay full. That is well under a second here, but CI also runs this suite inside a
+    # container on a loaded machine, where a second proved too little: tasks take 2 s.
+    ids = [amqp.publish(qname, f"n={i} sleep=2") for i in range(12)]
     lowest = _sample_capacity(d, qname, 2, lambda: d.ledger.ended_ids() >= set(ids), 60)
     assert lowest >= 2, f"capacity dipped to {lowest}"
-    wait_for(lambda: d.metric("workqd_worker_restarts_total", queue=qname, reason="recycle") >= 5,
+    wait_for(lambda: d.metric("workqd_worker_restarts_total", queue=qname, reason="recycle") >= 3,
              10, what="recycles counted")
     per_pid = collections.Counter(e["pid"] for e in d.ledger.events("end"))
     assert max(per_pid.values()) <= 3, per_pid
-    assert d.metric(OUTCOME, queue=qname, outcome="success") == 18
+    assert d.metric(OUTCOME, queue=qname, outcome="success") == 12
 
 
 def test_recycling_by_memory_keeps_the_pool_full(daemon, amqp, qname):
@@ -230,17 +266,25 @@ def test_soak_chaos_loses_nothing(daemon, qname, capsys):
 
 def test_requeue_dead_moves_tasks_back_for_a_fresh_try(daemon, amqp, qname, tmp_path):
     flag = tmp_path / "fixed"
+    runs = tmp_path / "runs"
     script = tmp_path / "h.sh"
-    script.write_text(f"#!/bin/sh\n[ -e {flag} ]\n")  # fails until the operator "fixes" it
+    # Fails until the operator "fixes" it; then records which try each task is on.
+    script.write_text(f"#!/bin/sh\n[ -e {flag} ] || exit 1\n"
+                      f"echo \"$WORKQ_MESSAGE_ID $WORKQ_ATTEMPT\" >> {runs}\n")
     script.chmod(0o755)
     d = daemon([queue_config(qname, workers=1, handler={"command": [str(script)]},
-                             retry={"attempts": 1})])
+                             retry={"attempts": 2, "backoff": [0]})])
     ids = [amqp.publish(qname, f"t{i}") for i in range(3)]
     wait_for(lambda: amqp.count(f"{qname}.dead") == 3, 15, what="3 dead-lettered")
+    wait_for(lambda: d.metric(OUTCOME, queue=qname, outcome="dead_letter") == 3, 5,
+             what="3 dead letters counted")
+    assert d.metric(OUTCOME, queue=qname, outcome="retry") == 3   # each died on try 2 of 2
     flag.touch()
     r = subprocess.run([sys.executable, "-m", "workqd.submit", "--url", BROKER_URL,
                         "--requeue-dead", qname], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "moved 3 task(s)" in r.stderr, r.stderr
     wait_for(lambda: d.metric(OUTCOME, queue=qname, outcome="success") == 3, 15,
              what="requeued tasks succeed")
-    assert amqp.count(f"{qname}.dead") == 0 and len(ids) == 3
+    assert amqp.count(f"{qname}.dead") == 0
+    # Each came back once, as a fresh first try, not as attempt 2 of the old count.
+    assert sorted(runs.read_text().split("\n")[:-1]) == sorted(f"{i} 1" for i in ids)

@@ -13,19 +13,15 @@ import os
 import re
 import shutil
 import subprocess
-import threading
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from workqd import config
+from workqd import state
 from workqd.metrics import Exposition
-from workqd.poller import QueuePoller
-from workqd.pool import RESTART_REASONS, Pool, WorkerProc
-from workqd.slots import DEAD_LETTER, SUCCESS, SlotTable, Totals
+from workqd.slots import COUNTER_WORDS, OUTCOME_WORDS, SlotTable
+from workqd.vocab import DEAD_LETTER, RESTART_REASONS, SUCCESS
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "packaging" / "prometheus" / "workqd-rules.yml"
@@ -41,38 +37,29 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 # --- what workqd exports ------------------------------------------------------
 
-def _master() -> SimpleNamespace:
-    """A master with one queue whose every series has a sample: a busy worker, a
-    dead worker's folded counters, a polled queue depth."""
-    cfg = config.parse({"queues": [{"name": "tasks",
-                                    "handler": {"python": "workqd.handlers:sleep_dots"}}]},
-                       "test.yaml")
-    slots, totals = SlotTable(capacity=4), Totals()
-    pool = Pool(queue=cfg.queues[0], pool_id=1, restarts=dict.fromkeys(RESTART_REASONS, 0),
-                broker=cfg.broker, slots=slots, totals=totals, wake_fd=-1, log_level="info",
-                child_init=lambda: None)
-    dead = slots.allocate(pool.pool_id)
-    dead.record(DEAD_LETTER, 2.0)
-    totals.fold(pool.pool_id, dead.counters())
-    dead.release()
-    pool.restarts["crash"] += 1
-    slot = slots.allocate(pool.pool_id)
-    slot.set_pid(4242)
-    slot.subscribed()
+def _snapshot() -> state.Snapshot:
+    """One queue whose every series has a sample: a busy worker with settled tasks, a
+    crash restart, a polled queue depth."""
+    slot = SlotTable(capacity=2).allocate(1)
+    slot.record(DEAD_LETTER, 2.0)
     slot.record(SUCCESS, 0.3)
     slot.begin("m-1", redelivered=True)
-    pool.procs[4242] = WorkerProc(pid=4242, number=1, slot=slot, generation=0,
-                                  started=time.monotonic())
-    poller = QueuePoller(cfg)  # never started: no broker involved
-    poller.depth = {"tasks": (5, 1)}
-    poller.connected = True
-    return SimpleNamespace(lock=threading.Lock(), pools={"tasks": pool}, _orphans=[],
-                           poller=poller)
+    counters = dict.fromkeys(COUNTER_WORDS, 0)
+    counters.update(slot.counters())
+    assert counters[OUTCOME_WORDS[SUCCESS]] == 1
+    restarts = dict.fromkeys(RESTART_REASONS, 0)
+    restarts["crash"] = 1
+    q = state.QueueView(name="tasks", size=1, pool_state="running",
+                        counters=state.frozen(counters), restarts=state.frozen(restarts),
+                        workers=(state.WorkerView(1, 4242, state.W_BUSY, "m-1"),), consuming=1,
+                        depth=(5, 1, 2))
+    return state.Snapshot(phase=state.READY, queues=(q,), broker_connected=True, loop_age=0.0,
+                          version="0.0-test")
 
 
 @pytest.fixture(scope="module")
 def exposition() -> str:
-    return Exposition(_master()).render().decode()
+    return Exposition().render(_snapshot())[0].decode()
 
 
 @pytest.fixture(scope="module")

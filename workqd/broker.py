@@ -1,4 +1,4 @@
-"""What every AMQP client in workqd agrees on: connection parameters and queue shapes.
+"""What every AMQP client in workqd agrees on: connection parameters, queue shapes, failover.
 
 The worker, the master's depth poller and workq-submit all declare queues through
 ``queue_arguments`` so that a queue is never declared two ways (RabbitMQ refuses
@@ -7,23 +7,44 @@ a redeclaration with other arguments, PRECONDITION_FAILED).
 
 from __future__ import annotations
 
+import logging
+import re
 import ssl
 import urllib.parse
+from typing import NamedTuple
 
 import pika
 
-from .config import Broker, Queue
+from . import vocab
+from .config import Binding, Broker, Invalid, Queue, read_password, redact  # noqa: F401 (redact: re-exported)
 
-# Headers workqd writes on messages it republishes; documented in workqd.yaml(5).
-H_ATTEMPT = "x-workq-attempt"        # try number the message is for (1 = first)
-H_REASON = "x-workq-reason"          # failed | timeout | poison | too-large
-H_ERROR = "x-workq-error"            # last error line of the handler
-H_DEAD_AT = "x-workq-dead-at"        # UTC time of dead-lettering, ISO 8601
-H_QUEUE = "x-workq-queue"            # queue the task was consumed from
+log = logging.getLogger("workqd.broker")
+
+# Re-exported for the command-line tools; vocab.py is where they are defined.
+H_ATTEMPT, H_REASON, H_ERROR = vocab.H_ATTEMPT, vocab.H_REASON, vocab.H_ERROR
+H_DEAD_AT, H_QUEUE = vocab.H_DEAD_AT, vocab.H_QUEUE
+
+RECONNECT_FIRST = 0.25   # seconds before the first retry of one URL; doubles per failure
+RECONNECT_MAX = 15.0     # cap of the reconnect backoff
 
 
 def queue_arguments(queue: Queue) -> dict:
-    return {"x-queue-type": queue.type}
+    # The operator's own (x-max-length, x-max-priority ...) first: config.py refuses
+    # every argument workqd sets below, so none is overridden.
+    args = dict(queue.arguments)
+    args["x-queue-type"] = queue.type
+    if queue.type == "quorum":
+        args.update(_quorum_dead_lettering(queue, vocab.dead_letter_queue(queue.name)))
+        # RabbitMQ 4 gives quorum queues a delivery limit of 20 and drops a message
+        # past it unless the queue dead-letters: set the limit workqd's own poison
+        # check uses, so the broker's is a backstop that lands in <queue>.dead too.
+        args["x-delivery-limit"] = queue.max_redeliveries
+    return args
+
+
+def legacy_queue_arguments(queue: Queue) -> dict:
+    """What workqd before 0.2 declared; accepted with a warning (see Session._declare)."""
+    return {**dict(queue.arguments), "x-queue-type": queue.type}
 
 
 def dead_letter_arguments(queue: Queue) -> dict:
@@ -33,20 +54,110 @@ def dead_letter_arguments(queue: Queue) -> dict:
 
 
 def delay_queue_name(queue: Queue, delay: float) -> str:
-    return f"{queue.name}.delay.{delay:g}s"
+    return vocab.delay_queue(queue.name, delay)
 
 
 def delay_queue_arguments(queue: Queue, delay: float) -> dict:
     # A message waits out the TTL, then the broker dead-letters it back to the
-    # work queue through the default exchange. Classic, because TTL expiry from
-    # the head is exact there; the delay queue only ever holds copies that are
-    # already confirmed.
-    return {
-        "x-queue-type": "classic",
-        "x-message-ttl": int(delay * 1000),
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": queue.name,
-    }
+    # work queue through the default exchange. Every message of a delay queue has
+    # the same TTL, so expiry from the head is exact on either type. A quorum work
+    # queue gets a quorum delay queue: a retry must survive the loss of a node.
+    args = {"x-queue-type": queue.type, "x-message-ttl": int(delay * 1000),
+            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue.name}
+    if queue.type == "quorum":
+        args.update(_quorum_dead_lettering(queue, queue.name))
+    return args
+
+
+def legacy_delay_queue_arguments(queue: Queue, delay: float) -> dict:
+    """workqd before 0.2: classic delay queues for every work queue type."""
+    return {"x-queue-type": "classic", "x-message-ttl": int(delay * 1000),
+            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue.name}
+
+
+def _quorum_dead_lettering(queue: Queue, target: str) -> dict:
+    # At-least-once dead-lettering (RabbitMQ >= 3.10) keeps a message on its
+    # queue until the target confirmed it; it requires reject-publish overflow.
+    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target,
+            "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+
+
+class Declaration(NamedTuple):
+    name: str
+    arguments: dict
+    legacy: dict | None   # accepted instead, with a warning, from a queue an older workqd made
+    fix: str              # what the warning tells the operator to do
+    passive: bool = False  # only check that it exists (declare: false), as it is
+
+
+def declarations(queue: Queue) -> list[Declaration | Binding]:
+    """Every queue a worker declares, work queue first, then its bindings: each exchange
+    checked passively (workqd never creates or changes exchanges) and the queue bound."""
+    name = queue.name
+    if not queue.declare:
+        out = [Declaration(name, {}, None, "", passive=True)]
+    else:
+        out = _work_queue(queue)
+    if queue.declare_side_queues:
+        out += _side_queues(queue)
+    return out + list(queue.bindings)
+
+
+def _work_queue(queue: Queue) -> list[Declaration]:
+    name = queue.name
+    policy = (f"rabbitmqctl set_policy workqd-{name} '^{re.escape(name)}$' "
+              f"'{{\"dead-letter-exchange\":\"\",\"dead-letter-routing-key\":"
+              f"\"{vocab.dead_letter_queue(name)}\",\"delivery-limit\":{queue.max_redeliveries}}}' "
+              f"--apply-to quorum_queues")
+    return [Declaration(name, queue_arguments(queue),
+                        legacy_queue_arguments(queue) if queue.type == "quorum" else None,
+                        f"give it a dead-letter target with: {policy}")]
+
+
+def _side_queues(queue: Queue) -> list[Declaration]:
+    name = queue.name
+    out = [Declaration(vocab.dead_letter_queue(name), dead_letter_arguments(queue), None, "")]
+    for d in queue.retry.delays():
+        if d > 0:
+            out.append(Declaration(
+                delay_queue_name(queue, d), delay_queue_arguments(queue, d),
+                legacy_delay_queue_arguments(queue, d) if queue.type == "quorum" else None,
+                "delete it once it is empty (rabbitmqctl delete_queue --if-empty) and workqd "
+                "declares it as a quorum queue"))
+    return out
+
+
+class Failover:
+    """The reconnect policy every workqd client shares: which URL next, and after how long.
+
+    A failed node goes to the end of the list (a hung node would otherwise eat a
+    whole connect timeout on every attempt); while other nodes are untried the
+    next attempt is immediate, after that the delay doubles up to RECONNECT_MAX.
+    """
+
+    def __init__(self, urls, start: int = 0):
+        self._urls = list(urls)
+        if len(self._urls) > 1:
+            k = start % len(self._urls)
+            self._urls = self._urls[k:] + self._urls[:k]
+        self._failures = 0
+
+    @property
+    def current(self) -> str:
+        return self._urls[0]
+
+    def failed(self) -> float:
+        """The current URL failed: rotate, and return the seconds to wait before the next try."""
+        self._failures += 1
+        n = len(self._urls)
+        if n > 1:
+            self._urls.append(self._urls.pop(0))
+            if self._failures < n:
+                return 0.0
+        return min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** min(self._failures - n, 8))
+
+    def succeeded(self) -> None:
+        self._failures = 0
 
 
 def connection_parameters(broker: Broker, url: str, name: str,
@@ -54,7 +165,7 @@ def connection_parameters(broker: Broker, url: str, name: str,
     """Parameters for one broker URL; the password_file and TLS options override the URL."""
     parts = urllib.parse.urlsplit(url)
     user = urllib.parse.unquote(parts.username) if parts.username else "guest"
-    password = broker.password
+    password = _current_password(broker)
     if password is None:
         password = urllib.parse.unquote(parts.password) if parts.password is not None else "guest"
     # pika 1.2.0 cannot parse a URL with a user but no password, so the
@@ -72,15 +183,18 @@ def connection_parameters(broker: Broker, url: str, name: str,
     if urllib.parse.urlsplit(url).scheme == "amqps":
         ctx = ssl.create_default_context(cafile=broker.tls.ca_file)
         if broker.tls.cert_file:
-            ctx.load_cert_chain(broker.tls.cert_file, broker.tls.key_file)
+            # A passphrase callback that gives none: OpenSSL must never prompt.
+            ctx.load_cert_chain(broker.tls.cert_file, broker.tls.key_file, password=lambda: b"")
         params.ssl_options = pika.SSLOptions(ctx, params.host)
     return params
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+def _current_password(broker: Broker) -> str | None:
+    """The password file as it is now (a rotated secret applies at the next connect); the
+    one read at start when the file cannot be read any more."""
+    if broker.password_file:
+        try:
+            return read_password(broker.password_file)
+        except Invalid as e:
+            log.warning("broker.password_file: %s; using the password read at start", e)
+    return broker.password

@@ -1,8 +1,12 @@
 """The master: keeps the pools at size, answers systemd and Prometheus, runs no task code.
 
-``run`` reads like the arbiter it is modelled on: wait for a signal (with a
-deadline), handle it, reap, keep the pools full, report. Everything that talks
-to the outside (HTTP, the queue-depth poller, sd_notify) lives in its own module.
+``run`` reads like the arbiter it is modelled on: wait on the selector (signals,
+worker wake-ups, HTTP clients, the poller's reports) with a deadline, handle
+what arrived, reap, keep the pools full, report. The master has one thread,
+always: it forks workers and the queue poller, and a fork from a process with
+other threads can deadlock the child on a lock one of them held. Whatever
+blocks (the broker) lives in the poller process; whatever is slow or hostile
+(HTTP clients) is served non-blocking from this loop with a budget (httpd.py).
 """
 
 from __future__ import annotations
@@ -10,18 +14,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import selectors
 import signal
-import threading
 import time
 
+from . import __version__, commands, control, exitcodes, logsetup, service, state
 from . import config as config_mod
-from . import __version__, exitcodes, logsetup
-from .httpd import HttpServer
+from .control import ControlServer, ProtocolError
+from .httpd import HttpServer, Request, Response
+from .metrics import Exposition, compress, gzip_accepted
 from .notify import Notifier
-from .poller import QueuePoller
-from .pool import FATAL, RESTART_REASONS, Pool
+from .poller import PollerProcess
+from .pool import FATAL, Pool
 from .signals import SignalQueue
-from .slots import BUSY, OUTCOME_WORDS, W_REDELIVERED, SlotTable, Totals
+from .slots import CONSUMING, OUTCOME_WORDS, PAUSED, W_REDELIVERED, SlotTable, Totals
+from .vocab import RESTART_REASONS
 
 log = logging.getLogger("workqd.master")
 
@@ -30,54 +37,67 @@ STARTING_TIMEOUT = 0.05  # while not ready yet, so READY goes out promptly
 # A reload whose new workers never consume (e.g. an unreachable new broker) must
 # not leave systemd in "reloading" forever; below the unit's TimeoutStartSec.
 RELOAD_READY_TIMEOUT = 20.0
+NUDGE_EVERY = 1.0        # seconds between asks for a depth sample of a new queue
 
 
 class Master:
     def __init__(self, cfg: config_mod.Config):
         self.cfg = cfg
         self.pid = os.getpid()
+        self.phase = state.STARTING
+        self.sel = selectors.PollSelector()   # stateless in the kernel: nothing shared on fork
         self.signals = SignalQueue()
         self.slots = SlotTable()
         self.totals = Totals()
         self.pools: dict[str, Pool] = {}
+        self._orphans: list[Pool] = []  # pools removed and re-added while still draining
         self._pool_ids: dict[str, int] = {}   # stable per queue name, so totals survive reloads
         self._restarts: dict[int, dict[str, int]] = {}  # by pool id, for the same reason
         self.notifier = Notifier()
+        self.exposition = Exposition()
         self.http: HttpServer | None = None
-        self.poller: QueuePoller | None = None
-        self.draining = False
+        self.control: ControlServer | None = None
+        self.poller = PollerProcess(cfg, self.close_in_child)
         self.stop_deadline = 0.0
         self.exit_code = exitcodes.OK
-        self.ready_sent = False
         self.started = time.monotonic()
         self.last_loop = time.monotonic()
-        self.reloading = False
         self.reload_started = 0.0
-        self._orphans: list[Pool] = []  # pools removed and re-added while still draining
-        # Held while pools or their worker records change, and by the scrape that
-        # reads them, so a reaped worker is never counted both live and folded.
-        self.lock = threading.Lock()
+        self._last_nudge = 0.0
+        # queue -> (the config it is judged for, is the broker serving it?)
+        self._service: dict[str, tuple[config_mod.Queue, service.ServiceJudge]] = {}
+        self._rounds_seen = 0
+
+    def enter(self, phase: str) -> None:
+        if phase != self.phase:
+            if phase not in state.PHASES[self.phase]:
+                raise RuntimeError(f"master: no transition {self.phase} -> {phase}")
+            self.phase = phase
 
     # --- the loop --------------------------------------------------------
 
     def run(self) -> int:
         self.start()
         while True:
-            timeout = LOOP_TIMEOUT if self.ready_sent or self.draining else STARTING_TIMEOUT
-            for sig in self.signals.wait(timeout):
-                with self.lock:
-                    self.handle_signal(sig)
+            timeout = STARTING_TIMEOUT if self.phase == state.STARTING else LOOP_TIMEOUT
+            for key, mask in self.sel.select(timeout):
+                key.data(mask)
             now = time.monotonic()
             self.last_loop = now
-            with self.lock:
-                self.reap_workers(now)
-                if self.draining:
-                    if not any(p.procs for p in [*self.pools.values(), *self._orphans]):
-                        break
-                    if now >= self.stop_deadline:
-                        self.kill_workers(signal.SIGKILL, "shutdown")
-                else:
-                    self.manage_pools(now)
+            for sig in self.signals.received():
+                self.handle_signal(sig)
+            self.reap_children(now)
+            if self.phase == state.STOPPING:
+                if not self.live_pools_have_workers():
+                    break
+                if now >= self.stop_deadline:
+                    self.retire_workers("shutdown", signal.SIGKILL)
+                self.notifier.extend_timeout(now)
+            else:
+                self.manage_pools(now)
+                self.poller.manage(now)
+            self.http.expire(now)
+            self.control.expire(now)
             self.report(now)
         self.stop_services()
         log.info("stopped")
@@ -87,58 +107,70 @@ class Master:
         for warning in self.cfg.warnings:
             log.warning("%s", warning)
         self.signals.install()
-        self.http = HttpServer(self.cfg.metrics_listen, self)  # raises OSError if taken
-        self.poller = QueuePoller(self.cfg)
-        self.http.start()
-        self.poller.start()
-        with self.lock:
-            for queue in self.cfg.queues:
-                self.add_pool(queue)
+        self.sel.register(self.signals.read_fd, selectors.EVENT_READ, _nothing)
+        self.sel.register(self.signals.wake_r, selectors.EVENT_READ,
+                          lambda mask: self.signals.clear_wakes())
+        # Binds at once: a taken port stops workqd before anything is forked.
+        self.http = HttpServer(self.sel, self.cfg.metrics_listen, self.serve_http,
+                               tls=self.cfg.metrics_tls, basic_auth=self.cfg.metrics_basic_auth)
+        # Likewise: a live daemon on the same socket stops this one before any fork.
+        self.control = ControlServer(
+            self.sel, control.server_path(self.cfg.control_socket, self.cfg.path),
+            self.serve_control)
+        self.poller.start(self.sel)
+        for queue in self.cfg.queues:
+            self.add_pool(queue)
         log.info("workqd %s started (pid %d): %s; metrics on http://%s:%d/metrics",
                  __version__, self.pid, ", ".join(f"{q.name}: {q.workers} workers"
                                                  for q in self.cfg.queues),
                  *self.cfg.metrics_listen)
+        log.info("control socket: %s", self.control.path)
+
+    def live_pools_have_workers(self) -> bool:
+        return any(p.procs for p in [*self.pools.values(), *self._orphans])
 
     # --- signals ---------------------------------------------------------
 
     def handle_signal(self, sig: int) -> None:
         if sig == signal.SIGCHLD:
-            return  # reap_workers runs every turn
+            return  # reap_children runs every turn
         if sig in (signal.SIGTERM, signal.SIGINT):
-            if self.draining:
+            if self.phase == state.STOPPING:
                 log.warning("second %s: stopping at once, cutting running tasks "
                             "(the broker requeues them)", signal.Signals(sig).name)
-                self.kill_workers(signal.SIGKILL, "shutdown")
+                self.retire_workers("shutdown", signal.SIGKILL)
             else:
                 self.begin_stop(f"{signal.Signals(sig).name} received")
         elif sig == signal.SIGQUIT:
             log.warning("SIGQUIT: stopping at once")
             self.begin_stop("SIGQUIT received")
-            self.kill_workers(signal.SIGKILL, "shutdown")
+            self.retire_workers("shutdown", signal.SIGKILL)
         elif sig == signal.SIGHUP:
             self.reload()
+        else:
+            log.info("%s ignored (workqd acts on TERM, INT, QUIT and HUP)", _signame(sig))
 
     def begin_stop(self, why: str, exit_code: int = exitcodes.OK) -> None:
-        if self.draining:
+        if self.phase == state.STOPPING:
             return
-        self.draining = True
+        self.enter(state.STOPPING)
         self.exit_code = exit_code
         self.stop_deadline = time.monotonic() + self.cfg.shutdown_timeout
         self.notifier.stopping()
-        busy = sum(1 for p in self.pools.values() for w in p.procs.values()
-                   if w.slot.state == BUSY)
+        busy = sum(1 for p in self.pools.values() for w in p.procs.values() if w.slot.busy)
         log.info("%s: stopping; %d running task(s) get up to %gs to finish", why, busy,
                  self.cfg.shutdown_timeout)
-        self.kill_workers(signal.SIGTERM, "shutdown")
+        self.retire_workers("shutdown", signal.SIGTERM)
+        self.poller.stop()
 
-    def kill_workers(self, sig: int, reason: str) -> None:
+    def retire_workers(self, reason: str, sig: int) -> None:
         for pool in [*self.pools.values(), *self._orphans]:
-            pool.kill_workers(sig, reason)
+            pool.retire_workers(reason, sig)
 
     # --- reload ----------------------------------------------------------
 
     def reload(self) -> None:
-        if self.draining:
+        if self.phase == state.STOPPING:
             return
         self.notifier.reloading()
         try:
@@ -146,21 +178,33 @@ class Master:
         except config_mod.ConfigError as e:
             for line in e.problems:
                 log.error("reload refused, keeping the running config: %s", line)
-            self.notifier.ready(self.status_text())
+            self.notifier.ready(self.status_text(self.snapshot()))
+            return
+        except Exception as e:  # a bug in loading must not take the running daemon down
+            log.error("reload refused, keeping the running config: %s: %s",
+                      type(e).__name__, e)
+            self.notifier.ready(self.status_text(self.snapshot()))
             return
         for warning in new.warnings:
             log.warning("%s", warning)
-        if new.metrics_listen != self.cfg.metrics_listen:
+        if (new.metrics_listen, new.metrics_tls, new.metrics_basic_auth) != (
+                self.cfg.metrics_listen, self.cfg.metrics_tls, self.cfg.metrics_basic_auth):
             # The listening socket is bound once; the new workers do get new broker settings.
-            log.warning("reload: metrics.listen changes need a restart; keeping %s:%d",
+            log.warning("reload: metrics settings change only on restart; keeping %s:%d",
                         *self.cfg.metrics_listen)
-            new = dataclasses.replace(new, metrics_listen=self.cfg.metrics_listen)
+            new = dataclasses.replace(new, metrics_listen=self.cfg.metrics_listen,
+                                      metrics_tls=self.cfg.metrics_tls,
+                                      metrics_basic_auth=self.cfg.metrics_basic_auth)
+        if new.control_socket != self.cfg.control_socket:
+            log.warning("reload: control.socket changes only on restart; keeping %s",
+                        self.control.path)
+            new = dataclasses.replace(new, control_socket=self.cfg.control_socket)
         names = {q.name for q in new.queues}
         for name, pool in self.pools.items():
             if name not in names and not pool.removed:
                 log.info("reload: queue %s removed; its workers finish their tasks and leave", name)
                 pool.removed = True
-                pool.kill_workers(signal.SIGTERM, "removed")
+                pool.retire_workers("removed")
         for queue in new.queues:
             pool = self.pools.get(queue.name)
             if pool is None or pool.removed:
@@ -170,43 +214,44 @@ class Master:
                 self.add_pool(queue, new)
                 log.info("reload: queue %s added with %d workers", queue.name, queue.workers)
             else:
-                self.replace_pool_workers(pool, queue, new)
+                for proc in pool.procs.values():
+                    proc.retiring = proc.retiring or "reload"
+                pool.queue, pool.broker, pool.log_level = queue, new.broker, new.log_level
+                if pool.size != queue.workers:
+                    log.info("reload: queue %s back to the config's %d workers (was scaled to "
+                             "%d)", queue.name, queue.workers, pool.size)
+                pool.size = queue.workers   # a pause survives the reload, a scale does not;
+                # an autoscaled pool starts again from its min
         self.cfg = new
-        logsetup.configure(new.log_level, f"master (pid {self.pid})")
+        logsetup.configure(new.log_level, f"master (pid {self.pid})", new.log_format)
         self.poller.reconfigure(new)
-        self.reloading = True
+        self.enter(state.RELOADING)
         self.reload_started = time.monotonic()
         log.info("reload: new config from %s applied; replacing workers gradually", new.path)
-
-    def replace_pool_workers(self, pool: Pool, queue: config_mod.Queue,
-                             cfg: config_mod.Config) -> None:
-        for proc in pool.procs.values():
-            proc.retiring = proc.retiring or "reload"
-        pool.queue = queue
-        pool.broker = cfg.broker
-        pool.log_level = cfg.log_level
-        pool.generation += 1
 
     def add_pool(self, queue: config_mod.Queue, cfg: config_mod.Config | None = None) -> Pool:
         cfg = cfg or self.cfg
         pool_id = self._pool_ids.setdefault(queue.name, len(self._pool_ids) + 1)
         restarts = self._restarts.setdefault(pool_id, dict.fromkeys(RESTART_REASONS, 0))
         pool = Pool(queue=queue, pool_id=pool_id, restarts=restarts, broker=cfg.broker,
-                    slots=self.slots,
-                    totals=self.totals, wake_fd=self.signals.wake_w, log_level=cfg.log_level,
-                    child_init=self.close_in_child)
+                    slots=self.slots, totals=self.totals, wake_fd=self.signals.wake_w,
+                    log_level=cfg.log_level, child_init=self.close_in_child)
         self.pools[queue.name] = pool
         return pool
 
     def close_in_child(self) -> None:
-        """Runs in a freshly forked worker: drop what belongs to the master."""
+        """Runs in a freshly forked child: drop what belongs to the master."""
         self.signals.close_in_child()
         if self.http is not None:
             self.http.close_in_child()
+        if self.control is not None:
+            self.control.close_in_child()
+        for fd in self.poller.fds():
+            os.close(fd)
 
-    # --- workers ---------------------------------------------------------
+    # --- children ----------------------------------------------------------
 
-    def reap_workers(self, now: float) -> None:
+    def reap_children(self, now: float) -> None:
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -214,6 +259,12 @@ class Master:
                 return
             if pid == 0:
                 return
+            if pid == self.poller.pid:
+                if self.phase != state.STOPPING:
+                    log.log(logging.INFO if os.WIFSIGNALED(status) else logging.WARNING,
+                            "queue poller (pid %d) ended; replacing it", pid)
+                self.poller.on_exit(now)
+                continue
             for pool in [*self.pools.values(), *self._orphans]:
                 proc = pool.procs.get(pid)
                 if proc is not None:
@@ -229,74 +280,244 @@ class Master:
                 log.error("pool %s cannot stay up: %s; stopping workqd", name, pool.fatal_reason)
                 self.begin_stop(f"pool {name} failed", exitcodes.POOL_FAILED)
                 return
+            depth = self.poller.depth.get(name)
+            pool.autoscale(now, depth[0] if depth else None)
             pool.spawn_workers(now)
             pool.retire_surplus()
             pool.kill_hung_workers(now)
             if pool.removed and not pool.procs:
                 del self.pools[name]
+            elif (pool.consuming() and name not in self.poller.depth
+                  and now - self._last_nudge >= NUDGE_EVERY):
+                self._last_nudge = now
+                self.poller.nudge()   # its queue exists now: sample it without waiting
         self._orphans = [p for p in self._orphans if p.procs]
         for pool in self._orphans:
             pool.retire_surplus()
+        if self.poller.rounds != self._rounds_seen:
+            self._rounds_seen = self.poller.rounds
+            self.judge_service()
+
+    def judge_service(self) -> None:
+        """After each poll: does the broker serve every queue our workers consume?"""
+        for name, pool in self.pools.items():
+            q = pool.queue
+            judged_for, judge = self._service.get(name, (None, None))
+            if judge is None or judged_for is not q:   # a new queue, or a reload changed it
+                judge = service.ServiceJudge(starvation_applies=not q.idle_consumers_expected)
+                self._service[name] = (q, judge)
+            change = judge.observe(_service_sample(pool, self.poller.depth.get(name)))
+            if change == "lost":
+                log.warning("queue %s: %s: the broker does not serve it (a quorum queue "
+                            "without a quorum, or its node is down)", name, judge.sign)
+            elif change == "back":
+                log.info("queue %s: the broker serves it again", name)
+        for name in set(self._service) - set(self.pools):
+            del self._service[name]   # removed by a reload
 
     # --- reporting -------------------------------------------------------
+
+    def snapshot(self) -> state.Snapshot:
+        """Everything the endpoints and STATUS report, consistent within itself."""
+        now = time.monotonic()
+        views: dict[str, state.QueueView] = {}
+        merged: dict[str, list[Pool]] = {}
+        for pool in [*self.pools.values(), *self._orphans]:
+            if not pool.removed or pool.procs:
+                merged.setdefault(pool.name, []).append(pool)
+        for name, pools in merged.items():
+            live = [p for p in pools if not p.removed]
+            # Pools of one queue share a pool id, so the folded totals count once.
+            counters = pools[0].counters()
+            for extra in pools[1:]:
+                for proc in extra.procs.values():
+                    for w, v in proc.slot.counters().items():
+                        counters[w] += v
+            workers = tuple(_worker_view(proc, now) for p in pools for proc in p.procs.values())
+            if not live:
+                continue   # removed by a reload: its leaving workers are not a queue to report
+            views[name] = state.QueueView(
+                name=name, size=live[0].size, pool_state=live[0].state,
+                paused=live[0].paused, configured=live[0].queue.workers,
+                min_workers=live[0].queue.workers, max_workers=live[0].queue.most_workers,
+                state=self._queue_state(live[0]),
+                counters=state.frozen(counters), restarts=state.frozen(pools[0].restarts),
+                workers=workers, consuming=sum(p.consuming() for p in live),
+                depth=self.poller.depth.get(name),
+                blocked=sum(1 for p in pools for proc in p.procs.values() if proc.slot.blocked),
+                unserved=self._unserved_sign(name))
+        return state.Snapshot(phase=self.phase, queues=tuple(views.values()),
+                              broker_connected=self.poller.connected,
+                              loop_age=time.monotonic() - self.last_loop, version=__version__)
+
+    def _unserved_sign(self, name: str) -> str:
+        _, judge = self._service.get(name, (None, None))
+        return judge.sign if judge is not None and judge.unserved else ""
+
+    def _queue_state(self, pool: Pool) -> str:
+        if pool.state == FATAL:
+            return state.Q_FAILED
+        if self.phase == state.STOPPING:
+            return state.Q_DRAINING
+        return state.Q_PAUSED if pool.paused else state.Q_RUNNING
+
+    # --- the control socket (workqctl) ---------------------------------------
+
+    def serve_control(self, req: dict) -> dict:
+        """One workqctl request (control.py has parsed and checks the envelope)."""
+        cmd = req["cmd"]
+        if cmd == "status":
+            return {"ok": True, **commands.status(self.snapshot(), req.get("queue"), self.pid,
+                                                  self.control.path)}
+        if self.phase == state.STOPPING and cmd in ("pause", "resume", "quiet", "scale"):
+            raise ProtocolError("workqd is stopping")
+        if cmd in ("pause", "resume"):
+            names = self._queue_names(req, optional=cmd == "resume")
+            for name in names:
+                pool = self.pools[name]
+                if pool.paused != (cmd == "pause"):
+                    pool.set_paused(cmd == "pause")
+                    log.info("control: queue %s %s", name,
+                             "paused: consumers cancelled, running tasks finish"
+                             if cmd == "pause" else "resumed")
+            return {"ok": True, "queues": names}
+        if cmd == "quiet":
+            names = [n for n, p in self.pools.items() if not p.removed]
+            for name in names:
+                if not self.pools[name].paused:
+                    self.pools[name].set_paused(True)
+            log.info("control: quiet: every queue paused; running tasks finish, workqd stays up")
+            return {"ok": True, "queues": names}
+        if cmd == "scale":
+            (name,) = self._queue_names(req, optional=False)
+            n = req.get("workers")
+            total = sum(p.size for q, p in self.pools.items() if q != name and not p.removed)
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n:
+                raise ProtocolError(f"workers must be a whole number from 1, got {n!r} "
+                                    f"(to stop taking tasks: pause)")
+            if total + n > config_mod.MAX_TOTAL_WORKERS:
+                raise ProtocolError(f"at most {config_mod.MAX_TOTAL_WORKERS} workers in all; "
+                                    f"the other queues have {total}")
+            pool = self.pools[name]
+            old, pool.size = pool.size, n
+            retired = pool.shrink()
+            log.info("control: queue %s scaled from %d to %d workers (%d asked to leave; "
+                     "the config's %d return on reload)", name, old, n, retired,
+                     pool.queue.workers)
+            return {"ok": True, "queue": name, "workers": n, "was": old}
+        raise ProtocolError(f"unknown command {cmd!r} (status, pause, resume, quiet, scale)")
+
+    def _queue_names(self, req: dict, optional: bool) -> list[str]:
+        name = req.get("queue")
+        live = [n for n, p in self.pools.items() if not p.removed]
+        if name is None and optional:
+            return live
+        if not isinstance(name, str) or name not in live:
+            raise ProtocolError(f"no queue {name!r} in this daemon (queues: {', '.join(live)})")
+        return [name]
+
+    def serve_http(self, req: Request) -> Response:
+        snap = self.snapshot()
+        if req.path == "/metrics":
+            body, content_type = self.exposition.render(snap, req.headers.get("accept"))
+            if gzip_accepted(req.headers.get("accept-encoding")):
+                return Response(200, compress(body), content_type,
+                                (("Content-Encoding", "gzip"), ("Vary", "Accept, Accept-Encoding")))
+            return Response(200, body, content_type, (("Vary", "Accept, Accept-Encoding"),))
+        if req.path == "/healthz":
+            ok = snap.healthy()
+            return Response(200 if ok else 503,
+                            b"ok\n" if ok else b"master loop stalled or pool failed\n")
+        if req.path == "/readyz":
+            ok, reason = snap.readiness()
+            return Response(200 if ok else 503, f"{reason}\n".encode())
+        return Response(404, b"not found: try /metrics, /healthz or /readyz\n")
 
     def fully_ready(self) -> bool:
         return all(p.fully_consuming() for p in self.pools.values() if not p.removed)
 
-    def readiness(self) -> tuple[bool, str]:
-        """For /readyz: (ready, one-line reason)."""
-        if self.draining:
-            return False, "draining: workqd is stopping"
-        for name, pool in self.pools.items():
-            if not pool.removed and pool.consuming() == 0:
-                return False, f"queue {name}: no worker is consuming"
-        if self.poller is not None and not self.poller.connected:
-            return False, "broker not reachable from the master"
-        return True, "ready"
-
-    def healthy(self) -> bool:
-        return time.monotonic() - self.last_loop < 10 and all(
-            p.state != FATAL for p in self.pools.values())
-
-    def status_text(self) -> str:
-        procs = [w for p in self.pools.values() for w in p.procs.values()]
-        consuming = sum(1 for w in procs if w.slot.consuming)
-        busy = sum(1 for w in procs if w.slot.state == BUSY)
-        size = sum(p.queue.workers for p in self.pools.values() if not p.removed)
-        done = redelivered = 0
-        for pool in self.pools.values():
-            c = pool.counters()
-            done += sum(c[w] for w in OUTCOME_WORDS)
-            redelivered += c[W_REDELIVERED]
-        text = f"{consuming}/{size} workers, {busy} busy, {done} done, {redelivered} redelivered"
-        if self.draining:
+    @staticmethod
+    def status_text(snap: state.Snapshot) -> str:
+        consuming = sum(q.consuming for q in snap.queues)
+        busy = sum(1 for q in snap.queues for w in q.workers if w.state == state.W_BUSY)
+        size = sum(q.size for q in snap.queues)
+        done = sum(q.counters[w] for q in snap.queues for w in OUTCOME_WORDS)
+        redelivered = sum(q.counters[W_REDELIVERED] for q in snap.queues)
+        text = f"{consuming}/{size} workers, {busy} busy, {done:.0f} done, " \
+               f"{redelivered:.0f} redelivered"
+        paused = [q.name for q in snap.queues if q.paused]
+        if paused and len(paused) == len(snap.queues) and len(paused) > 1:
+            text += "; quiet: every queue paused"
+        elif paused:
+            text += f"; paused: {', '.join(paused)}"
+        if snap.phase == state.STOPPING:
             return f"stopping: {text}"
-        return f"reloading: {text}" if self.reloading else text
+        return f"reloading: {text}" if snap.phase == state.RELOADING else text
 
     def report(self, now: float) -> None:
-        if not self.draining and self.fully_ready():
-            if not self.ready_sent:
-                self.ready_sent = True
-                log.info("ready: every worker is consuming (%.2fs after start)",
-                         now - self.started)
-                self.notifier.ready(self.status_text())
-            elif self.reloading:
-                self.reloading = False
+        snap = self.snapshot()
+        if self.phase in (state.STARTING, state.RELOADING) and self.fully_ready():
+            if self.phase == state.STARTING:
+                log.info("ready: every worker is consuming (%.2fs after start)", now - self.started)
+            else:
                 log.info("reload complete")
-                self.notifier.ready(self.status_text())
-        elif (self.reloading and not self.draining
-              and now - self.reload_started >= RELOAD_READY_TIMEOUT):
-            self.reloading = False
+            self.enter(state.READY)
+            snap = dataclasses.replace(snap, phase=self.phase)
+            self.notifier.ready(self.status_text(snap))
+        elif self.phase == state.RELOADING and now - self.reload_started >= RELOAD_READY_TIMEOUT:
             log.warning("reload: the new workers are not all consuming after %gs; reporting the "
                         "reload done (old workers keep serving until new ones take over)",
                         RELOAD_READY_TIMEOUT)
-            self.notifier.ready(self.status_text())
-        if self.healthy():
+            self.enter(state.READY)
+            snap = dataclasses.replace(snap, phase=self.phase)
+            self.notifier.ready(self.status_text(snap))
+        if snap.healthy():
             self.notifier.watchdog()
-        self.notifier.status(self.status_text(), now)
+        self.notifier.status(self.status_text(snap), now)
 
     def stop_services(self) -> None:
-        if self.poller is not None:
-            self.poller.stop()
+        self.poller.stop()
         if self.http is not None:
             self.http.stop()
+        if self.control is not None:
+            self.control.stop()
+
+
+def _service_sample(pool: Pool, depth) -> service.Sample | None:
+    if depth is None:
+        return None
+    procs = [p for p in pool.procs.values() if p.slot.consuming]
+    return service.Sample(
+        ready=depth[0], broker_consumers=depth[1], consuming=len(procs),
+        idle=sum(1 for p in procs if not p.slot.busy),
+        progress=frozenset((p.pid, p.slot.tasks_done, p.slot.busy) for p in pool.procs.values()))
+
+
+def _worker_view(proc, now: float) -> state.WorkerView:
+    slot = proc.slot
+    busy_for = None
+    if slot.busy:
+        st = state.W_BUSY
+    elif slot.draining:
+        st = state.W_DRAINING
+    elif slot.state == CONSUMING:
+        st = state.W_IDLE
+    elif slot.state == PAUSED:
+        st = state.W_PAUSED
+    else:
+        st = state.W_STARTING
+    if st == state.W_BUSY:
+        busy_for = max(0.0, now - slot.busy_since)
+    return state.WorkerView(proc.number, proc.pid, st, slot.message_id(), busy_for,
+                            slot.tasks_done)
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _nothing(mask) -> None:
+    """The signal pipe is drained by the loop itself (SignalQueue.received)."""

@@ -1,4 +1,4 @@
-"""sd_notify from the master: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
+"""sd_notify from the master: READY, STATUS, WATCHDOG, RELOADING, STOPPING, EXTEND_TIMEOUT_USEC.
 
 Harmless without systemd: with no NOTIFY_SOCKET every call is a no-op.
 """
@@ -11,6 +11,10 @@ import time
 import sdnotify
 
 STATUS_INTERVAL = 1.0  # seconds between STATUS updates at most
+# While draining, ask systemd every EXTEND_EVERY seconds for EXTEND_BY more, so a
+# shutdown_timeout above the unit's TimeoutStopSec= is honoured; a master that
+# hangs stops asking and is killed EXTEND_BY seconds later (systemd >= 236).
+EXTEND_EVERY, EXTEND_BY = 5.0, 15.0
 
 
 class Notifier:
@@ -25,6 +29,7 @@ class Notifier:
         self._last_watchdog = 0.0
         self._last_status = ""
         self._last_status_at = 0.0
+        self._last_extend = 0.0
 
     def _send(self, text: str) -> None:
         if self._sd is not None:
@@ -35,7 +40,9 @@ class Notifier:
         self._last_status = status
 
     def reloading(self) -> None:
-        self._send("RELOADING=1\nSTATUS=reloading")
+        # MONOTONIC_USEC lets systemd >= 253 match this to its reload job.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading")
 
     def stopping(self) -> None:
         self._send("STOPPING=1\nSTATUS=stopping")
@@ -51,3 +58,9 @@ class Notifier:
         if self.watchdog_interval and now - self._last_watchdog >= self.watchdog_interval:
             self._send("WATCHDOG=1")
             self._last_watchdog = now
+
+    def extend_timeout(self, now: float) -> None:
+        """Called by the master loop while it drains workers on stop."""
+        if now - self._last_extend >= EXTEND_EVERY:
+            self._send(f"EXTEND_TIMEOUT_USEC={int(EXTEND_BY * 1e6)}")
+            self._last_extend = now

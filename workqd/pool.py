@@ -4,13 +4,16 @@ A pool keeps ``workers`` processes consuming, replaces the dead, and decides
 when replacing is pointless. Its states and transitions, in the manner of
 supervisor's process states:
 
-    RUNNING --worker died before it ever consumed--> BACKOFF (respawn after a delay)
+    RUNNING --worker exited with an error before it ever consumed--> BACKOFF (respawn after a delay)
     BACKOFF --a worker started consuming--> RUNNING
     BACKOFF --MAX_BOOT_FAILURES in a row--> FATAL
     any     --worker exit that no respawn can fix (exitcodes.FATAL_WORKER_EXITS)--> FATAL
 
 A worker that had been consuming and then died (kill -9, OOM, segfault) is a
-crash: it is replaced at once, without backoff, so a pool under chaos stays full.
+crash: it is replaced at once, without backoff, so a pool under chaos stays
+full. A worker killed by a signal before it consumed (someone's kill -9 while
+the broker is down) is a crash too, replaced after a short pause: only a
+worker that exits on its own before consuming says its start-up is broken.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import exitcodes
 from .config import Broker, Queue
-from .slots import SlotTable, Slot, Totals
+from .slots import PAUSED, Slot, SlotTable, Totals
+from .vocab import RESTART_REASONS, dead_letter_queue
 from .worker import Worker
 
 log = logging.getLogger("workqd.master")
@@ -34,8 +38,17 @@ _TRANSITIONS = {RUNNING: {BACKOFF, FATAL}, BACKOFF: {RUNNING, FATAL}, FATAL: set
 MAX_BOOT_FAILURES = 5
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
 HUNG_AFTER = 30.0  # seconds without a tick from a worker's I/O loop
+GROW_EVERY = 1.0   # autoscale: seconds between growths (new workers get to start)
 
-RESTART_REASONS = ("crash", "recycle", "timeout", "reload")
+# What a reaped worker's exit means (Exit.kind).
+RETIRED = "retired"            # asked to leave (reload, stop, queue removed)
+GAVE_UP = "fatal"              # an exit no respawn can fix
+RECYCLED = "recycle"           # max_tasks_per_worker / max_memory_per_worker
+TIMED_OUT = "timeout"          # left after a Python task ran past its timeout
+TOOK_TOO_LONG = "consumer_timeout"  # the broker's consumer_timeout took its task back
+CRASHED = "crash"              # died after consuming, or killed by a signal
+BOOT_FAILED = "boot_failure"   # exited on its own before it ever consumed
+_PLANNED_EXITS = (exitcodes.WORKER_OK, exitcodes.WORKER_RECYCLE, exitcodes.WORKER_TIMEOUT)
 
 
 @dataclass
@@ -44,11 +57,40 @@ class WorkerProc:
     pid: int
     number: int
     slot: Slot
-    generation: int
-    started: float
     retiring: str | None = None   # why it was asked to leave: "reload", "shutdown", "removed"
     signaled: bool = False        # TERM already sent
     killed: bool = False          # KILL already sent
+
+
+class Exit(NamedTuple):
+    kind: str
+    how: str                 # "killed by SIGKILL", "exited with status 3"
+    code: int | None         # exit status, None when killed by a signal
+    held: str | None         # message the worker held when it died
+
+
+def classify(proc: WorkerProc, status: int, held: str | None, ever_consumed: bool) -> Exit:
+    """What a wait status means for the pool; pure, so the table is unit-tested."""
+    if os.WIFSIGNALED(status):
+        code, how = None, f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    else:
+        code = os.WEXITSTATUS(status)
+        how = f"exited with status {code}"
+    if proc.retiring:
+        kind = RETIRED
+    elif code in exitcodes.FATAL_WORKER_EXITS:
+        kind = GAVE_UP
+    elif code == exitcodes.WORKER_RECYCLE:
+        kind = RECYCLED
+    elif code == exitcodes.WORKER_TIMEOUT:
+        kind = TIMED_OUT
+    elif code == exitcodes.WORKER_CONSUMER_TIMEOUT:
+        kind = TOOK_TOO_LONG
+    elif ever_consumed or code is None:
+        kind = CRASHED
+    else:
+        kind = BOOT_FAILED
+    return Exit(kind, how, code, held)
 
 
 @dataclass
@@ -64,11 +106,20 @@ class Pool:
     child_init: Callable[[], None]   # closes the master's resources in a forked child
     state: str = RUNNING
     fatal_reason: str = ""
-    generation: int = 0
     boot_failures: int = 0
     next_spawn: float = 0.0
     procs: dict[int, WorkerProc] = field(default_factory=dict)
     removed: bool = False
+    # Set by the control socket: how many workers to keep (``queue.workers`` until
+    # `workqctl scale`; a reload sets it back) and whether they take tasks. Both
+    # live in the master only, so they survive a reload and not a restart.
+    size: int = 0
+    paused: bool = False
+    _idle_since: float = 0.0   # autoscale: since when some worker has been idle, 0 = none is
+    _last_resize: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.size = self.size or self.queue.workers
 
     @property
     def name(self) -> str:
@@ -86,7 +137,7 @@ class Pool:
     # --- views -----------------------------------------------------------
 
     def current(self) -> list[WorkerProc]:
-        """Workers of the current generation that are not on their way out."""
+        """Workers that are not on their way out."""
         return [p for p in self.procs.values() if p.retiring is None and not p.slot.draining]
 
     def counters(self) -> dict[int, float]:
@@ -101,13 +152,74 @@ class Pool:
         return sum(1 for p in self.procs.values() if p.slot.consuming)
 
     def fully_consuming(self) -> bool:
+        """Every worker is where it should be: consuming, or, paused, connected and holding."""
         cur = self.current()
-        return len(cur) >= self.queue.workers and all(p.slot.consuming for p in cur)
+        return len(cur) >= self.size and all(self._in_place(p) for p in cur)
+
+    def _in_place(self, proc: WorkerProc) -> bool:
+        return proc.slot.state == PAUSED if self.paused else proc.slot.consuming
+
+    def holding(self) -> int:
+        """Workers connected but not consuming because the pool is paused."""
+        return sum(1 for p in self.procs.values() if p.slot.state == PAUSED)
+
+    # --- autoscale ----------------------------------------------------------
+
+    def autoscale(self, now: float, ready: int | None) -> None:
+        """``workers: {min, max}``: grow when tasks wait and every worker is busy; shrink by
+        one when a worker has been idle for ``idle_after``. Hysteresis: new workers must
+        be busy too before the next growth, and a shrink waits a full idle period after
+        any resize, so a pool under steady load does not flap."""
+        a = self.queue.autoscale
+        if a is None or self.paused or self.removed or self.state == FATAL:
+            return
+        cur = self.current()
+        idle = [p for p in cur if p.slot.consuming and not p.slot.busy]
+        if idle and not ready:   # a worker between two tasks while tasks wait is not idle
+            self._idle_since = self._idle_since or now
+        else:
+            self._idle_since = 0.0
+        if (ready and self.size < a.max and len(cur) >= self.size and not idle
+                and all(p.slot.busy for p in cur) and now - self._last_resize >= GROW_EVERY):
+            old, self.size = self.size, min(a.max, self.size + max(1, ready))
+            self._last_resize = now
+            log.info("autoscale: queue %s grows from %d to %d workers (%d tasks wait, every "
+                     "worker busy)", self.name, old, self.size, ready)
+        elif (self.size > a.min and self._idle_since
+              and now - max(self._idle_since, self._last_resize) >= a.idle_after):
+            self.size -= 1
+            self._last_resize = now
+            self.shrink()
+            log.info("autoscale: queue %s shrinks to %d workers (idle for %gs)", self.name,
+                     self.size, a.idle_after)
+
+    # --- steering (the control socket) -----------------------------------
+
+    def set_paused(self, paused: bool) -> None:
+        """Workers read their paused word within a tick (process.Worker._follow_pause)."""
+        self.paused = paused
+        for proc in self.procs.values():
+            proc.slot.set_paused(paused)
+
+    def shrink(self) -> int:
+        """Retire workers above ``size``: idle ones first; a busy one finishes its task
+        first (TERM), so no task is cut. Returns how many were asked to leave."""
+        cur = self.current()
+        surplus = len(cur) - self.size
+        if surplus <= 0:
+            return 0
+        # Idle first, then the most recently spawned.
+        order = sorted(cur, key=lambda p: (p.slot.busy, -p.number))
+        for proc in order[:surplus]:
+            proc.retiring = "scale"
+            self.signal_worker(proc, signal.SIGTERM)
+        return surplus
 
     # --- spawning --------------------------------------------------------
 
     def spawn_worker(self, number: int) -> WorkerProc:
         slot = self.slots.allocate(self.pool_id)
+        slot.set_paused(self.paused)   # before the fork: the worker starts as the pool is
         worker = Worker(number, self.queue, self.broker, slot, self.wake_fd, self.log_level)
         pid = os.fork()
         if pid == 0:  # the child never returns from here
@@ -121,7 +233,7 @@ class Pool:
                 logging.shutdown()
                 os._exit(code)
         slot.set_pid(pid)
-        proc = WorkerProc(pid, number, slot, self.generation, time.monotonic())
+        proc = WorkerProc(pid, number, slot)
         self.procs[pid] = proc
         log.debug("spawned worker %s#%d (pid %d)", self.name, number, pid)
         return proc
@@ -132,14 +244,14 @@ class Pool:
             return
         cur = self.current()
         used = {p.number for p in cur}
-        for _ in range(self.queue.workers - len(cur)):
+        for _ in range(self.size - len(cur)):
             number = next(n for n in range(1, len(used) + 2) if n not in used)
             used.add(number)
             self.spawn_worker(number)
 
     # --- stopping --------------------------------------------------------
 
-    def kill_worker(self, proc: WorkerProc, sig: int) -> None:
+    def signal_worker(self, proc: WorkerProc, sig: int) -> None:
         try:
             os.kill(proc.pid, sig)
         except ProcessLookupError:
@@ -149,21 +261,22 @@ class Pool:
         else:
             proc.signaled = True
 
-    def kill_workers(self, sig: int, reason: str) -> None:
+    def retire_workers(self, reason: str, sig: int = signal.SIGTERM) -> None:
+        """Ask every worker to leave (TERM: after its task; KILL: now)."""
         for proc in list(self.procs.values()):
             proc.retiring = proc.retiring or reason
             if sig == signal.SIGKILL or not proc.signaled:
-                self.kill_worker(proc, sig)
+                self.signal_worker(proc, sig)
 
     def retire_surplus(self) -> None:
         """After a reload: stop old workers only as new ones take over, so capacity never dips."""
         waiting = [p for p in self.procs.values() if p.retiring and not p.signaled]
-        new_consuming = sum(1 for p in self.current() if p.slot.consuming)
-        while waiting and new_consuming + len(waiting) - 1 >= self.queue.workers:
-            self.kill_worker(waiting.pop(0), signal.SIGTERM)
+        new_consuming = sum(1 for p in self.current() if self._in_place(p))
+        while waiting and new_consuming + len(waiting) - 1 >= self.size:
+            self.signal_worker(waiting.pop(0), signal.SIGTERM)
         if self.removed:
             for p in waiting:
-                self.kill_worker(p, signal.SIGTERM)
+                self.signal_worker(p, signal.SIGTERM)
 
     def kill_hung_workers(self, now: float) -> None:
         for proc in self.procs.values():
@@ -171,66 +284,64 @@ class Pool:
             if not proc.killed and tick and now - tick > HUNG_AFTER:
                 log.error("worker %s#%d (pid %d) is hung: no sign of life for %.0fs; killing it",
                           self.name, proc.number, proc.pid, now - tick)
-                self.kill_worker(proc, signal.SIGKILL)
+                self.signal_worker(proc, signal.SIGKILL)
 
     # --- reaping ---------------------------------------------------------
 
     def on_exit(self, proc: WorkerProc, status: int, now: float) -> None:
-        """Account for a reaped worker and decide what happens next."""
+        """A reaped worker: classify its exit, then account for it."""
         del self.procs[proc.pid]
         slot = proc.slot
-        held = slot.message_id()
-        consumed_ever = slot.ever_consumed
-        if held and not proc.retiring and not (os.WIFEXITED(status) and os.WEXITSTATUS(status)
-                                               in (exitcodes.WORKER_OK, exitcodes.WORKER_RECYCLE,
-                                                   exitcodes.WORKER_TIMEOUT)):
+        ex = classify(proc, status, slot.message_id(), slot.ever_consumed)
+        crashes = 0
+        if (ex.held and ex.kind in (CRASHED, BOOT_FAILED, GAVE_UP, TOOK_TOO_LONG)
+                and ex.code not in _PLANNED_EXITS):
             # Recorded before the slot is freed: a sibling that receives the
             # redelivery meanwhile counts this death exactly once (slots.crashes).
-            crashes = self.slots.record_crash(self.pool_id, held, proc.pid)
-        else:
-            crashes = 0
+            crashes = self.slots.record_crash(self.pool_id, ex.held, proc.pid)
         self.totals.fold(self.pool_id, slot.counters())
+        tasks_taken = slot.consumed
         slot.release()
-        who = f"worker {self.name}#{proc.number} (pid {proc.pid})"
-        holding = f" while running message {held}" if held else ""
-        if os.WIFSIGNALED(status):
-            code, how = None, f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-        else:
-            code = os.WEXITSTATUS(status)
-            how = f"exited with status {code}"
+        self._account(proc, ex, crashes, tasks_taken, now)
 
-        if proc.retiring:
-            level = logging.INFO if code == exitcodes.WORKER_OK else logging.WARNING
-            log.log(level, "%s %s%s (%s)", who, how, holding, proc.retiring)
+    def _account(self, proc: WorkerProc, ex: Exit, crashes: int, tasks_taken: int,
+                 now: float) -> None:
+        who = f"worker {self.name}#{proc.number} (pid {proc.pid})"
+        holding = f" while running message {ex.held}" if ex.held else ""
+        if ex.kind == RETIRED:
+            level = logging.INFO if ex.code == exitcodes.WORKER_OK else logging.WARNING
+            log.log(level, "%s %s%s (%s)", who, ex.how, holding, proc.retiring)
             if proc.retiring == "reload":
                 self.restarts["reload"] += 1
             return
-        if code in exitcodes.FATAL_WORKER_EXITS:
-            reason = exitcodes.FATAL_WORKER_EXITS[code]
-            log.error("%s %s: %s; not respawning", who, how, reason)
+        if ex.kind == GAVE_UP:
+            reason = exitcodes.FATAL_WORKER_EXITS[ex.code]
+            log.error("%s %s: %s; not respawning", who, ex.how, reason)
             self.transition(FATAL, reason)
             return
-        if code == exitcodes.WORKER_RECYCLE:
-            log.info("%s recycled after %d tasks", who, slot.consumed)
+        if ex.kind == RECYCLED:
+            log.info("%s recycled after %d tasks", who, tasks_taken)
             self.restarts["recycle"] += 1
             return
-        if code == exitcodes.WORKER_TIMEOUT:
+        if ex.kind == TIMED_OUT:
             log.warning("%s left after a task timed out", who)
             self.restarts["timeout"] += 1
             return
-        level = logging.WARNING if code == exitcodes.WORKER_OK else logging.ERROR
-        log.log(level, "%s %s%s", who, how, holding)
-        self.restarts["crash"] += 1
-        if crashes:
-            if crashes >= self.queue.max_redeliveries:
-                log.error("message %s has killed %d workers (max_redeliveries %d): it is poison "
-                          "and goes to %s on its next delivery", held, crashes,
-                          self.queue.max_redeliveries, self.queue.dead_letter_queue)
-        if consumed_ever:
-            self.boot_failures = 0
-            self.transition(RUNNING)
+        if ex.kind == TOOK_TOO_LONG:
+            log.warning("%s left after the broker's consumer_timeout took back message %s "
+                        "(%d time(s) so far)", who, ex.held, crashes)
+            self.restarts["consumer_timeout"] += 1
+            self._warn_if_poison(ex.held, crashes)
             return
-        # Died before it ever consumed: something in the start-up path is broken.
+        level = logging.WARNING if ex.code == exitcodes.WORKER_OK else logging.ERROR
+        log.log(level, "%s %s%s", who, ex.how, holding)
+        self.restarts["crash"] += 1
+        self._warn_if_poison(ex.held, crashes)
+        if ex.kind == CRASHED:
+            if self.state == BACKOFF:
+                self.next_spawn = now + BACKOFF_BASE  # not a boot failure, but keep pacing
+            return
+        # Exited on its own before it ever consumed: its start-up path is broken.
         self.boot_failures += 1
         if self.boot_failures >= MAX_BOOT_FAILURES:
             self.transition(FATAL, f"{self.boot_failures} workers in a row died before consuming")
@@ -242,8 +353,15 @@ class Pool:
         log.warning("pool %s: worker died before consuming (%d in a row); respawning in %.1fs",
                     self.name, self.boot_failures, delay)
 
+    def _warn_if_poison(self, held: str | None, crashes: int) -> None:
+        if held and crashes >= self.queue.max_redeliveries:
+            log.error("message %s has killed %d workers (max_redeliveries %d): it is poison "
+                      "and goes to %s on its next delivery", held, crashes,
+                      self.queue.max_redeliveries, dead_letter_queue(self.name))
+
     def note_progress(self) -> None:
         """Leave BACKOFF once a worker of this pool consumes again."""
-        if self.state == BACKOFF and any(p.slot.consuming for p in self.procs.values()):
+        if any(p.slot.consuming for p in self.procs.values()):
             self.boot_failures = 0
-            self.transition(RUNNING)
+            if self.state == BACKOFF:
+                self.transition(RUNNING)

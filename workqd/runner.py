@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
-import ctypes
+import datetime
 import importlib
+import json
 import logging
 import os
+import shutil
 import signal
+import site
 import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .config import Handler
+from . import vocab
+from .config import HIDDEN_VARIABLES, Handler, Invalid, virtualenv_site_packages
 
 log = logging.getLogger("workqd.worker")
 
 # Lines of handler output kept in the log per stream and task; the rest is counted.
 MAX_LOGGED_LINES = 200
-PR_SET_PDEATHSIG = 1
+# util-linux's setpriv sets the parent-death signal and then execs the handler.
+# Doing that in a preexec_fn is unsafe in a process with threads (the worker has
+# its handler thread), which Python's documentation warns about.
+SETPRIV = "/usr/bin/setpriv"
 
 
 @dataclass(slots=True)
@@ -29,6 +38,39 @@ class Task:
     redelivered: bool = False
     delivery_count: int = 0   # earlier deliveries (quorum x-delivery-count), 0 on the first
     attempt: int = 1          # try number across retries (x-workq-attempt)
+    # time.monotonic() by which the handler must be done, set when its run starts
+    # (CLOCK_MONOTONIC: the same clock in every process of the machine).
+    deadline: float = 0.0
+    routing_key: str = ""     # as published; "" when unknown
+    exchange: str = ""        # "" is the default exchange
+    props: object = None      # the delivery's pika properties, read only when asked (below)
+
+    @property
+    def properties(self) -> dict:
+        """AMQP basic properties but headers, the set ones only. Built on demand: most
+        handlers never ask, and building it for every task costs the hot path."""
+        from .worker.intake import properties_of
+        return properties_of(self.props) if self.props is not None else {}
+
+
+class Reject(Exception):
+    """Raised by a handler for a task no retry can fix (bad input): the task is
+    dead-lettered at once with reason ``rejected``. ``args[0]`` is the reason shown."""
+
+
+class HandlerRejected(Reject):
+    """A command handler exited with vocab.EXIT_REJECT (65, EX_DATAERR)."""
+
+
+class RetryLater(Exception):
+    """Raised by a handler that could not attempt the task now (a service it needs is
+    down): the task waits the backoff delay and comes back without using up a try, at
+    most ``retry.max_deferrals`` times; after that it counts as a failure.
+    ``args[0]`` is the reason shown."""
+
+
+class HandlerDeferred(RetryLater):
+    """A command handler exited with vocab.EXIT_RETRY_LATER (75, EX_TEMPFAIL)."""
 
 
 class HandlerFailed(Exception):
@@ -43,10 +85,12 @@ class BootError(Exception):
     """The handler cannot be loaded at all."""
 
 
-def load(handler: Handler, timeout: float) -> Callable[[bytes, Task], None]:
-    """A callable ``run(body, task)`` that returns on success and raises on failure."""
+def load(handler: Handler, timeout: float, grace: float = 5.0) -> Callable[[bytes, Task], None]:
+    """A callable ``run(body, task)`` that returns on success and raises on failure.
+    ``grace``: seconds a timed-out command gets between SIGTERM and SIGKILL."""
     if handler.command:
-        return _CommandRunner(handler.command, timeout)
+        return _CommandRunner(handler, timeout, grace)
+    prepare_python(handler)
     module_name, _, func_name = handler.python.partition(":")
     try:
         obj = importlib.import_module(module_name)
@@ -56,54 +100,147 @@ def load(handler: Handler, timeout: float) -> Callable[[bytes, Task], None]:
         raise BootError(f"cannot load handler {handler.python}: {type(e).__name__}: {e}") from None
     if not callable(obj):
         raise BootError(f"handler {handler.python} is not callable")
-    return obj
+    return obj   # called as is: the handler thread sets task.deadline as the task starts
 
 
-def _libc_prctl():
+def handler_environment(handler: Handler) -> dict[str, str]:
+    """The daemon's environment without what handlers must not see, plus the handler's own."""
+    env = {k: v for k, v in os.environ.items() if k not in HIDDEN_VARIABLES}
+    env.update(handler.environment)
+    return env
+
+
+def prepare_python(handler: Handler) -> None:
+    """Make this worker process the Python handler's home before its module is imported:
+    environment, working directory, python_path and the virtualenv's site-packages."""
+    env = handler_environment(handler)
+    os.environ.clear()
+    os.environ.update(env)
+    if handler.working_directory:
+        try:
+            os.chdir(handler.working_directory)
+        except OSError as e:
+            raise BootError(f"handler.working_directory {handler.working_directory}: "
+                            f"{e.strerror}") from None
+    before = list(sys.path)
+    if handler.virtualenv:
+        try:
+            site_dir = virtualenv_site_packages(handler.virtualenv)
+        except Invalid as e:   # changed since the config was checked
+            raise BootError(f"handler.virtualenv: {e}") from None
+        # addsitedir also runs the venv's .pth files (editable installs, namespace packages).
+        site.addsitedir(site_dir)
+    added = [p for p in sys.path if p not in before]
+    # The handler's own directories and packages come before the daemon's, as they would
+    # in its virtualenv's own interpreter.
+    sys.path[:] = [*handler.python_path, *added,
+                   *(p for p in before if p not in handler.python_path)]
+
+
+def error_line(e: BaseException) -> str:
+    """``Type: last line of the message``, at most 500 characters."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}".rstrip(": ")[:500]
+
+
+# Nesting kept in the metadata document's headers; deeper values are shown as text.
+MAX_META_DEPTH = 32
+
+
+def json_safe(value, depth: int = 0):
+    """``value`` (a header as pika decoded it) as JSON can carry it: bytes as UTF-8 text
+    (invalid sequences replaced), datetimes in ISO 8601, decimals and the rest as text."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if depth >= MAX_META_DEPTH:
+        return str(value)[:200]
+    if isinstance(value, dict):
+        return {str(k): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, depth + 1) for v in value]
+    return str(value)
+
+
+def metadata(task: Task) -> bytes:
+    """The JSON document a command reads on WORKQ_META_FD."""
+    left = task.deadline - time.monotonic()
+    wall = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=left)
+    doc = {"message_id": task.message_id, "queue": task.queue,
+           "exchange": task.exchange, "routing_key": task.routing_key,
+           "redelivered": task.redelivered, "delivery_count": task.delivery_count,
+           "attempt": task.attempt, "headers": json_safe(task.headers),
+           "properties": json_safe(task.properties), "deadline": task.deadline,
+           "deadline_utc": wall.isoformat(timespec="milliseconds")}
+    # "replace": a lone surrogate in a header must not make the document unreadable.
+    return json.dumps(doc, ensure_ascii=False).encode("utf-8", "replace")
+
+
+def _meta_fd(task: Task) -> int:
+    """A memfd holding the task's metadata, at offset 0 (a pipe could block on a big one)."""
+    data = metadata(task)
+    fd = os.memfd_create("workq-meta", os.MFD_CLOEXEC)
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class _CommandRunner:
-    """Runs argv without a shell: body on stdin, metadata in WORKQ_* variables."""
+    """Runs argv without a shell: body on stdin, metadata in WORKQ_* variables and as a
+    JSON document on the file descriptor named in WORKQ_META_FD."""
 
-    def __init__(self, argv: tuple[str, ...], timeout: float):
-        self.argv = list(argv)
+    def __init__(self, handler: Handler, timeout: float, grace: float):
+        self.argv = list(handler.command)
+        self.handler = handler
         self.timeout = timeout
-        # Resolved before any fork; calling it in the child only makes a syscall.
-        self._prctl = _libc_prctl()
-        self._parent = os.getpid()
-
-    def _in_child(self) -> None:
-        # The handler's process dies with its worker, even on SIGKILL of the worker.
-        if self._prctl is not None:
-            self._prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != self._parent:  # the worker died before prctl took effect
-            os._exit(1)
+        self.grace = grace
+        setpriv = SETPRIV if os.access(SETPRIV, os.X_OK) else shutil.which("setpriv")
+        # The handler's process dies with its worker's handler thread (which lives
+        # as long as the worker), even on SIGKILL of the worker.
+        self._spawn = [setpriv, "--pdeathsig", "KILL", "--", *self.argv] if setpriv else self.argv
 
     def __call__(self, body: bytes, task: Task) -> None:
-        env = dict(os.environ)
+        env = handler_environment(self.handler)
         env.update(WORKQ_MESSAGE_ID=task.message_id, WORKQ_QUEUE=task.queue,
                    WORKQ_REDELIVERED="1" if task.redelivered else "0",
                    WORKQ_DELIVERY_COUNT=str(task.delivery_count),
                    WORKQ_ATTEMPT=str(task.attempt))
-        self._parent = os.getpid()
+        if not os.access(self.argv[0], os.X_OK):
+            raise HandlerFailed(f"cannot run {self.argv[0]}: not an executable file")
         try:
-            proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env, close_fds=True,
-                                    start_new_session=True, preexec_fn=self._in_child)
+            meta = _meta_fd(task)
         except OSError as e:
-            raise HandlerFailed(f"cannot run {self.argv[0]}: {e.strerror}") from None
+            raise HandlerFailed(f"cannot write the metadata of the task: {e.strerror}") from None
+        env["WORKQ_META_FD"] = str(meta)
+        try:
+            # start_new_session is a setsid() in the C child code, not a preexec_fn:
+            # the handler gets its own process group, killed as a whole on timeout.
+            proc = subprocess.Popen(self._spawn, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, close_fds=True,
+                                    pass_fds=(meta,), cwd=self.handler.working_directory,
+                                    start_new_session=True)
+        except OSError as e:
+            where = f" in {self.handler.working_directory}" if self.handler.working_directory else ""
+            raise HandlerFailed(f"cannot run {self.argv[0]}{where}: {e.strerror}") from None
+        finally:
+            os.close(meta)
         try:
             out, err = proc.communicate(body, timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            # Kill the whole process group: the handler may have children of its own.
-            _kill_group(proc.pid)
-            out, err = proc.communicate()
+            out, err, how = self._stop(proc)
             _log_output(task.message_id, out, err)
-            raise HandlerTimedOut(f"{self.argv[0]} ran past {self.timeout:g}s and was killed") from None
+            raise HandlerTimedOut(f"{self.argv[0]} ran past {self.timeout:g}s and {how}") from None
         finally:
             if proc.poll() is None:
                 _kill_group(proc.pid)
@@ -114,12 +251,36 @@ class _CommandRunner:
                    else f"exit status {proc.returncode}")
             last = (err or out).strip().splitlines()[-1:] or [b""]
             detail = last[0].decode("utf-8", "replace")[:300]
-            raise HandlerFailed(f"{self.argv[0]}: {how}" + (f": {detail}" if detail else ""))
+            line = f"{self.argv[0]}: {how}" + (f": {detail}" if detail else "")
+            if proc.returncode == vocab.EXIT_REJECT:
+                raise HandlerRejected(line)
+            if proc.returncode == vocab.EXIT_RETRY_LATER:
+                raise HandlerDeferred(line)
+            raise HandlerFailed(line)
 
 
-def _kill_group(pid: int) -> None:
+    def _stop(self, proc: subprocess.Popen) -> tuple[bytes, bytes, str]:
+        """SIGTERM to the whole process group (the handler may have children of its own),
+        SIGKILL after the grace; returns the output and how it ended."""
+        how = "was killed"
+        if self.grace > 0:
+            _kill_group(proc.pid, signal.SIGTERM)
+            try:
+                out, err = proc.communicate(timeout=self.grace)
+                how = f"stopped on SIGTERM within its grace of {self.grace:g}s"
+            except subprocess.TimeoutExpired:
+                how = f"was killed after a grace of {self.grace:g}s"
+            else:
+                _kill_group(proc.pid)   # whatever it left behind in its group
+                return out, err, how
+        _kill_group(proc.pid)
+        out, err = proc.communicate()
+        return out, err, how
+
+
+def _kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
     try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pid, sig)
     except ProcessLookupError:
         pass
 

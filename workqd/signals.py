@@ -2,47 +2,55 @@
 
 CPython's C-level handler writes each signal number to the wakeup pipe; the
 Python-level handler does nothing at all (no logging, no kill: gunicorn #3198
-was a deadlock from logging inside a handler). ``wait`` blocks on that pipe and
-on the workers' wake pipe, with a deadline.
+was a deadlock from logging inside a handler). The master's loop reads the
+pipe when its selector says so.
+
+Every catchable signal whose default would kill the master (USR1, USR2, ALRM,
+the real-time signals, ...) gets the same empty handler, so a stray
+``kill -USR1`` is logged and ignored instead of ending the daemon. Handlers,
+unlike SIG_IGN, are reset by exec, so command handlers start with defaults.
 """
 
 from __future__ import annotations
 
 import os
-import select
 import signal
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT)
+# Left alone: faults (a real crash must still crash), job control, the two that
+# cannot be caught, and PIPE and XFSZ, which Python already ignores (a write to a
+# closed socket must fail with EPIPE, in every process).
+_UNTOUCHED = {signal.SIGPIPE, signal.SIGXFSZ, signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP, signal.SIGSEGV,
+              signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT, signal.SIGSYS,
+              signal.SIGTRAP, signal.SIGWINCH, signal.SIGURG}
+IGNORED = tuple(sorted(set(signal.valid_signals()) - set(HANDLED) - _UNTOUCHED))
 
 
 class SignalQueue:
     def __init__(self) -> None:
-        self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.read_fd, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Workers write a byte here when their state changes in a way the master
         # acts on (started consuming, lost the broker, draining).
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._poll = select.poll()
-        self._poll.register(self._sig_r, select.POLLIN)
-        self._poll.register(self.wake_r, select.POLLIN)
 
     def install(self) -> None:
         signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
-        for sig in HANDLED:
+        for sig in (*HANDLED, *IGNORED):
             signal.signal(sig, _enqueue_only)
 
-    def wait(self, timeout: float) -> list[int]:
-        """Signals received, in order; returns early on a signal or a worker's wake byte."""
-        self._poll.poll(max(0, int(timeout * 1000)))
-        signals = list(_drain(self._sig_r))
+    def received(self) -> list[int]:
+        """Signals received since the last call, in order."""
+        return list(_drain(self.read_fd))
+
+    def clear_wakes(self) -> None:
         _drain(self.wake_r)
-        return signals
 
     def close_in_child(self) -> None:
-        """A forked worker drops the master's pipes and its handlers."""
+        """A forked child drops the master's pipes and handlers."""
         signal.set_wakeup_fd(-1)
-        for sig in HANDLED:
+        for sig in (*HANDLED, *IGNORED):
             signal.signal(sig, signal.SIG_DFL)
-        for fd in (self._sig_r, self._sig_w, self.wake_r):
+        for fd in (self.read_fd, self._sig_w, self.wake_r):
             os.close(fd)
 
 

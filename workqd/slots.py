@@ -8,6 +8,16 @@ counters once, folds them into its own totals and frees the slot. So counters
 never go backwards, no gauge outlives its worker, and nothing grows with the
 number of restarts. Aligned 8-byte stores are atomic on the platforms Debian
 runs workqd on, so a reader sees each field either before or after an update.
+
+Every word has one writer. The master writes a slot's pool and state when it
+allocates or frees it; in the worker, the I/O thread writes the connection
+state, the draining flag, the tick and the settlement counters, and the
+handler thread writes the busy word, the message id, the busy-since time and
+the intake counters. The master also writes the paused word (the control
+socket's pause/quiet), which the worker's I/O thread only reads. One exception,
+still one writer per worker life: when a recycling worker's last task runs
+next, the handler thread raises the draining flag as it begins that task, so
+the master never sees that worker as leaving while it holds a task not begun.
 """
 
 from __future__ import annotations
@@ -16,37 +26,44 @@ import bisect
 import mmap
 import time
 
-# Worker states, in the order a worker goes through them. Draining (no new
-# tasks, leaving soon) is a separate flag, so the I/O thread and the handler
-# thread never overwrite each other's word.
-FREE, STARTING, CONNECTING, IDLE, BUSY = range(5)
+from .vocab import OUTCOMES
 
-OUTCOMES = ("success", "retry", "dead_letter", "timeout")
-SUCCESS, RETRY, DEAD_LETTER, TIMEOUT = range(4)
+# Connection states (I/O thread), in the order a worker goes through them.
+# Whether a task runs is the separate busy word (handler thread), and draining
+# (no new tasks, leaving soon) a separate flag, so no word has two writers.
+# PAUSED: connected and declared, consumer cancelled because the master asked (paused word).
+FREE, STARTING, CONNECTING, CONSUMING, PAUSED = range(5)
 
 # 10 ms to 4 h: handlers range from no-ops to batch jobs.
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
            120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
 
 # Slot layout, in 8-byte words.
-W_PID, W_STATE, W_POOL, W_BUSY_SINCE, W_TICK, W_REDELIVERED, W_DURATION_SUM, W_DRAINING = range(8)
+W_PID, W_STATE, W_POOL, W_BUSY, W_TICK, W_REDELIVERED, W_DURATION_SUM, W_DRAINING = range(8)
 W_OUTCOMES = 8                       # len(OUTCOMES) words
 W_BUCKETS = W_OUTCOMES + len(OUTCOMES)  # len(BUCKETS) + 1 words (last is +Inf)
 W_CONSUMED = W_BUCKETS + len(BUCKETS) + 1
 W_SUBSCRIBED = W_CONSUMED + 1        # times the worker started consuming (0 = never yet)
-W_MSGID_LEN = W_SUBSCRIBED + 1
+W_BLOCKED = W_SUBSCRIBED + 1         # 1 while the broker blocks the worker's publishing
+W_BUSY_SINCE = W_BLOCKED + 1        # monotonic time the running task started (handler thread)
+W_PAUSED = W_BUSY_SINCE + 1          # 1: take no tasks (master writes, worker I/O thread reads)
+W_WAIT_SUM = W_PAUSED + 1            # queue wait histogram: sum (handler thread)
+W_WAIT_BUCKETS = W_WAIT_SUM + 1      # len(BUCKETS) + 1 words (handler thread)
+W_MSGID_LEN = W_WAIT_BUCKETS + len(BUCKETS) + 1
 W_MSGID = W_MSGID_LEN + 1            # MSGID_BYTES bytes
 MSGID_BYTES = 120
-SLOT_WORDS = 64
+SLOT_WORDS = 96
 SLOT_BYTES = SLOT_WORDS * 8
 assert W_MSGID * 8 + MSGID_BYTES <= SLOT_BYTES
 
 OUTCOME_WORDS = tuple(range(W_OUTCOMES, W_OUTCOMES + len(OUTCOMES)))
 BUCKET_WORDS = tuple(range(W_BUCKETS, W_BUCKETS + len(BUCKETS) + 1))
+WAIT_BUCKET_WORDS = tuple(range(W_WAIT_BUCKETS, W_WAIT_BUCKETS + len(BUCKETS) + 1))
 
 # Counters a slot holds, folded into the master's totals when its worker dies.
-COUNTER_WORDS = (W_REDELIVERED, W_DURATION_SUM, *range(W_OUTCOMES, W_CONSUMED))
-FLOAT_WORDS = {W_BUSY_SINCE, W_TICK, W_DURATION_SUM}
+COUNTER_WORDS = (W_REDELIVERED, W_DURATION_SUM, *range(W_OUTCOMES, W_CONSUMED), W_WAIT_SUM,
+                 *WAIT_BUCKET_WORDS)
+FLOAT_WORDS = {W_TICK, W_DURATION_SUM, W_BUSY_SINCE, W_WAIT_SUM}
 
 
 # Crash table entries, in 8-byte words: how often a message was held by a worker
@@ -115,7 +132,7 @@ class SlotTable:
         q = self._q
         for i in range(self.capacity):
             base = i * SLOT_WORDS
-            if (q[base + W_STATE] == BUSY and q[base + W_POOL] == pool_id
+            if (q[base + W_STATE] != FREE and q[base + W_BUSY] and q[base + W_POOL] == pool_id
                     and q[base + W_PID] != me and q[base + W_MSGID_LEN] == len(raw)):
                 off = (base + W_MSGID) * 8
                 if self._mm[off:off + len(raw)] == raw and _is_dead(q[base + W_PID]):
@@ -126,9 +143,6 @@ class SlotTable:
         if dead_holder and (b is None or q[b + C_LAST_PID] != dead_holder):
             count += 1
         return count
-
-    def slot(self, index: int) -> "Slot":
-        return Slot(self, index)
 
     def allocate(self, pool_id: int) -> "Slot":
         """A free slot, zeroed, for a worker about to be forked (master only)."""
@@ -166,23 +180,26 @@ class Slot:
     def tick(self) -> None:
         self._d[self._base + W_TICK] = time.monotonic()
 
-    def begin(self, message_id: str, redelivered: bool) -> None:
-        """A task starts: remember what we hold, before running anything."""
+    def begin(self, message_id: str, redelivered: bool, wait: float | None = None) -> None:
+        """A task starts: remember what we hold, before running anything (handler thread)."""
         b = self._base
         raw = message_id.encode("utf-8", "replace")[:MSGID_BYTES]
         off = (b + W_MSGID) * 8
         self._mm[off:off + len(raw)] = raw
         q = self._q
         q[b + W_MSGID_LEN] = len(raw)
+        self._d[b + W_BUSY_SINCE] = time.monotonic()  # CLOCK_MONOTONIC: one clock for all
         q[b + W_CONSUMED] += 1
         if redelivered:
             q[b + W_REDELIVERED] += 1
-        self._d[b + W_BUSY_SINCE] = time.monotonic()
-        q[b + W_STATE] = BUSY
+        if wait is not None:   # seconds in the queue before this start
+            q[b + W_WAIT_BUCKETS + bisect.bisect_left(BUCKETS, wait)] += 1
+            self._d[b + W_WAIT_SUM] += wait
+        q[b + W_BUSY] = 1
 
     def end(self) -> None:
         """The handler returned (handler thread); the outcome is recorded once settled."""
-        self._q[self._base + W_STATE] = IDLE
+        self._q[self._base + W_BUSY] = 0
 
     def record(self, outcome: int, duration: float) -> None:
         """A task was settled with ``outcome`` after running ``duration`` seconds (I/O thread)."""
@@ -193,12 +210,22 @@ class Slot:
         self._d[b + W_DURATION_SUM] += duration
 
     def subscribed(self) -> None:
+        """The consumer is registered (I/O thread)."""
         q = self._q
         q[self._base + W_SUBSCRIBED] += 1
-        q[self._base + W_STATE] = IDLE
+        q[self._base + W_STATE] = CONSUMING
+
+    def set_blocked(self, blocked: bool) -> None:
+        self._q[self._base + W_BLOCKED] = int(blocked)
 
     def set_draining(self) -> None:
         self._q[self._base + W_DRAINING] = 1
+
+    # --- written by the master ------------------------------------------
+
+    def set_paused(self, paused: bool) -> None:
+        """Master only: ask the worker to cancel (1) or restore (0) its consumer."""
+        self._q[self._base + W_PAUSED] = int(paused)
 
     # --- read by the master ----------------------------------------------
 
@@ -223,8 +250,26 @@ class Slot:
         return self._d[self._base + W_TICK]
 
     @property
+    def blocked(self) -> bool:
+        return bool(self._q[self._base + W_BLOCKED])
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._q[self._base + W_PAUSED])
+
+    @property
     def busy_since(self) -> float:
+        """Monotonic start of the running task (meaningful while busy)."""
         return self._d[self._base + W_BUSY_SINCE]
+
+    @property
+    def tasks_done(self) -> int:
+        """Tasks this worker settled, whatever the outcome."""
+        return sum(self._q[self._base + w] for w in OUTCOME_WORDS)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._q[self._base + W_BUSY])
 
     @property
     def ever_consumed(self) -> bool:
@@ -234,7 +279,7 @@ class Slot:
     def consuming(self) -> bool:
         """Subscribed to its queue right now (idle or busy) and not draining."""
         b = self._base
-        return self._q[b + W_STATE] in (IDLE, BUSY) and not self._q[b + W_DRAINING]
+        return self._q[b + W_STATE] == CONSUMING and not self._q[b + W_DRAINING]
 
     @property
     def consumed(self) -> int:
@@ -243,7 +288,7 @@ class Slot:
     def message_id(self) -> str | None:
         """The message the worker holds, or None when idle."""
         b = self._base
-        if self._q[b + W_STATE] != BUSY:
+        if not self._q[b + W_BUSY]:
             return None
         n = self._q[b + W_MSGID_LEN]
         off = (b + W_MSGID) * 8

@@ -28,10 +28,12 @@ ct_make_root() {  # ct_make_root LOWER WORK
 }
 
 # Boot the container in the background; sets CT_NSPAWN (systemd-nspawn's pid)
-# and CT_PID (the container's systemd), and waits for the boot to finish.
-ct_boot() {  # ct_boot NAME LOG
-    setsid systemd-nspawn -D "$CT_ROOT" --boot --machine="$1" --register=no --keep-unit \
-        </dev/null >"$2" 2>&1 &
+# and CT_PID (the container's systemd), and waits for the boot to finish
+# (is-system-running: every start job done, the broker's too if it has one).
+ct_boot() {  # ct_boot NAME LOG [NSPAWN-OPTION...]
+    local name=$1 log=$2; shift 2
+    setsid systemd-nspawn -D "$CT_ROOT" --boot --machine="$name" --register=no --keep-unit "$@" \
+        </dev/null >"$log" 2>&1 &
     CT_NSPAWN=$!
     CT_PID=
     local deadline=$((SECONDS + 30))
@@ -41,7 +43,7 @@ ct_boot() {  # ct_boot NAME LOG
         [ $SECONDS -lt $deadline ] && kill -0 "$CT_NSPAWN" 2>/dev/null || return 1
         [ -n "$CT_PID" ] || sleep 0.1
     done
-    poll 60 ct_booted
+    poll 120 ct_booted
 }
 
 ct_booted() {
@@ -71,6 +73,7 @@ ct_shutdown() {
         wait "$CT_NSPAWN" 2>/dev/null
     fi
     CT_NSPAWN=
+    CT_PID=
     if [ -n "${CT_OVERLAY:-}" ]; then
         umount "$CT_OVERLAY" 2>/dev/null || umount -l "$CT_OVERLAY"
         CT_OVERLAY=

@@ -1,9 +1,13 @@
-"""Host-side probes for the system test, on Debian's python3 and python3-pika.
+"""Probes for the system test, on Debian's python3 and python3-pika: run on the
+host for a container on the host's network (bookworm), inside the container
+for one with a private network and its own broker (trixie).
 
     probe.py metric [--port N] NAME [LABEL=VALUE ...]   print the sum of matching samples
     probe.py http [--port N] PATH                       print the HTTP status of GET PATH
     probe.py purge QUEUE                               empty QUEUE on 127.0.0.1 if it exists
     probe.py depth QUEUE                               print QUEUE's ready messages and consumers
+    probe.py malformed QUEUE ID                        publish task ID with an unreadable
+                                                       x-workq-attempt (dead-lettered unrun)
 
 ``metric`` prints "none" and exits 1 when /metrics does not answer, so a poll
 loop can tell "not up yet" from "zero".
@@ -80,8 +84,24 @@ def broker(queue: str, purge: bool) -> int:
     return 0
 
 
+def malformed(queue: str, message_id: str) -> int:
+    import pika
+    conn = pika.BlockingConnection(pika.URLParameters(
+        "amqp://guest:guest@127.0.0.1:5672/%2F?connection_attempts=1&socket_timeout=5"))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.basic_publish("", queue, b"malformed.", pika.BasicProperties(
+            delivery_mode=2, message_id=message_id, headers={"x-workq-attempt": "abc"}))
+    finally:
+        conn.close()
+    return 0
+
+
 if __name__ == "__main__":
     cmd, rest = sys.argv[1], sys.argv[2:]
+    if cmd == "malformed":
+        sys.exit(malformed(*rest))
     if cmd in ("purge", "depth"):
         sys.exit(broker(rest[0], purge=cmd == "purge"))
     sys.exit({"metric": metric, "http": http}[cmd](rest))

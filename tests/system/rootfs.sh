@@ -1,12 +1,31 @@
 #!/bin/bash
-# Prints the path of a cached Debian bookworm root with systemd and workqd's
-# dependencies, building it with debootstrap on first use. The cache is keyed by
+# Prints the path of a cached Debian root with systemd and workqd's
+# dependencies, building it with debootstrap on first use.
+#
+#   tests/system/rootfs.sh [bookworm|trixie]      (default bookworm)
+#
+# bookworm: the daemon's dependencies only; its container shares the host's
+#   network and broker.
+# trixie: also rabbitmq-server (its container has a private network and runs
+#   its own broker), pytest and hypothesis for the behaviour suite, and
+#   trixie's lintian. A private network reaches no archive, so everything the
+#   runs need is installed here.
+#
+# The cache (/var/cache/workqd-systest, or $WORKQD_SYSTEST_CACHE) is keyed by
 # everything that shapes the root, so a changed package list builds a new one;
 # callers must work on a copy or overlay of it, never on the root itself.
 set -euo pipefail
 
-SUITE=bookworm
-PACKAGES=systemd,systemd-sysv,dbus,procps,netbase,python3,python3-pika,python3-yaml,python3-prometheus-client,python3-sdnotify
+SUITE=${1:-bookworm}
+LATER=
+BASE=systemd,systemd-sysv,dbus,procps,netbase,python3,python3-pika,python3-yaml,python3-prometheus-client,python3-sdnotify
+case $SUITE in
+    bookworm) PACKAGES=$BASE ;;
+    trixie) PACKAGES=$BASE,rabbitmq-server,python3-pytest,python3-hypothesis,python3-venv
+            # debootstrap cannot order lintian's perl dependencies; apt can.
+            LATER=lintian ;;
+    *) echo "rootfs.sh: unknown suite $SUITE (bookworm or trixie)" >&2; exit 2 ;;
+esac
 CACHE=${WORKQD_SYSTEST_CACHE:-/var/cache/workqd-systest}
 
 # The Debian mirror apt already uses here (deb822 or one-line sources).
@@ -19,23 +38,41 @@ mirror() {
 }
 
 MIRROR=$(mirror)
-KEY=$(printf '%s\n' "$SUITE" "$PACKAGES" "$MIRROR" minbase v2 | sha256sum | cut -c1-16)
+KEY=$SUITE-$(printf '%s\n' "$SUITE" "$PACKAGES" "$LATER" "$MIRROR" minbase v3 | sha256sum | cut -c1-12)
 ROOT=$CACHE/$KEY/root
 
+mkdir -p "$CACHE/$KEY"
+# One build at a time per root: tests/run.sh builds both roots ahead, in the
+# background, and a run that needs one meanwhile waits here for it.
+exec 9>"$CACHE/$KEY/lock"
+flock 9
 if [ ! -x "$ROOT/lib/systemd/systemd" ]; then
-    mkdir -p "$CACHE/$KEY"
     tmp=$(mktemp -d "$CACHE/$KEY/build.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
     echo "building the $SUITE root in $ROOT (once; about a minute)" >&2
+    t0=$SECONDS
     debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$tmp/root" "$MIRROR" \
         >"$tmp/debootstrap.log" 2>&1 || { tail -n 30 "$tmp/debootstrap.log" >&2; exit 1; }
-    # Quiet, fast boots: no getty, no login prompt, no first-boot questions.
+    if [ -n "$LATER" ]; then
+        # In a throwaway container on the host's network, before any boot.
+        systemd-nspawn -q -D "$tmp/root" --register=no --keep-unit \
+            env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            ${LATER//,/ } >>"$tmp/debootstrap.log" 2>&1 </dev/null \
+            || { tail -n 30 "$tmp/debootstrap.log" >&2; exit 1; }
+        systemd-nspawn -q -D "$tmp/root" --register=no --keep-unit apt-get clean \
+            >>"$tmp/debootstrap.log" 2>&1 </dev/null
+    fi
+    # Quiet, fast boots: no getty, no login prompt, no first-boot questions,
+    # no apt timers reaching for the network.
     systemctl --root="$tmp/root" mask console-getty.service getty@.service \
-        systemd-firstboot.service >/dev/null 2>&1 || true
+        systemd-firstboot.service apt-daily.timer apt-daily-upgrade.timer >/dev/null 2>&1 || true
     echo workqd-test >"$tmp/root/etc/hostname"
-    # What the installer writes on a real server; minbase has no /etc/hosts.
+    # What the installer writes on a real server; minbase has no /etc/hosts,
+    # and without one "localhost" (the default broker URL) does not resolve.
     printf '127.0.0.1\tlocalhost\n127.0.1.1\tworkqd-test\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
         >"$tmp/root/etc/hosts"
+    rm -f "$tmp/root"/var/cache/apt/archives/*.deb
+    echo "debootstrap $SUITE took $((SECONDS - t0))s" >&2
     mv "$tmp/root" "$ROOT"
     rm -rf "$tmp"
     trap - EXIT

@@ -1,17 +1,30 @@
 #!/bin/bash
-# The system test of issue 4: the Debian package under a real systemd 252.
+# The system test of issues 4 and 11: the Debian package under a real systemd,
+# on Debian 12 bookworm (systemd 252) and Debian 13 trixie (systemd 257).
+#
+#   tests/system/run.sh [--suite bookworm|trixie]... [--debs DIR]
 #
 # Builds the .deb from the tree (and an older build of it for the upgrade),
-# boots an overlay of a cached Debian bookworm root with systemd-nspawn,
-# installs the package there and checks what an operator relies on: start
-# waits for READY, tasks from the host are processed, reload, watchdog,
-# graceful stop, kill -9 recovery, purge and upgrade. The container shares the
-# host's network: the daemon inside uses the host's RabbitMQ on 127.0.0.1:5672,
-# and its /metrics on 127.0.0.1:9464 is read from here.
+# once for every release, then for each suite boots an overlay of a cached
+# Debian root with systemd-nspawn, installs the package there and checks what
+# an operator relies on: start waits for READY, tasks are processed, reload
+# waits for the new workers, a bad config is refused, watchdog, graceful
+# stop, kill -9 recovery, purge and upgrade.
+#
+# bookworm shares the host's network: the daemon inside uses the host's
+# RabbitMQ 3.10 on 127.0.0.1:5672, and tasks and /metrics are driven from here.
+# trixie has a private network (--private-network) and its own RabbitMQ 4.0.5,
+# so it cannot clash with the host's broker on 5672: everything there is driven
+# from inside with nsenter, and trixie's lintian checks the same .deb.
+#
+# --suite picks releases (default both, in that order). --debs DIR uses the
+# .debs in DIR, building them there first when it has none, so several runs
+# share one build. WORKQ_SYSTEST_EXTEND=1 adds the long check that a drain
+# beyond TimeoutStopSec is extended (EXTEND_TIMEOUT_USEC), about a minute per
+# suite. WORKQ_SUBMIT overrides the workq-submit command used on the host.
 #
 # Prints one PASS/FAIL line per check and then "N passed, M failed"; exits 1
-# when a check failed. Needs root. WORKQ_SUBMIT overrides the workq-submit
-# command used to publish from the host.
+# when a check failed. Needs root.
 set -uo pipefail
 
 top=$(cd "$(dirname "$0")/../.." && pwd)
@@ -24,6 +37,12 @@ HOST_PACKAGES=(systemd-container debootstrap lintian python3-pika python3-yaml)
 BROKER=amqp://guest:guest@127.0.0.1:5672/%2F
 PREVIOUS_VERSION=0.1.0-0~systest1
 CONF=/etc/workqd/workqd.yaml
+# systemd-analyze security of both units on 884a362; the units must not get worse.
+MAX_EXPOSURE=1.1
+SUITES=()
+DEBS_DIR=
+SUITE=
+NET=
 
 passed=0
 failed=0
@@ -62,8 +81,8 @@ cleanup() {
     local pid
     for pid in "${BG_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
     if [ -n "${CT_PID:-}" ] && [ "$failed" -gt 0 ] && [ -n "$LOGS" ]; then
-        ct journalctl --no-pager -o short-precise >"$LOGS/journal.txt" 2>/dev/null
-        echo "container journal kept in $LOGS/journal.txt" >&2
+        ct journalctl --no-pager -o short-precise >"$LOGS/journal-$SUITE.txt" 2>/dev/null
+        echo "container journal kept in $LOGS/journal-$SUITE.txt" >&2
     fi
     ct_shutdown
     [ -n "$WORK" ] && rm -rf "$WORK"
@@ -90,9 +109,24 @@ else
     SUBMIT=(env PYTHONPATH="$top" "$PY" -m workqd.submit)
 fi
 
-submit() { "${SUBMIT[@]}" --url "$BROKER" -q tasks "$@"; }
-metric() { "$PY" "$here/probe.py" metric "$@"; }
-http_status() { "$PY" "$here/probe.py" http "$@"; }
+# Where the broker and /metrics are reached: here for a container on the
+# host's network, inside it (with its workq-submit and python3) for a private one.
+submit() {
+    if [ "$NET" = private ]; then
+        ct workq-submit --url "$BROKER" -q tasks "$@"
+    else
+        "${SUBMIT[@]}" --url "$BROKER" -q tasks "$@"
+    fi
+}
+probe() {
+    if [ "$NET" = private ]; then
+        ct python3 /systest/probe.py "$@"
+    else
+        "$PY" "$here/probe.py" "$@"
+    fi
+}
+metric() { probe metric "$@"; }
+http_status() { probe http "$@"; }
 
 # --- in the container ------------------------------------------------------
 
@@ -107,42 +141,81 @@ metric_is() { local want=$1; shift; [ "$(metric "$@")" = "$want" ]; }
 metric_at_least() { local want=$1 got; shift; got=$(metric "$@") && [ "$got" -ge "$want" ]; }
 restarted_from() { local pid; pid=$(main_pid); [ "$pid" != "$1" ] && [ "$pid" != 0 ] && is_active; }
 set_workers() { ct sed -i -E "s/^( +workers:) .*/\\1 $1/" "$CONF"; }
+set_handler() { ct sed -i -E "s/^( +python:) .*/\\1 $1/" "$CONF"; }
+set_shutdown_timeout() { ct sed -i -E "s/^(shutdown_timeout:) [0-9]+/\\1 $1/" "$CONF"; }
 workers_total() { metric workqd_workers; }
 
 # --- the checks ------------------------------------------------------------
 
 check_build() {
     local cur prev
-    cur=$(bash "$top/packaging/build-deb.sh" --outdir "$WORK/debs" 2>"$LOGS/build.log") \
+    cur=$(bash "$top/packaging/build-deb.sh" --outdir "$DEBS_DIR" 2>"$LOGS/build.log") \
         || { DETAIL="packaging/build-deb.sh failed: $(tail -n 3 "$LOGS/build.log" | tr '\n' ' ')"; return 1; }
-    prev=$(bash "$top/packaging/build-deb.sh" --outdir "$WORK/debs/prev" \
+    prev=$(bash "$top/packaging/build-deb.sh" --outdir "$DEBS_DIR/prev" \
                --version "$PREVIOUS_VERSION" 2>>"$LOGS/build.log") \
         || { DETAIL="build as $PREVIOUS_VERSION failed"; return 1; }
+    find_debs
+    DETAIL="$DEB, and $PREV_DEB for the upgrade; one .deb for every release"
+}
+
+find_debs() {  # the builds in DEBS_DIR, if both are there
+    local cur prev
+    cur=$(ls "$DEBS_DIR"/workqd_*_all.deb 2>/dev/null | head -n1)
+    prev=$(ls "$DEBS_DIR"/prev/workqd_*_all.deb 2>/dev/null | head -n1)
+    [ -n "$cur" ] && [ -n "$prev" ] || return 1
     DEB=$(basename "$cur")
     PREV_DEB=prev/$(basename "$prev")
     CUR_VERSION=$(dpkg-deb -f "$cur" Version)
-    DETAIL="$DEB, and prev/$(basename "$prev") for the upgrade"
 }
 
 check_lintian() {
     local out
-    out=$(lintian --fail-on error,warning --display-info "$WORK/debs/$DEB" 2>&1)
+    out=$(lintian --fail-on error,warning --display-info "$DEBS_DIR/$DEB" 2>&1)
     local rc=$?
     out=$(echo "$out" | grep -v -e 'running with root privileges' -e '^N:' | tr '\n' ' ')
-    [ $rc -eq 0 ] || { DETAIL="lintian: $out"; return 1; }
-    DETAIL="no errors or warnings${out:+; $out}"
+    [ $rc -eq 0 ] || { DETAIL="lintian $(lintian --print-version): $out"; return 1; }
+    DETAIL="lintian $(lintian --print-version) (the host's): no errors or warnings${out:+; $out}"
+}
+
+# Trixie's lintian, inside the trixie container, on the same .deb.
+check_lintian_inside() {
+    local out rc version
+    version=$(ct lintian --print-version)
+    out=$(ct lintian --fail-on error,warning --display-info "/debs/$DEB" 2>&1 </dev/null)
+    rc=$?
+    out=$(echo "$out" | grep -v -e 'running with root privileges' -e '^N:' | tr '\n' ' ')
+    [ $rc -eq 0 ] || { DETAIL="lintian $version: $out"; return 1; }
+    DETAIL="lintian $version ($SUITE's): no errors or warnings${out:+; $out}"
 }
 
 check_boot() {
-    local lower
-    lower=$(bash "$here/rootfs.sh") || { DETAIL="debootstrap of the cached root failed"; return 1; }
-    ct_make_root "$lower" "$WORK" || { DETAIL="cannot prepare the root"; return 1; }
-    mkdir -p "$CT_ROOT/debs/prev"
-    cp "$WORK/debs/$DEB" "$CT_ROOT/debs/"
-    cp "$WORK/debs/$PREV_DEB" "$CT_ROOT/debs/prev/"
-    ct_boot "workqd-systest" "$LOGS/nspawn.log" \
-        || { DETAIL="container did not boot: $(tail -n 3 "$LOGS/nspawn.log" | tr '\n' ' ')"; return 1; }
-    DETAIL="$(ct systemctl --version | head -n 1); cached root ${lower%/root}, $([ -n "${CT_OVERLAY:-}" ] && echo overlay || echo copy) per run"
+    local lower t0 net=()
+    t0=$(now)
+    lower=$(bash "$here/rootfs.sh" "$SUITE") || { DETAIL="debootstrap of the cached root failed"; return 1; }
+    local took_root
+    took_root=$(since "$t0")
+    mkdir -p "$WORK/$SUITE"
+    ct_make_root "$lower" "$WORK/$SUITE" || { DETAIL="cannot prepare the root"; return 1; }
+    mkdir -p "$CT_ROOT/debs/prev" "$CT_ROOT/systest"
+    cp "$DEBS_DIR/$DEB" "$CT_ROOT/debs/"
+    cp "$DEBS_DIR/$PREV_DEB" "$CT_ROOT/debs/prev/"
+    cp "$here/probe.py" "$CT_ROOT/systest/"
+    [ "$NET" = private ] && net=(--private-network)
+    t0=$(now)
+    ct_boot "workqd-systest-$SUITE" "$LOGS/nspawn-$SUITE.log" "${net[@]}" \
+        || { DETAIL="container did not boot: $(tail -n 3 "$LOGS/nspawn-$SUITE.log" | tr '\n' ' ')"; return 1; }
+    DETAIL="booted in $(since "$t0")s (root ready in ${took_root}s); $(ct systemctl --version | head -n 1 | cut -d' ' -f1-3), $(ct python3 --version), $NET network; cached root ${lower%/root}, $([ -n "${CT_OVERLAY:-}" ] && echo overlay || echo copy) per run"
+}
+
+# The container's own RabbitMQ (trixie: 4.0), started by its package at boot.
+check_broker() {
+    local t0 version out
+    t0=$(now)
+    out=$(ct rabbitmqctl await_startup --timeout 120 2>&1 </dev/null) \
+        || { DETAIL="rabbitmqctl await_startup: $out"; return 1; }
+    version=$(ct rabbitmqctl version 2>/dev/null </dev/null)
+    out=$(probe purge tasks 2>&1) || { DETAIL="127.0.0.1:5672 inside does not answer: $out"; return 1; }
+    DETAIL="RabbitMQ $version up $(since "$t0")s after the boot finished; $out"
 }
 
 check_install() {
@@ -162,6 +235,20 @@ check_install() {
     DETAIL="$DETAIL; enabled and started; user workqd; $CONF $perms; systemd-analyze verify clean"
 }
 
+# systemd-analyze security of both shipped units, by this release's systemd.
+check_security() {
+    local unit score scores=() ok=0
+    for unit in workqd.service workqd@.service; do
+        score=$(ct systemd-analyze security --offline=yes --no-pager "/usr/lib/systemd/system/$unit" 2>/dev/null \
+                    | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
+        [ -n "$score" ] || { DETAIL="no exposure level for $unit"; return 1; }
+        scores+=("$unit $score")
+        awk -v s="$score" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(s <= m) }' || ok=1
+    done
+    DETAIL="exposure (systemd-analyze security --offline=yes): ${scores[*]}; at most $MAX_EXPOSURE wanted"
+    return $ok
+}
+
 check_start_ready() {
     ct systemctl stop workqd || { DETAIL="stop failed"; return 1; }
     local t0 took consuming status user
@@ -171,9 +258,15 @@ check_start_ready() {
     consuming=$(( $(metric workqd_workers state=idle) + $(metric workqd_workers state=busy) ))
     status=$(ct systemctl status workqd --no-pager 2>&1 | grep -m1 'Status:' | sed 's/^ *//')
     user=$(ct ps -o user= -p "$(main_pid)")
-    DETAIL="start returned in ${took}s with $consuming/4 workers consuming; $status; master runs as $user"
-    [ "$consuming" = 4 ] && [[ $status == *'"4/4 workers'* ]] && [ "$user" = workqd ]
+    # LimitNOFILE= reaches the master and, through it, every worker.
+    local worker limits
+    worker=$(ct pgrep -P "$(main_pid)" | head -n1)
+    limits="$(nofile "$(main_pid)") / $(nofile "$worker")"
+    DETAIL="start returned in ${took}s with $consuming/4 workers consuming; $status; master runs as $user; open files (soft hard) master / worker: $limits"
+    [ "$consuming" = 4 ] && [[ $status == *'"4/4 workers'* ]] && [ "$user" = workqd ] \
+        && [ "$limits" = "8192 8192 / 8192 8192" ]
 }
+nofile() { ct awk '/^Max open files/ { print $4, $5 }' "/proc/$1/limits"; }
 
 check_tasks() {
     local before t0
@@ -187,26 +280,75 @@ check_tasks() {
     local h r
     h=$(http_status /healthz)
     r=$(http_status /readyz)
-    DETAIL="3 tasks from the host's workq-submit done in $(since "$t0")s (tasks_processed_total{outcome=\"success\"} +3); /healthz $h, /readyz $r"
+    DETAIL="3 tasks from $([ "$NET" = host ] && echo "the host's" || echo "the container's") workq-submit done in $(since "$t0")s (tasks_processed_total{outcome=\"success\"} +3); /healthz $h, /readyz $r"
     [ "$h" = 200 ] && [ "$r" = 200 ]
+}
+
+# Under journald, workqd's lines carry the queue and the message id as journal
+# fields (the native protocol), so an operator can select one task's lines.
+check_journal_fields() {
+    local mid="journal-$$-$RANDOM" d0 out
+    d0=$(metric workqd_tasks_processed_total outcome=dead_letter queue=tasks)
+    probe malformed tasks "$mid" || { DETAIL="could not publish the malformed task"; return 1; }
+    poll 15 metric_is $((d0 + 1)) workqd_tasks_processed_total outcome=dead_letter queue=tasks \
+        || { DETAIL="the malformed task was not dead-lettered"; return 1; }
+    poll 10 journal_fields "$mid" \
+        || { DETAIL="no journal entry with QUEUE=tasks WORKQ_MESSAGE_ID=$mid; the unit's last: $(ct journalctl -u workqd --no-pager -o json -n 1 | cut -c1-1000)"; return 1; }
+    out=$(journal_fields "$mid")
+    DETAIL="journalctl -u workqd QUEUE=tasks WORKQ_MESSAGE_ID=$mid -o json: $(grep -c . <<<"$out") entry(ies), priority $(grep -o '"PRIORITY":"[0-9]"' <<<"$out" | head -1)"
+    grep -q '"MESSAGE":"worker tasks#[0-9]* (pid [0-9]*): task '"$mid"' dead-lettered' <<<"$out" \
+        && grep -q '"PRIORITY":"4"' <<<"$out" && grep -q '"SYSLOG_IDENTIFIER":"workqd"' <<<"$out"
+}
+# The message id is new, so no cursor: journalctl (252) finds nothing for
+# --after-cursor together with field matches.
+journal_fields() {
+    local out
+    out=$(ct journalctl -u workqd --no-pager -o json QUEUE=tasks "WORKQ_MESSAGE_ID=$1")
+    [ -n "$out" ] && printf '%s\n' "$out"
 }
 
 check_template() {
     ct sh -c "sed -e 's/127.0.0.1:9464/127.0.0.1:9465/' -e 's/^\( *workers:\) .*/\1 1/' $CONF \
               >/etc/workqd/second.yaml" || return 1
     ct systemctl start workqd@second || { DETAIL="systemctl start workqd@second failed"; return 1; }
-    local n status
+    local n status dirs kept
     n=$(metric --port 9465 workqd_workers state=idle)
     status=$(unit_prop workqd@second StatusText)
+    dirs="$(ct stat -c '%n %a %U:%G' /run/workqd /run/workqd-second 2>&1 | tr '\n' ' ')"
+    # Each unit's runtime directory is its own: stopping the main unit
+    # leaves the instance's (where its control socket lives) alone.
+    ct systemctl stop workqd
+    kept=$(ct stat -c '%n' /run/workqd-second 2>/dev/null)
+    local inst_active
+    inst_active=$(unit_prop workqd@second ActiveState)
+    ct systemctl start workqd || { DETAIL="restarting workqd failed"; return 1; }
     ct systemctl stop workqd@second
     ct rm -f /etc/workqd/second.yaml
-    DETAIL="workqd@second runs /etc/workqd/second.yaml: $n worker on port 9465, status \"$status\""
-    [ "$n" = 1 ] && [[ $status == 1/1\ workers* ]]
+    DETAIL="workqd@second runs /etc/workqd/second.yaml: $n worker on port 9465, status \"$status\"; runtime directories $dirs; after stopping workqd: workqd@second $inst_active, ${kept:-/run/workqd-second GONE}"
+    [ "$n" = 1 ] && [[ $status == 1/1\ workers* ]] \
+        && [ "$dirs" = "/run/workqd 750 workqd:workqd /run/workqd-second 750 workqd:workqd " ] \
+        && [ "$kept" = /run/workqd-second ] && [ "$inst_active" = active ]
 }
+
+# A handler module whose import takes SLOW_IMPORT seconds: the new workers of a
+# reload to it consume that late, long after ExecReload= has finished.
+SLOW_IMPORT=4
+install_slow_handler() {
+    ct sh -c 'cat >/usr/lib/python3/dist-packages/systest_slow.py' <<EOF
+"""System test: importing this takes $SLOW_IMPORT s; then it is workqd's sleep_dots."""
+import time
+time.sleep($SLOW_IMPORT)
+from workqd.handlers import sleep_dots  # noqa: E402,F401
+EOF
+}
+# One consistent snapshot of the reload: systemctl show reads all properties at once.
+reload_snapshot() { ct systemctl show -p ActiveState -p SubState -p ControlPID workqd | sort | tr '\n' ' '; }
 
 check_reload() {
     local s0 r0 pid0 nr0 t0 took state
+    install_slow_handler
     set_workers 2
+    set_handler systest_slow:sleep_dots
     s0=$(metric workqd_tasks_processed_total outcome=success queue=tasks)
     r0=$(metric workqd_tasks_redelivered_total queue=tasks)
     pid0=$(main_pid)
@@ -215,7 +357,18 @@ check_reload() {
         || { DETAIL="workq-submit failed"; return 1; }
     poll 10 metric_is 1 workqd_tasks_in_flight queue=tasks || { DETAIL="the 5-s task never ran"; return 1; }
     t0=$(now)
-    ct systemctl reload workqd || { DETAIL="systemctl reload failed"; return 1; }
+    ct systemctl reload workqd >"$LOGS/reload.out" 2>&1 &
+    local job=$! snap seen= deadline=$((SECONDS + 40))
+    # ExecReload= (kill -HUP, then workqd --check) is over in well under
+    # SLOW_IMPORT seconds. A unit still "reloading" with no control process
+    # left is systemd waiting for the master's READY=1 (252: the queued
+    # RELOADING=1 sends it back into reload; 257: reload-notify).
+    while kill -0 "$job" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
+        snap=$(reload_snapshot)
+        [[ $snap == "ActiveState=reloading ControlPID=0 "* ]] && seen=SubState=${snap##*SubState=}
+        sleep 0.1
+    done
+    wait "$job" || { DETAIL="systemctl reload failed: $(cat "$LOGS/reload.out")"; return 1; }
     took=$(since "$t0")
     # The job ends at the master's READY=1: the 2 new workers consume by then,
     # next to the old one that still runs the 5-s task.
@@ -226,12 +379,13 @@ check_reload() {
     poll 15 metric_is $((s0 + 1)) workqd_tasks_processed_total outcome=success queue=tasks \
         || { DETAIL="the task running across the reload did not complete"; return 1; }
     poll 10 metric_is 2 workqd_workers || { DETAIL="$(workers_total) workers after the reload, wanted 2"; return 1; }
+    set_handler workqd.handlers:sleep_dots   # for the restarts to come; no reload needed
     local s1 r1
     s1=$(metric workqd_tasks_processed_total outcome=success queue=tasks)
     r1=$(metric workqd_tasks_redelivered_total queue=tasks)
-    DETAIL="reload returned in ${took}s, $state, with $idle new workers consuming ($during in all while the old one finished its task); 2 workers now; the 5-s task ran once (success +$((s1 - s0)), redelivered +$((r1 - r0))); MainPID kept"
-    [ "$idle" = 2 ] && [ "$state" = active ] && [ "$s1" = $((s0 + 1)) ] && [ "$r1" = "$r0" ] && [ "$(main_pid)" = "$pid0" ] \
-        && [ "$(prop NRestarts)" = "$nr0" ] && is_active
+    DETAIL="reload returned in ${took}s, $state, with $idle new workers consuming (their handler import takes ${SLOW_IMPORT}s; $during in all while the old one finished its task); no ExecReload= process left while still reloading: ${seen:-NEVER SEEN}(systemd waiting for READY=1); 2 workers now; the 5-s task ran once (success +$((s1 - s0)), redelivered +$((r1 - r0))); MainPID kept"
+    [ -n "$seen" ] && [ "$idle" = 2 ] && [ "$state" = active ] && [ "$s1" = $((s0 + 1)) ] && [ "$r1" = "$r0" ] \
+        && [ "$(main_pid)" = "$pid0" ] && [ "$(prop NRestarts)" = "$nr0" ] && is_active
 }
 
 check_reload_refused() {
@@ -299,7 +453,7 @@ check_stop() {
     result=$(prop Result)
     status=$(prop ExecMainStatus)
     # Acked, not cut: a cut task would be back in the queue, ready.
-    depth=$("$PY" "$here/probe.py" depth tasks)
+    depth=$(probe depth tasks)
     # The worker replies to workq-submit --wait before it closes its connection.
     local heard="no outcome"
     if poll 5 bash -c "! kill -0 $bg" && wait "$bg"; then heard="success"; fi
@@ -307,6 +461,34 @@ check_stop() {
     DETAIL="stop took ${took}s waiting for the running 4-s task; Result=$result, exit status $status; queue tasks: ${depth% *} ready, ${depth#* } consumers; workq-submit --wait: $heard"
     [ "$result" = success ] && [ "$status" = 0 ] && [ "$depth" = "0 0" ] && [ "$heard" = success ] \
         && awk -v t="$took" 'BEGIN { exit !(t > 1) }' && [ "$(prop ActiveState)" = inactive ]
+}
+
+# Opt-in (WORKQ_SYSTEST_EXTEND=1), about a minute: with shutdown_timeout: 60,
+# a stop that drains a 50-s task outlasts TimeoutStopSec=45s, and the master
+# extends it with EXTEND_TIMEOUT_USEC; without that systemd kills the task.
+check_extend() {
+    local bg t0 took result depth
+    set_shutdown_timeout 60
+    ct systemctl start workqd || { DETAIL="start failed"; return 1; }
+    submit --message-id "extend-$$" --wait --timeout 90 \
+        "fifty seconds$(printf '%.0s.' {1..50})" \
+        >"$LOGS/extend-wait.out" 2>&1 &
+    bg=$!
+    BG_PIDS+=("$bg")
+    poll 15 metric_is 1 workqd_tasks_in_flight queue=tasks || { DETAIL="the 50-s task never ran"; return 1; }
+    t0=$(now)
+    ct systemctl stop workqd
+    took=$(since "$t0")
+    result=$(prop Result)
+    depth=$(probe depth tasks)
+    local heard="no outcome"
+    if poll 5 bash -c "! kill -0 $bg" && wait "$bg"; then heard="success"; fi
+    kill "$bg" 2>/dev/null
+    set_shutdown_timeout 30
+    probe purge tasks >/dev/null 2>&1   # a cut task must not run into the next check
+    DETAIL="shutdown_timeout 60, TimeoutStopSec=$(prop TimeoutStopUSec): stop took ${took}s; Result=$result; queue tasks: ${depth% *} ready; workq-submit --wait: $heard"
+    [ "$result" = success ] && [ "$depth" = "0 0" ] && [ "$heard" = success ] \
+        && awk -v t="$took" 'BEGIN { exit !(t > 45) }'
 }
 
 check_kill9() {
@@ -336,7 +518,8 @@ check_purge() {
     local out left=()
     out=$(ct dpkg --purge workqd 2>&1 </dev/null) || { DETAIL="dpkg --purge failed: $out"; return 1; }
     local f
-    for f in /etc/workqd /var/lib/workqd /lib/systemd/system/workqd.service \
+    for f in /etc/workqd /var/lib/workqd /usr/lib/systemd/system/workqd.service \
+             /usr/lib/systemd/system/workqd@.service /lib/systemd/system/workqd.service \
              /etc/systemd/system/multi-user.target.wants/workqd.service /usr/bin/workqd; do
         ct test -e "$f" -o -L "$f" && left+=("$f")
     done
@@ -368,6 +551,65 @@ check_upgrade() {
 
 # --- main ------------------------------------------------------------------
 
+run_suite() {  # run_suite SUITE: boot its container, run every check, power it off
+    SUITE=$1
+    case $SUITE in
+        bookworm) NET=host ;;
+        trixie) NET=private ;;
+        *) echo "FAIL  unknown suite $SUITE (bookworm or trixie)"; failed=$((failed + 1)); return ;;
+    esac
+    local t0 f0=$failed
+    t0=$(now)
+    echo "== $SUITE"
+    if [ "$NET" = host ]; then
+        if metric workqd_build_info >/dev/null; then
+            echo "FAIL  setup: something already serves 127.0.0.1:9464 on the host; stop it first"
+            failed=$((failed + 1)); return
+        fi
+        if ! purged=$(probe purge tasks 2>&1); then
+            echo "FAIL  setup: RabbitMQ on 127.0.0.1:5672 does not answer: $purged"
+            failed=$((failed + 1)); return
+        fi
+    fi
+    check "boot $SUITE container" check_boot
+    if [ -n "${CT_PID:-}" ] && ct_booted; then
+        if [ "$NET" = private ]; then
+            check "  its own RabbitMQ" check_broker
+            check "  lintian in $SUITE" check_lintian_inside
+        fi
+        check "1 install (dpkg -i)" check_install
+        check "  systemd-analyze security" check_security
+        check "1 start waits for READY" check_start_ready
+        check "2 tasks ($([ "$NET" = host ] && echo from the host || echo inside))" check_tasks
+        check "  journal fields QUEUE, WORKQ_MESSAGE_ID" check_journal_fields
+        check "  template unit workqd@" check_template
+        check "3 reload with 2 workers" check_reload
+        check "3 broken config refused" check_reload_refused
+        check "4 watchdog restarts" check_watchdog
+        check "5 stop waits for task" check_stop
+        [ "${WORKQ_SYSTEST_EXTEND:-0}" = 1 ] && check "5 stop extended past 45 s" check_extend
+        check "6 kill -9 of the master" check_kill9
+        check "7 purge" check_purge
+        check "7 upgrade keeps config" check_upgrade
+    fi
+    if [ "$failed" -gt "$f0" ] && [ -n "${CT_PID:-}" ]; then
+        ct journalctl --no-pager -o short-precise >"$LOGS/journal-$SUITE.txt" 2>/dev/null
+        echo "container journal kept in $LOGS/journal-$SUITE.txt" >&2
+    fi
+    ct_shutdown
+    echo "$SUITE took $(since "$t0")s" >&2
+}
+
+while [ $# -gt 0 ]; do
+    case $1 in
+        --suite) SUITES+=("$2"); shift 2 ;;
+        --debs) DEBS_DIR=$2; shift 2 ;;
+        -h|--help) sed -n '2,28s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+[ ${#SUITES[@]} -gt 0 ] || SUITES=(bookworm trixie)
+
 if [ "$(id -u)" != 0 ]; then
     echo "tests/system/run.sh needs root (debootstrap, systemd-nspawn, mount)" >&2
     exit 2
@@ -379,34 +621,19 @@ LOGS=$(mktemp -d /tmp/workqd-systest-logs.XXXXXX)
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 T_START=$(now)
+[ -n "$DEBS_DIR" ] || DEBS_DIR=$WORK/debs
+mkdir -p "$DEBS_DIR"
 
-if metric workqd_build_info >/dev/null; then
-    echo "FAIL  setup: something already serves 127.0.0.1:9464 on the host; stop it first"
-    failed=1
-    finish
+if find_debs; then
+    echo "using $DEBS_DIR/$DEB and $PREV_DEB"
+else
+    check "build .deb" check_build
+    [ "$failed" -eq 0 ] || finish
+    check "lintian" check_lintian
 fi
-if ! purged=$("$PY" "$here/probe.py" purge tasks 2>&1); then
-    echo "FAIL  setup: RabbitMQ on 127.0.0.1:5672 does not answer: $purged"
-    failed=1
-    finish
-fi
-
-check "build .deb" check_build
-[ "$failed" -eq 0 ] || finish
-check "lintian" check_lintian
-check "boot bookworm container" check_boot
-[ -n "${CT_PID:-}" ] && ct_booted || finish
-check "1 install (dpkg -i)" check_install
-check "1 start waits for READY" check_start_ready
-check "2 tasks from the host" check_tasks
-check "  template unit workqd@" check_template
-check "3 reload with 2 workers" check_reload
-check "3 broken config refused" check_reload_refused
-check "4 watchdog restarts" check_watchdog
-check "5 stop waits for task" check_stop
-check "6 kill -9 of the master" check_kill9
-check "7 purge" check_purge
-check "7 upgrade keeps config" check_upgrade
+for s in "${SUITES[@]}"; do
+    run_suite "$s"
+done
 echo "system test took $(since "$T_START")s (logs: $LOGS)" >&2
 [ "$failed" -gt 0 ] || rm -rf "$LOGS"
 finish

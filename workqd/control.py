@@ -1,0 +1,426 @@
+"""The master's control socket: line-delimited JSON over a Unix stream socket, served from its loop.
+
+Like httpd.py, the server registers its listening socket and each client with
+the master's selector (``key.data`` is a callable taking the ready mask); the
+master calls ``expire(now)`` once per loop turn. Nothing here blocks or raises
+into the loop: a hostile client costs one socket and a bounded slice of a turn.
+
+Protocol, version 1: each request is one line of JSON, an object
+``{"v": 1, "cmd": NAME, ...arguments}``; each answer is one line,
+``{"v": 1, "ok": true, ...}`` or ``{"v": 1, "ok": false, "error": "one line"}``.
+A connection may send several requests; they are answered in order. A line
+that is not such an object gets an error answer and the connection stays
+usable; a line over MAX_REQUEST bytes gets an error answer and the connection
+is closed (what follows cannot be framed).
+
+Who may connect is the file system's business: the socket is mode 0660, group
+``workqd`` when that group exists (else the daemon's own group), so root and
+members of the group may control the daemon and anyone else gets EACCES.
+
+Budget:
+  MAX_CLIENTS = 16          open connections; the 17th evicts the oldest
+  MAX_REQUEST = 4 KiB       one request line (the longest real one is ~100 bytes)
+  MAX_OUTPUT = 4 MiB        answers not yet read by the client; beyond it, closed
+  IDLE_TIMEOUT = 10 s       a connection with no complete request for this long is closed
+  REQUESTS_PER_TURN = 16    answered per loop turn; the rest wait for the next turns
+  ACCEPTS_PER_TURN = 8      accepts per readiness callback
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import json
+import logging
+import os
+import selectors
+import socket
+import stat
+import time
+from typing import Callable
+
+log = logging.getLogger("workqd.control")
+
+VERSION = 1
+MAX_CLIENTS = 16
+MAX_REQUEST = 4096
+MAX_OUTPUT = 4 << 20
+IDLE_TIMEOUT = 10.0
+REQUESTS_PER_TURN = 16
+ACCEPTS_PER_TURN = 8
+ACCEPT_PAUSE = 0.5        # seconds without accepts after EMFILE, as in httpd
+SOCKET_MODE = 0o660
+SOCKET_GROUP = "workqd"
+RUN_DIR = "/run/workqd"
+SOCKET_NAME = "control.sock"
+
+
+class ProtocolError(ValueError):
+    """A request that cannot be acted on; its text is the error answer."""
+
+
+# --- where the socket lives ----------------------------------------------
+
+def _stem(config_path: str) -> str:
+    base = os.path.basename(config_path)
+    return base.rsplit(".", 1)[0] if "." in base else base
+
+
+def run_dir_path(config_path: str) -> str:
+    """Under systemd: /run/workqd/control.sock for workqd.yaml (workqd.service),
+    /run/workqd/NAME/control.sock for NAME.yaml (workqd@NAME.service)."""
+    stem = _stem(config_path)
+    return os.path.join(RUN_DIR if stem == "workqd" else os.path.join(RUN_DIR, stem), SOCKET_NAME)
+
+
+def beside_config_path(config_path: str) -> str:
+    """Elsewhere: <config dir>/<config stem>.sock."""
+    return os.path.join(os.path.dirname(os.path.abspath(config_path)),
+                        f"{_stem(config_path)}.sock")
+
+
+def server_path(configured: str | None, config_path: str, environ=os.environ) -> str:
+    """The daemon's socket: control.socket; else $RUNTIME_DIRECTORY/control.sock (systemd);
+    else run_dir_path() if its directory is writable; else beside_config_path()."""
+    if configured:
+        return configured
+    runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return os.path.join(runtime, SOCKET_NAME)
+    candidate = run_dir_path(config_path)
+    if os.access(os.path.dirname(candidate), os.W_OK):
+        return candidate
+    return beside_config_path(config_path)
+
+
+def client_paths(configured: str | None, config_path: str) -> list[str]:
+    """Where workqctl looks, in order (it cannot see the daemon's environment)."""
+    if configured:
+        return [configured]
+    return [run_dir_path(config_path), beside_config_path(config_path)]
+
+
+# --- the protocol ----------------------------------------------------------
+
+def parse_request(line: bytes) -> dict:
+    """One request line -> its object; ProtocolError saying what is wrong."""
+    try:
+        req = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError("request is not UTF-8") from None
+    except ValueError as e:
+        raise ProtocolError(f"request is not JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise ProtocolError(f"request must be a JSON object, got {type(req).__name__}")
+    if req.get("v") != VERSION:
+        raise ProtocolError(f"unsupported protocol version {req.get('v')!r} (this daemon "
+                            f"speaks v{VERSION})")
+    cmd = req.get("cmd")
+    if not isinstance(cmd, str) or not cmd:
+        raise ProtocolError("request has no \"cmd\" string")
+    return req
+
+
+def encode(answer: dict) -> bytes:
+    return json.dumps({"v": VERSION, **answer}, separators=(",", ":"),
+                      default=str).encode("utf-8") + b"\n"
+
+
+def error(text: str) -> dict:
+    return {"ok": False, "error": text}
+
+
+def answer_line(line: bytes, app: Callable[[dict], dict]) -> bytes:
+    """Parse, dispatch, encode; never raises (a failing app is an error answer)."""
+    try:
+        req = parse_request(line)
+    except ProtocolError as e:
+        return encode(error(str(e)))
+    try:
+        answer = app(req)
+        if not isinstance(answer, dict):
+            raise TypeError(f"the app returned {type(answer).__name__}, not a dict")
+    except ProtocolError as e:
+        return encode(error(str(e)))
+    except Exception as e:
+        log.exception("control: the command %r failed", req.get("cmd"))
+        return encode(error(f"internal error: {type(e).__name__}: {e}"))
+    try:
+        return encode(answer)
+    except (TypeError, ValueError) as e:
+        log.error("control: the answer to %r cannot be encoded: %s", req.get("cmd"), e)
+        return encode(error("internal error: answer cannot be encoded"))
+
+
+# --- the server ----------------------------------------------------------------
+
+class _Client:
+    def __init__(self, server: "ControlServer", sock: socket.socket, now: float):
+        self.server = server
+        self.sock = sock
+        self.buf = bytearray()
+        self.out = bytearray()
+        self.idle_deadline = now + IDLE_TIMEOUT
+        self.closing = False   # the client sent EOF (or overflowed): close once answered
+        self.truncated = False
+        self.events = 0
+        self.closed = False
+
+    def on_ready(self, mask: int = 0) -> None:
+        if self.closed:
+            return
+        try:
+            self._write()
+            if len(self.out) < MAX_OUTPUT:
+                if self.closing:
+                    self._answer_some()
+                else:
+                    self._read()
+            if self.closing and not self.out and (b"\n" not in self.buf or self.truncated):
+                self.close()
+            elif not self.closed:
+                self._rearm()
+        except OSError as e:
+            self.close(f"{type(e).__name__}: {e}")
+        except Exception:
+            log.exception("control: unexpected error, connection closed")
+            self.close()
+
+    def _read(self) -> None:
+        """What is there now, within the request cap (a level-triggered loop brings more)."""
+        if len(self.buf) <= MAX_REQUEST:   # else: answer what is there first
+            try:
+                data = self.sock.recv(MAX_REQUEST + 1)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                self.closing = True     # the client is done; answer what it sent,
+                if self.buf.strip() and not self.buf.endswith(b"\n"):
+                    self.buf += b"\n"  # a last request without its newline included
+            elif data:
+                self.buf += data
+        self._answer_some()
+
+    def _answer_some(self) -> None:
+        while not self.closed:
+            end = self.buf.find(b"\n")
+            if end < 0:
+                if len(self.buf) > MAX_REQUEST:
+                    self._refuse_oversized()
+                break
+            if end > MAX_REQUEST:
+                self._refuse_oversized()
+                break
+            if not self.server.take_budget():
+                self.server.owed.add(self)   # answered next turn
+                break
+            line = bytes(self.buf[:end])
+            del self.buf[:end + 1]
+            self.idle_deadline = time.monotonic() + IDLE_TIMEOUT
+            if line.strip():
+                self.out += answer_line(line, self.server.app)
+        self._write()
+
+    def _refuse_oversized(self) -> None:
+        # What follows cannot be framed: answer, then close.
+        self.out += encode(error(f"request over {MAX_REQUEST} bytes"))
+        self.buf.clear()
+        self.closing = self.truncated = True
+
+    def _write(self) -> None:
+        while self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except BlockingIOError:
+                break
+            del self.out[:sent]
+
+    def _rearm(self) -> None:
+        if self.out:
+            events = selectors.EVENT_WRITE
+        elif self.closing:
+            events = 0   # at EOF, readable forever: wait for the next turn's budget (owed)
+        else:
+            events = selectors.EVENT_READ
+        if events != self.events:
+            if not events:
+                self.server.sel.unregister(self.sock)
+            elif self.events:
+                self.server.sel.modify(self.sock, events, self.on_ready)
+            else:
+                self.server.sel.register(self.sock, events, self.on_ready)
+            self.events = events
+
+    def close(self, why: str | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if why:
+            log.debug("control: connection closed (%s)", why)
+        if self.events:
+            try:
+                self.server.sel.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server.forget(self)
+
+
+class ControlServer:
+    """Binds ``path`` at once (OSError to the caller) and serves ``app`` from ``sel``.
+
+    ``app(request) -> dict`` answers one parsed request; it may raise ProtocolError."""
+
+    def __init__(self, sel: selectors.BaseSelector, path: str, app: Callable[[dict], dict]):
+        self.sel = sel
+        self.path = path
+        self.app = app
+        self._clients: dict[_Client, None] = {}   # oldest first
+        self.owed: set[_Client] = set()           # clients with requests left for next turn
+        self._budget = REQUESTS_PER_TURN
+        self._paused_until = 0.0
+        self._remove_stale(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o117)   # never a moment with a wider mode than 0660
+        try:
+            listener.bind(path)
+            listener.listen(32)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        self._listener = listener
+        self._ino = os.stat(path).st_ino
+        self._set_group(path)
+        os.chmod(path, SOCKET_MODE)
+        sel.register(listener, selectors.EVENT_READ, self._on_accept)
+
+    @staticmethod
+    def _remove_stale(path: str) -> None:
+        """A socket left by a killed daemon is removed; a live daemon's socket is refused."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)   # nobody listens: stale
+            return
+        finally:
+            probe.close()
+        raise OSError(errno.EADDRINUSE, f"{path}: another workqd is listening there")
+
+    @staticmethod
+    def _set_group(path: str) -> None:
+        try:
+            gid = grp.getgrnam(SOCKET_GROUP).gr_gid
+        except KeyError:
+            return   # the socket keeps the daemon's group
+        try:
+            os.chown(path, -1, gid)
+        except OSError as e:
+            log.warning("control: cannot give %s to group %s (%s); it keeps group %d",
+                        path, SOCKET_GROUP, e.strerror, os.getgid())
+
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    # --- the loop's calls ---------------------------------------------------
+
+    def take_budget(self) -> bool:
+        if self._budget <= 0:
+            return False
+        self._budget -= 1
+        return True
+
+    def expire(self, now: float) -> None:
+        """Once per loop turn: a new budget, answers owed, idle clients closed."""
+        self._budget = REQUESTS_PER_TURN
+        try:
+            owed, self.owed = self.owed, set()
+            for client in owed:
+                if not client.closed:
+                    client.on_ready(0)
+            for client in list(self._clients):
+                # A client that does not read its answers gets one more IDLE_TIMEOUT.
+                if now >= client.idle_deadline + (IDLE_TIMEOUT if client.out else 0):
+                    client.close("idle")
+            if self._paused_until and now >= self._paused_until:
+                self._paused_until = 0.0
+                self.sel.register(self._listener, selectors.EVENT_READ, self._on_accept)
+        except Exception:
+            log.exception("control: unexpected error expiring connections")
+
+    def close_in_child(self) -> None:
+        """In a forked child: drop the sockets without touching the shared selector or the file."""
+        for client in self._clients:
+            client.closed = True
+            client.sock.close()
+        self._clients.clear()
+        self._listener.close()
+
+    def stop(self) -> None:
+        for client in list(self._clients):
+            client.close()
+        if not self._paused_until:
+            try:
+                self.sel.unregister(self._listener)
+            except (KeyError, ValueError):
+                pass
+        self._listener.close()
+        try:   # only our own file: a successor may have bound the path meanwhile
+            if os.stat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+    # --- accepting ----------------------------------------------------------
+
+    def _on_accept(self, mask: int = 0) -> None:
+        try:
+            for _ in range(ACCEPTS_PER_TURN):
+                try:
+                    sock, _peer = self._listener.accept()
+                except BlockingIOError:
+                    return
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self._pause(e)
+                        return
+                    if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                        continue
+                    raise
+                sock.setblocking(False)
+                if len(self._clients) >= MAX_CLIENTS:
+                    oldest = next(iter(self._clients))
+                    oldest.close(f"evicted, {MAX_CLIENTS} clients open")
+                client = _Client(self, sock, time.monotonic())
+                self._clients[client] = None
+                client.on_ready(selectors.EVENT_READ)
+        except Exception:
+            log.exception("control: unexpected error accepting connections")
+            self._pause()
+
+    def _pause(self, e: OSError | None = None) -> None:
+        if not self._paused_until:
+            try:
+                self.sel.unregister(self._listener)
+            except (KeyError, ValueError):
+                pass
+            log.warning("control: cannot accept connections (%s); retrying in %.1fs",
+                        e or "unexpected error", ACCEPT_PAUSE)
+        self._paused_until = time.monotonic() + ACCEPT_PAUSE
+
+    def forget(self, client: _Client) -> None:
+        self._clients.pop(client, None)
+        self.owed.discard(client)

@@ -1,0 +1,179 @@
+"""``workqctl dead QUEUE ...``: the dead-letter queue QUEUE.dead, over AMQP, by workqctl itself.
+
+The daemon is not involved: workqctl connects to the config's broker (as
+workq-submit does, with its connection code) so dead letters can be handled
+while workqd is stopped. ``list`` and ``show`` take every message unacked and
+give them all back by closing the connection; ``requeue`` is
+workq-submit's --requeue-dead with a selection: each copy is confirmed on QUEUE
+before its dead letter is acked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pika
+import pika.exceptions
+
+from . import config as config_mod
+from . import exitcodes, submit, vocab
+
+CONFIRM_TIMEOUT = 30.0
+ERROR_WIDTH = 60
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser("dead", help="the queue's dead letters (QUEUE.dead), over AMQP")
+    d.add_argument("queue")
+    acts = d.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = acts.add_parser("list", help="one line per dead letter")
+    s.add_argument("--json", action="store_true")
+    s = acts.add_parser("show", help="one dead letter: properties, headers and body")
+    s.add_argument("id", help="its message id")
+    s = acts.add_parser("requeue", help="move dead letters back to QUEUE, each confirmed")
+    s.add_argument("--reason", choices=vocab.DEAD_LETTER_REASONS,
+                   help="only those dead-lettered for this reason")
+    s.add_argument("--id", action="append", default=[], dest="ids", metavar="ID",
+                   help="only this message id (repeatable)")
+    s = acts.add_parser("purge", help="delete every dead letter")
+    s.add_argument("--yes", action="store_true", help="really delete them")
+
+
+def _header(props, name: str):
+    value = (props.headers or {}).get(name)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def describe(props, body: bytes) -> dict:
+    """One dead letter as plain data."""
+    return {"id": props.message_id, "reason": _header(props, vocab.H_REASON),
+            "attempt": _header(props, vocab.H_ATTEMPT), "dead_at": _header(props, vocab.H_DEAD_AT),
+            "queue": _header(props, vocab.H_QUEUE), "error": _header(props, vocab.H_ERROR),
+            "bytes": len(body)}
+
+
+def peek(nodes, dead: str) -> list[tuple]:
+    """Every message in ``dead`` as (properties, body), all given back unchanged."""
+    conn, node, errors = submit.connect_first(nodes, CONFIRM_TIMEOUT)
+    if conn is None:
+        raise _Fail(exitcodes.CTL_UNREACHABLE, f"cannot connect to {'; '.join(errors)}")
+    out = []
+    try:
+        ch = conn.channel()
+        while True:
+            method, props, body = ch.basic_get(dead, auto_ack=False)
+            if method is None:
+                break
+            out.append((props, body))
+        # Given back by closing the channel (below), not by a nack: a return on close
+        # is not a failed delivery, which RabbitMQ 4 counts toward a delivery limit.
+    except pika.exceptions.ChannelClosedByBroker as e:
+        raise _Fail(exitcodes.CTL_REFUSED, f"{dead}: {e.reply_text}")
+    except pika.exceptions.AMQPError as e:
+        raise _Fail(exitcodes.CTL_UNREACHABLE, f"{dead}: connection lost: {e!r} (nothing "
+                    f"was changed: unacked messages return to the queue)")
+    finally:
+        submit.close_quietly(conn)
+    return out
+
+
+def purge(nodes, dead: str) -> int:
+    conn, node, errors = submit.connect_first(nodes, CONFIRM_TIMEOUT)
+    if conn is None:
+        raise _Fail(exitcodes.CTL_UNREACHABLE, f"cannot connect to {'; '.join(errors)}")
+    try:
+        ch = conn.channel()
+        ch.queue_declare(dead, passive=True)
+        return ch.queue_purge(dead).method.message_count
+    except pika.exceptions.ChannelClosedByBroker as e:
+        raise _Fail(exitcodes.CTL_REFUSED, f"{dead}: {e.reply_text}")
+    except pika.exceptions.AMQPError as e:
+        raise _Fail(exitcodes.CTL_UNREACHABLE, f"{dead}: connection lost: {e!r}")
+    finally:
+        submit.close_quietly(conn)
+
+
+class _Fail(Exception):
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code = code
+
+
+def _short(text, width: int) -> str:
+    text = " ".join(str(text or "-").split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except _Fail as e:
+        print(f"workqctl: {e}", file=sys.stderr)
+        return e.code
+    except (config_mod.ConfigError,) as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return exitcodes.CTL_USAGE
+    except (submit.UsageError, config_mod.Invalid) as e:
+        print(f"workqctl: {e}", file=sys.stderr)
+        return exitcodes.CTL_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+    submit.queue_name("dead", args.queue)
+    dead = vocab.dead_letter_queue(args.queue)
+    submit.queue_name("dead", dead)
+    if args.action == "purge" and not args.yes:
+        print(f"workqctl: purge deletes every task in {dead} for good: add --yes",
+              file=sys.stderr)
+        return exitcodes.CTL_USAGE
+    cfg = submit.load_config(args.config)
+    nodes = submit.nodes_for(list(cfg.broker.urls), cfg.broker, args.config, CONFIRM_TIMEOUT)
+    if args.action == "list":
+        items = [describe(p, b) for p, b in peek(nodes, dead)]
+        if args.json:
+            print(json.dumps(items, indent=2))
+            return exitcodes.CTL_OK
+        rows = [("ID", "REASON", "ATTEMPT", "DEAD AT", "ERROR")]
+        rows += [(_short(i["id"], 40), _short(i["reason"], 12), _short(i["attempt"], 8),
+                  _short(i["dead_at"], 25), _short(i["error"], ERROR_WIDTH)) for i in items]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        print(f"{len(items)} dead letter(s) in {dead}", file=sys.stderr)
+        return exitcodes.CTL_OK
+    if args.action == "show":
+        for props, body in peek(nodes, dead):
+            if props.message_id == args.id:
+                print(f"message id: {props.message_id}")
+                for name in ("content_type", "correlation_id", "priority", "timestamp",
+                             "reply_to"):
+                    value = getattr(props, name)
+                    if value is not None:
+                        print(f"{name.replace('_', ' ')}: {value}")
+                for k, v in sorted((props.headers or {}).items()):
+                    v = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                    print(f"header {k}: {v}")
+                print(f"body ({len(body)} bytes):")
+                sys.stdout.write(body.decode("utf-8", "replace"))
+                if body and not body.endswith(b"\n"):
+                    print()
+                return exitcodes.CTL_OK
+        print(f"workqctl: no message {args.id!r} in {dead}", file=sys.stderr)
+        return exitcodes.CTL_REFUSED
+    if args.action == "requeue":
+        ids, reason = set(args.ids), args.reason
+
+        def select(props) -> bool:
+            return ((not ids or props.message_id in ids)
+                    and (reason is None or _header(props, vocab.H_REASON) == reason))
+        code = submit.requeue_dead(nodes, args.queue, CONFIRM_TIMEOUT,
+                                   select if ids or reason else None, prog="workqctl")
+        return {exitcodes.SUBMIT_OK: exitcodes.CTL_OK,
+                exitcodes.SUBMIT_UNREACHABLE: exitcodes.CTL_UNREACHABLE,
+                exitcodes.SUBMIT_USAGE: exitcodes.CTL_USAGE}.get(code, exitcodes.CTL_REFUSED)
+    n = purge(nodes, dead)
+    print(f"workqctl: purged {n} dead letter(s) from {dead}", file=sys.stderr)
+    return exitcodes.CTL_OK

@@ -1,0 +1,147 @@
+"""The handler thread: runs one task at a time, hands each result back to the I/O loop.
+
+Ownership: this thread alone writes ``running`` and the slot's busy word and
+message id (``Slot.begin``/``Slot.end``); the I/O thread only reads them. It also
+raises the draining flag of a recycling worker as it begins the last task. A
+task's start is published as one immutable ``Running`` record, so a reader
+never sees a task without its start time. Results travel back through a deque;
+the eventfd is written only when the I/O thread is not already due to look.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue as queue_mod
+import threading
+import time
+from typing import Callable, NamedTuple
+
+from .. import runner, vocab
+from ..slots import Slot
+from .intake import Delivery, published_at
+
+log = logging.getLogger("workqd.worker")
+
+
+class Running(NamedTuple):
+    delivery: Delivery
+    started: float      # time.monotonic() when the handler was called
+
+
+class Result(NamedTuple):
+    delivery: Delivery
+    outcome: int        # vocab.SUCCESS, RETRY (failed), TIMEOUT, DEAD_LETTER (rejected), DEFERRED
+    error: str
+    duration: float
+
+
+class HandlerThread:
+    def __init__(self, run: Callable[[bytes, runner.Task], None], slot: Slot, timeout: float,
+                 on_leaving: Callable[[], None] = lambda: None):
+        self._run = run
+        self._slot = slot
+        self._timeout = timeout   # the queue's: each task's deadline is its start plus this
+        self._on_leaving = on_leaving
+        # A recycling worker's last task, when it runs next (I/O thread writes it once,
+        # before submitting it). This thread raises the slot's draining flag as it
+        # begins that task: raised before, the master would see, for as long as this
+        # thread takes to wake, a worker that holds a task as leaving with nothing.
+        self.last: Delivery | None = None
+        self._tasks: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+        self.results: collections.deque[Result] = collections.deque()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Set by this thread when it writes the eventfd, cleared by the I/O
+        # thread before it drains: at worst one extra wake-up, never a missed one.
+        self.wake_pending = False
+        self.running: Running | None = None
+        self._thread = threading.Thread(target=self._loop, name="handler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, d: Delivery) -> None:
+        self._tasks.put(d)
+
+    def idle(self) -> bool:
+        """Nothing queued for this thread (it may still be finishing the current task)."""
+        return self._tasks.empty()
+
+    def busy(self) -> bool:
+        """A task queued, running or with its result unread (I/O thread). A task settled
+        as timed out (abandoned) no longer counts: its thread may never return."""
+        running = self.running
+        return ((running is not None and not running.delivery.abandoned)
+                or not self._tasks.empty() or bool(self.results))
+
+    def take_unstarted(self) -> list[Delivery]:
+        """Deliveries submitted but not started; they will not run here."""
+        taken = []
+        while True:
+            try:
+                taken.append(self._tasks.get_nowait())
+            except queue_mod.Empty:
+                return taken
+
+    def take_results(self) -> list[Result]:
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
+        self.wake_pending = False  # before draining: a later append wakes us again
+        out = []
+        results = self.results
+        while results:
+            out.append(results.popleft())
+        return out
+
+    def _loop(self) -> None:
+        slot, run, tasks, results = self._slot, self._run, self._tasks, self.results
+        timeout, monotonic = self._timeout, time.monotonic
+        # Running and Result are built with tuple.__new__: a NamedTuple's own
+        # constructor is a Python call, and this loop runs once per task (issue 9).
+        record = tuple.__new__
+        debug = log.isEnabledFor(logging.DEBUG)
+        while True:
+            d = tasks.get()
+            task = d.task
+            # Time in the queue, for first deliveries of a first try only: a retry's
+            # or a redelivery's wait would include earlier runs and backoff delays.
+            wait = None
+            if task.attempt == 1 and not task.redelivered:
+                published = published_at(d.props)   # here, not on the busier I/O thread
+                if published is not None:
+                    wait = max(0.0, time.time() - published)
+            slot.begin(task.message_id, task.redelivered, wait)
+            started = monotonic()
+            task.deadline = started + timeout
+            self.running = record(Running, (d, started))
+            if d is self.last:
+                slot.set_draining()
+                self._on_leaving()
+            if debug:
+                log.debug("task %s started", task.message_id)
+            outcome, error = vocab.SUCCESS, ""
+            try:
+                run(d.body, task)
+            except runner.HandlerTimedOut as e:
+                outcome, error = vocab.TIMEOUT, str(e)
+            except runner.Reject as e:
+                # The handler's own verdict: no retry can help this task.
+                outcome, error = vocab.DEAD_LETTER, runner.error_line(e)
+                log.warning("task %s rejected by its handler: %s", task.message_id, error)
+            except runner.RetryLater as e:
+                # Not a failure of the task: something it needs is not there now.
+                outcome, error = vocab.DEFERRED, runner.error_line(e)
+            except Exception as e:
+                outcome, error = vocab.RETRY, runner.error_line(e)
+                log.warning("task %s failed: %s", task.message_id, error,
+                            exc_info=not isinstance(e, runner.HandlerFailed))
+            duration = monotonic() - started
+            self.running = None
+            slot.end()
+            results.append(record(Result, (d, outcome, error, duration)))
+            if not self.wake_pending:
+                self.wake_pending = True
+                os.eventfd_write(self.wake_fd, 1)

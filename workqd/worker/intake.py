@@ -1,0 +1,137 @@
+"""Reading a delivery into a Task without ever raising: the message is someone else's input.
+
+Any header a publisher can set is checked for type and range here, before the
+worker acts on it. What cannot be read is either ignored with a documented
+fallback (``x-delivery-count``: the broker's own counter, only trusted as a
+whole number) or makes the task ``malformed``: dead-lettered unrun, with the
+header named, instead of a loop of connection aborts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from .. import vocab
+from ..runner import Task
+
+MAX_ATTEMPT = 1_000_000
+
+
+class Delivery:
+    """One message between arrival and settlement; I/O thread only, except that the
+    handler thread reads ``body`` and ``task`` (never written after intake but for
+    ``task.deadline``, which the handler thread alone writes and reads)."""
+
+    __slots__ = ("settler", "tag", "body", "props", "task", "abandoned", "duration", "error")
+
+    def __init__(self, settler, tag: int, body: bytes, props, task: Task):
+        self.settler = settler    # of the channel it came on; dies with that channel
+        self.tag = tag
+        self.body = body
+        self.props = props
+        self.task = task
+        self.abandoned = False    # settled without the handler (timeout): ignore its result
+        self.duration = 0.0       # seconds the handler ran, once it returned
+        self.error = ""           # one line, for the copy's header and --wait
+
+
+def published_at(props) -> float | None:
+    """When the task was published: workq-submit's millisecond header, else the
+    timestamp property (whole seconds, any producer); None when neither is usable."""
+    # Once per task: exact type tests (which also rule out bool), no helper calls.
+    headers = props.headers
+    if type(headers) is dict:
+        ms = headers.get(vocab.H_SUBMITTED_MS)
+        if type(ms) is int and 0 < ms < 1 << 50:
+            return ms / 1000.0
+    ts = props.timestamp
+    if type(ts) is int and 0 < ts < 1 << 40:
+        return float(ts)
+    return None
+
+
+def message_id_of(props, body: bytes) -> str:
+    """The message id, or a digest of the body for messages published without one."""
+    mid = props.message_id
+    if mid:
+        return mid if isinstance(mid, str) else str(mid)
+    return "sha1:" + hashlib.sha1(body).hexdigest()[:20]
+
+
+# Basic properties copied into Task.properties (headers are Task.headers).
+PROPERTIES = ("content_type", "content_encoding", "delivery_mode", "priority", "correlation_id",
+              "reply_to", "expiration", "message_id", "timestamp", "type", "user_id", "app_id",
+              "cluster_id")
+
+
+def read_task(queue: str, redelivered: bool, props, body: bytes, routing_key="",
+              exchange="") -> tuple[Task, str | None]:
+    """The task, and a one-line problem when a workqd header is unreadable.
+
+    The I/O thread runs this for every delivery (at prefetch 50 it is the busy thread),
+    so the common case, a str routing key and no headers, builds the Task in one call."""
+    mid = message_id_of(props, body)
+    if type(routing_key) is not str:
+        routing_key = _text(routing_key)
+    if type(exchange) is not str:
+        exchange = _text(exchange)
+    headers = props.headers
+    if not headers or not isinstance(headers, dict):
+        return Task(mid, queue, {}, bool(redelivered), 0, 1, 0.0, routing_key, exchange,
+                    props), None
+    count = headers.get(vocab.H_DELIVERY_COUNT, 0)
+    if not _whole(count) or count < 0:
+        count = 0  # not the broker's: a publisher's header on a classic queue means nothing
+    problem = None
+    attempt = headers.get(vocab.H_ATTEMPT, 1)
+    if isinstance(attempt, (str, bytes)) and attempt.strip().isdigit():
+        attempt = int(attempt)
+    if not _whole(attempt) or not 1 <= attempt <= MAX_ATTEMPT:
+        problem = (f"header {vocab.H_ATTEMPT} must be a whole number from 1 to {MAX_ATTEMPT}, "
+                   f"got {_show(attempt)}")
+        attempt = 1
+    return Task(mid, queue, headers, bool(redelivered), count, attempt, 0.0, routing_key,
+                exchange, props), problem
+
+
+def _text(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
+
+
+def properties_of(props) -> dict:
+    """The properties the publisher set; whatever pika decoded, never an exception."""
+    out = {}
+    for name in PROPERTIES:
+        value = getattr(props, name, None)
+        if value is not None:
+            out[name] = value if isinstance(value, (int, str)) else _text(value)
+    return out
+
+
+def size_problem(body: bytes, max_body: int) -> str | None:
+    if max_body and len(body) > max_body:
+        return f"body of {len(body)} bytes exceeds max_body ({max_body})"
+    return None
+
+
+def poison_problem(crashes: int, returns: int, limit: int) -> str | None:
+    """Why a redelivered task is poison, or None: ``crashes`` are worker deaths the master
+    saw while it ran, ``returns`` the broker's earlier deliveries (quorum queues)."""
+    if max(crashes, returns) < limit:
+        return None
+    if crashes >= returns:
+        return f"poison: killed its worker {crashes} time(s)"
+    return f"poison: delivered {returns + 1} times without being acked"
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

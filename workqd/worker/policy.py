@@ -1,0 +1,81 @@
+"""What the broker must see for a finished task: a pure function, no I/O.
+
+A success is acked. A failure or timeout with attempts left becomes a copy on
+the delay queue for the next try; a deferral (``workqd.RetryLater``, exit status
+75) a copy on the same delay queue for the same try, ``retry.max_deferrals``
+times at most, then it counts as a failure; without attempts left, or for a reason
+that no retry can fix (poison, too large, malformed, or the handler's own verdict:
+``workqd.Reject``, exit status 65), a copy on ``<queue>.dead``.
+Either copy is published with a confirm and the original acked only after it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from .. import vocab
+from ..config import Queue
+
+
+@dataclass(frozen=True)
+class Settlement:
+    metric: int            # vocab outcome counted once the broker has it
+    target: str | None     # queue for the copy; None means a plain ack
+    headers: dict          # headers of the copy
+    final: bool            # no further try follows (told to --wait)
+    delay: float = 0.0     # seconds before the retry runs
+    # No copy: nack without requeue, so the queue's own dead-lettering (someone else's
+    # x-dead-letter-exchange) takes it, or the broker drops it (declare_side_queues: false).
+    reject: bool = False
+
+
+ACK = Settlement(vocab.SUCCESS, None, {}, True)   # one object for every success: the hot path
+
+
+def decide(queue: Queue, attempt: int, headers: dict, outcome: int, error: str,
+           reason: str | None = None, now: datetime.datetime | None = None) -> Settlement:
+    """``outcome`` is what the handler did (SUCCESS, RETRY for a failure, TIMEOUT,
+    DEAD_LETTER when it rejected the task, DEFERRED when it asked to retry later);
+    ``reason`` is set when the worker refused the task unrun (poison, too large, ...)."""
+    if outcome == vocab.SUCCESS and reason is None:
+        return ACK
+    if outcome == vocab.DEAD_LETTER and reason is None:
+        reason = vocab.REASON_REJECTED
+    if not queue.declare_side_queues:
+        metric = vocab.TIMEOUT if outcome == vocab.TIMEOUT else vocab.DEAD_LETTER
+        return Settlement(metric, None, {}, True, reject=True)
+    # The copy is a new message to the broker: its delivery count starts afresh.
+    copy = {k: v for k, v in headers.items() if k != vocab.H_DELIVERY_COUNT}
+    error = error[:vocab.MAX_ERROR_TEXT]
+    retryable = reason is None
+    if outcome == vocab.DEFERRED and retryable:
+        deferrals = headers.get(vocab.H_DEFERRALS, 0)
+        if not isinstance(deferrals, int) or isinstance(deferrals, bool) or deferrals < 0:
+            deferrals = queue.retry.max_deferrals   # unreadable: no more deferrals, bounded
+        if deferrals < queue.retry.max_deferrals:
+            delay = queue.retry.delay_before(attempt + 1)
+            copy[vocab.H_ATTEMPT] = attempt
+            copy[vocab.H_DEFERRALS] = deferrals + 1
+            copy[vocab.H_ERROR] = error
+            target = vocab.delay_queue(queue.name, delay) if delay > 0 else queue.name
+            return Settlement(vocab.DEFERRED, target, copy, False, delay)
+        # Out of deferrals: from here on a failure like any other, so it cannot loop.
+        outcome = vocab.RETRY
+        error = f"{error} (deferred {deferrals} time(s): retry.max_deferrals)"[
+            :vocab.MAX_ERROR_TEXT]
+    if retryable and attempt < queue.retry.attempts:
+        delay = queue.retry.delay_before(attempt + 1)
+        copy[vocab.H_ATTEMPT] = attempt + 1
+        copy[vocab.H_ERROR] = error
+        target = vocab.delay_queue(queue.name, delay) if delay > 0 else queue.name
+        metric = vocab.TIMEOUT if outcome == vocab.TIMEOUT else vocab.RETRY
+        return Settlement(metric, target, copy, False, delay)
+    if reason is None:
+        reason = vocab.REASON_TIMEOUT if outcome == vocab.TIMEOUT else vocab.REASON_FAILED
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    copy.update({vocab.H_REASON: reason, vocab.H_ERROR: error, vocab.H_ATTEMPT: attempt,
+                 vocab.H_QUEUE: queue.name,
+                 vocab.H_DEAD_AT: now.isoformat(timespec="seconds")})
+    metric = vocab.TIMEOUT if outcome == vocab.TIMEOUT else vocab.DEAD_LETTER
+    return Settlement(metric, vocab.dead_letter_queue(queue.name), copy, True)

@@ -1,0 +1,443 @@
+"""A worker process: one broker session at a time, one handler thread, one slot.
+
+Built in the master before fork; ``run()`` is the child's whole life. The main
+thread runs the connection's I/O loop and never runs task code, so heartbeats
+flow while a handler works for hours. The handler thread (handler.py) runs the
+tasks; the session (session.py) is rebuilt per connection; the settler
+(settle.py) turns outcomes into acks and confirmed copies on the channel a
+delivery came from.
+
+Thread ownership: every attribute of ``Worker`` belongs to the I/O thread. The
+slot's connection state, draining flag and settlement counters are written
+here; its busy word and message id by the handler thread only (slots.py), which
+also raises the draining flag as it begins a recycling worker's last task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+from pika.adapters.select_connection import IOLoop
+
+from .. import exitcodes, logsetup, runner, vocab
+from ..broker import Failover, redact
+from ..config import Broker, Queue
+from ..slots import CONNECTING, PAUSED, Slot
+from . import intake
+from .handler import HandlerThread, Result
+from .intake import Delivery
+from .policy import decide
+from .publisher import Publisher
+from .session import CONSUMER_CHECK_EVERY, Session, Verdict
+
+log = logging.getLogger("workqd.worker")
+
+TICK = 0.25    # seconds between liveness ticks and Python-handler timeout checks
+
+
+class Worker:
+    def __init__(self, number: int, queue: Queue, broker: Broker, slot: Slot, wake_fd: int,
+                 log_level: str):
+        self.number = number
+        self.queue = queue
+        self.broker = broker
+        self.slot = slot
+        self.wake_fd = wake_fd
+        self.log_level = log_level
+        self.name = f"{queue.name}#{number}"
+        # Workers of one pool start on different nodes, so losing a node costs a
+        # share of the capacity, not all of it.
+        self._failover = Failover(broker.urls, start=number - 1)
+        self._ack_batch = 1 if queue.prefetch == 1 else max(1, (queue.prefetch or 200) // 2)
+        self._recycles = bool(queue.max_tasks_per_worker or queue.max_memory_per_worker)
+        self._session: Session | None = None
+        self._handler: HandlerThread | None = None
+        self._ioloop: IOLoop | None = None
+        self._stopping = False
+        self._exit_code: int | None = None
+        self._received = 0        # deliveries handed to the handler thread
+        self._next_consumer_check = 0.0
+
+    # --- life cycle --------------------------------------------------------
+
+    def run(self) -> int:
+        """Runs in the forked child; returns the exit status."""
+        self.pid = os.getpid()
+        self._master_pid = os.getppid()
+        logsetup.configure(self.log_level, f"worker {self.name} (pid {self.pid})")
+        logsetup.name_process("workqd-worker")
+        self.slot.set_pid(self.pid)
+        self.slot.tick()
+        try:
+            run = runner.load(self.queue.handler, self.queue.timeout, self.queue.timeout_grace)
+        except runner.BootError as e:
+            log.error("%s", e)
+            return exitcodes.WORKER_BOOT_ERROR
+        self._ioloop = IOLoop()
+        self._publisher = Publisher(self.broker, self.broker.urls,
+                                    f"workqd {self.name} pid {self.pid} (publishing)", self._ioloop,
+                                    self._on_blocked)
+        self._handler = HandlerThread(run, self.slot, self.queue.timeout, self._wake_master)
+        self._ioloop.add_handler(self._handler.wake_fd, self._guard(self._on_results),
+                                 IOLoop.READ)
+        self._install_signals()
+        self._handler.start()
+        self._ioloop.add_callback_threadsafe(self._connect)
+        self._ioloop.call_later(TICK, self._tick)
+        self._ioloop.start()
+        return self._exit_code if self._exit_code is not None else exitcodes.WORKER_OK
+
+    def _install_signals(self) -> None:
+        # The handlers do nothing: the C-level handler writes the signal number to
+        # the wakeup pipe, and the I/O loop reads it there, outside any handler.
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        # Ctrl-C reaches the whole process group: the master decides what it means.
+        # Empty handlers, not SIG_IGN, so command handlers exec'd from here start
+        # with default dispositions.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, _no_op)
+        self._ioloop.add_handler(r, self._guard(self._on_signal_pipe), IOLoop.READ)
+
+    def _on_signal_pipe(self, fd, events) -> None:
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        if signal.SIGTERM in data:
+            if not self._stopping:
+                log.info("stopping: finishing the running task, taking no new ones")
+            self.stop(exitcodes.WORKER_OK)
+
+    def stop(self, exit_code: int, requeue_buffered: bool = True, flag: bool = True) -> None:
+        """Stop taking tasks, settle what runs, then close and leave with ``exit_code``.
+
+        The draining flag makes the master start a replacement at once (unless
+        it is stopping everything), so capacity does not wait for this exit.
+        ``flag=False``: the handler thread raises it (a recycling worker's last task).
+        """
+        if self._exit_code is None:
+            self._exit_code = exit_code
+        if not self._stopping:
+            self._stopping = True
+            if flag:
+                self.slot.set_draining()
+                self._wake_master()
+            if self._session is not None:
+                self._session.stop_consuming()
+            if requeue_buffered:
+                for d in self._handler.take_unstarted():
+                    d.settler.requeue(d)
+        self._finish_if_idle()
+
+    def _finish_if_idle(self) -> None:
+        """The one place that ends a stopping worker: once nothing is owed to the broker."""
+        if not self._stopping or self._handler.busy():
+            return
+        s = self._session
+        if s is not None and s.settler is not None and s.settler.usable:
+            if s.settler.pending:
+                return
+            s.settler.flush()
+        if not self._publisher.idle and s is not None and s.settler is not None \
+                and s.settler.usable:
+            return   # a --wait reply still on its way
+        self._publisher.close()
+        if s is not None and s.connection is not None and s.connection.is_open:
+            s.close()   # _on_closed stops the loop
+        elif s is None or s.connection is None or s.connection.is_closed:
+            self._ioloop.stop()
+
+    def _on_blocked(self, blocked: bool) -> None:
+        """Publisher event: the broker blocks (or unblocks) our publishing connection."""
+        self.slot.set_blocked(blocked)
+        self._wake_master()
+
+    def _wake_master(self) -> None:
+        try:
+            os.write(self.wake_fd, b"w")
+        except OSError:
+            pass  # the pipe is full (the master will look anyway) or the master is gone
+
+    def _guard(self, callback):
+        """Nothing raised by workqd code may escape into pika's loop: log it and stop."""
+        def guarded(*args):
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("internal error in %s; stopping this worker",
+                              getattr(callback, "__name__", "callback"))
+                self.stop(exitcodes.WORKER_CRASH)
+        return guarded
+
+    # --- sessions ------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._stopping:
+            self._ioloop.stop()
+            return
+        self.slot.set_state(CONNECTING)
+        self._session = Session(
+            self.queue, self.broker, self._failover.current,
+            f"workqd {self.name} pid {self.pid}", self._ioloop, self._ack_batch,
+            self._handler.idle, self, self._publisher,
+            on_consuming=self._guard(self._on_consuming),
+            on_message=self._guard(self._on_message), on_closed=self._guard(self._on_closed))
+        self._session.held = self.slot.paused
+        self._session.open()
+
+    def _on_consuming(self, session: Session) -> None:
+        if session is not self._session:
+            return
+        if self._stopping:
+            session.stop_consuming()
+            self._finish_if_idle()
+            return
+        self._failover.succeeded()
+        self._publisher.prefer(session.url)
+        if not session.consuming:   # held: the master paused this queue
+            self.slot.set_state(PAUSED)
+            self._wake_master()
+            log.info("paused: connected to %s, not consuming from %s", redact(session.url),
+                     self.queue.name)
+            return
+        self.slot.subscribed()
+        self._wake_master()
+        log.info("consuming from %s on %s (prefetch %d)", self.queue.name,
+                 redact(session.url), self.queue.prefetch)
+
+    def on_consumer_lost(self) -> None:
+        """Session event: the broker cancelled our consumer; not consuming until it is back."""
+        self.slot.set_state(CONNECTING)
+        self._wake_master()
+
+    def _on_closed(self, session: Session, verdict: Verdict) -> None:
+        if session is not self._session:
+            return
+        self._session = None
+        self.slot.set_state(CONNECTING)
+        # The broker requeued everything unacked on that channel: what the handler
+        # thread has not started yet must not run here as well.
+        self._handler.take_unstarted()
+        if verdict.exit_code is not None:
+            log.error("%s", verdict.why)
+            if self._exit_code is None or self._exit_code == exitcodes.WORKER_OK:
+                self._exit_code = verdict.exit_code
+            self._ioloop.stop()
+            return
+        if self._stopping:
+            self._ioloop.stop()
+            return
+        delay = self._failover.failed()
+        log.warning("%s; reconnecting in %.1fs", verdict.why, delay)
+        self._wake_master()
+        self._ioloop.call_later(delay, self._connect)
+
+    # --- intake ------------------------------------------------------------------
+
+    def _on_message(self, session: Session, method, props, body: bytes) -> None:
+        settler = session.settler
+        task, problem = intake.read_task(self.queue.name, method.redelivered, props, body,
+                                         method.routing_key, method.exchange)
+        d = Delivery(settler, method.delivery_tag, body, props, task)
+        settler.track(d)
+        if self._stopping:
+            settler.requeue(d)
+            return
+        if problem:
+            self._refuse(d, vocab.REASON_MALFORMED, problem)
+            return
+        if task.redelivered:
+            problem = self._poison_problem(task)
+            if problem:
+                self._refuse(d, vocab.REASON_POISON, problem)
+                return
+        problem = intake.size_problem(body, self.queue.max_body)
+        if problem:
+            self._refuse(d, vocab.REASON_TOO_LARGE, problem)
+            return
+        self._received += 1
+        if not (self._recycles and self._last_task_taken()):
+            self._handler.submit(d)
+            return
+        # The last task: cancel now, while it runs, and let the master start the
+        # replacement, so that it consumes by the time this worker leaves. When
+        # the task runs next, the handler thread raises the draining flag as it
+        # begins it (HandlerThread.last); behind other tasks, which keep this worker
+        # busy meanwhile, the flag goes up now.
+        runs_next = self._handler.running is None and self._handler.idle()
+        if runs_next:
+            self._handler.last = d
+        self._handler.submit(d)
+        self.stop(exitcodes.WORKER_RECYCLE, requeue_buffered=False, flag=not runs_next)
+
+    def _poison_problem(self, task) -> str | None:
+        crashes = self.slot.table.crashes(self.slot.pool_id, task.message_id, self.pid)
+        # On quorum queues the broker counts every return, cluster-wide.
+        returns = task.delivery_count if self.queue.type == "quorum" else 0
+        log.info("task %s redelivered (%d earlier deliveries, %d worker deaths): it may have "
+                 "run before", task.message_id, returns, crashes)
+        return intake.poison_problem(crashes, returns, self.queue.max_redeliveries)
+
+    def _last_task_taken(self) -> bool:
+        q = self.queue
+        if q.max_tasks_per_worker and self._received >= q.max_tasks_per_worker:
+            log.info("recycling after this task: %d tasks taken (max_tasks_per_worker)",
+                     self._received)
+            return True
+        if q.max_memory_per_worker:
+            rss = _rss_bytes()
+            if rss > q.max_memory_per_worker:
+                log.info("recycling after this task: RSS %d MiB is past max_memory_per_worker "
+                         "(%d MiB)", rss >> 20, q.max_memory_per_worker >> 20)
+                return True
+        return False
+
+    # --- settlement ----------------------------------------------------------------
+
+    def _on_results(self, fd, events) -> None:
+        for r in self._handler.take_results():
+            self._on_result(r)
+
+    def _on_result(self, r: Result) -> None:
+        d = r.delivery
+        if d.abandoned:
+            return  # settled as timed out already; the thread's late result means nothing
+        d.duration, d.error = r.duration, r.error
+        self._settle(d, r.outcome)
+
+    def _refuse(self, d: Delivery, reason: str, problem: str) -> None:
+        """Dead-letter a task unrun."""
+        d.error = problem
+        self._settle(d, vocab.DEAD_LETTER, reason)
+
+    def _settle(self, d: Delivery, outcome: int, reason: str | None = None) -> None:
+        if outcome == vocab.SUCCESS and reason is None:
+            # Nearly every task: the hot path of the I/O thread, without the policy call.
+            self.slot.record(vocab.SUCCESS, d.duration)
+            if d.settler.ack(d):
+                if d.props.reply_to:
+                    d.settler.reply(d, "success", True)
+            else:
+                self.on_unsettled(d, "channel gone")
+            if self._stopping:
+                self._finish_if_idle()
+            return
+        q = self.queue
+        s = decide(q, d.task.attempt, d.task.headers, outcome, d.error, reason)
+        settler = d.settler
+        if s.reject:   # declare_side_queues: false (policy.decide)
+            log.warning("task %s rejected to the broker (no side queues): %s",
+                        d.task.message_id, d.error)
+            if settler.reject(d):
+                self.slot.record(s.metric, d.duration)
+                settler.reply(d, vocab.OUTCOMES[s.metric], True)
+            else:
+                self.on_unsettled(d, "channel gone")
+        else:
+            if s.final:
+                log.warning("task %s dead-lettered to %s (%s): %s", d.task.message_id,
+                            s.target, s.headers[vocab.H_REASON], d.error)
+            elif s.metric == vocab.DEFERRED:
+                log.info("task %s deferred by its handler (%d of %d): %s; back in %gs",
+                         d.task.message_id, s.headers[vocab.H_DEFERRALS],
+                         q.retry.max_deferrals, d.error, s.delay)
+            else:
+                log.info("task %s: %s; try %d of %d in %gs", d.task.message_id, d.error,
+                         d.task.attempt + 1, q.retry.attempts, s.delay)
+            try:
+                published = settler.publish_copy(d, s)
+            except (TypeError, ValueError) as e:
+                # pika could not encode a header it decoded: keep only workqd's own.
+                log.warning("task %s: cannot copy its headers (%s); the copy keeps workqd's "
+                            "headers only", d.task.message_id, e)
+                published = settler.publish_copy(d, dataclasses.replace(s, headers={
+                    k: v for k, v in s.headers.items() if k.startswith("x-workq-")}))
+            if not published:
+                self.on_unsettled(d, "channel gone")
+        self._finish_if_idle()
+
+    def on_settled(self, d: Delivery, metric: int) -> None:
+        """Settler event: the broker has the copy of ``d`` and the original is acked."""
+        self.slot.record(metric, d.duration)
+        self._finish_if_idle()
+
+    def on_unsettled(self, d: Delivery, why: str) -> None:
+        """Settler event: ``d`` could not be settled here; the broker redelivers it."""
+        if why == "channel gone":
+            log.warning("task %s finished but its channel is gone: cannot ack, the broker "
+                        "redelivers it (a duplicate run)", d.task.message_id)
+        self._finish_if_idle()
+
+    # --- periodic checks --------------------------------------------------------
+
+    def _tick(self) -> None:
+        try:
+            self._check()
+        except Exception:
+            log.exception("internal error in the periodic check; stopping this worker")
+            self.stop(exitcodes.WORKER_CRASH)
+        self._ioloop.call_later(TICK, self._tick)
+
+    def _check(self) -> None:
+        self.slot.tick()
+        now = time.monotonic()
+        if self._session is not None and now >= self._next_consumer_check:
+            self._next_consumer_check = now + CONSUMER_CHECK_EVERY
+            self._session.check_consumer()
+        if os.getppid() != self._master_pid and not self._stopping:
+            # An orphan would go on consuming with nobody to supervise or count it.
+            log.error("the master (pid %d) is gone; stopping", self._master_pid)
+            self.stop(exitcodes.WORKER_OK)
+        self._follow_pause()
+        running = self._handler.running
+        if (running is not None and not running.delivery.abandoned and self.queue.handler.python
+                and time.monotonic() - running.started > self.queue.timeout):
+            # A thread cannot be killed: settle the task as timed out, then
+            # leave so the master replaces this process.
+            d = running.delivery
+            log.error("task %s ran past its timeout of %gs; settling it as timed out and "
+                      "recycling this worker", d.task.message_id, self.queue.timeout)
+            d.abandoned = True
+            d.duration = time.monotonic() - running.started
+            d.error = f"ran past {self.queue.timeout:g}s"
+            self._settle(d, vocab.TIMEOUT)
+            self.stop(exitcodes.WORKER_TIMEOUT)
+
+
+    def _follow_pause(self) -> None:
+        """The master's paused word: cancel the consumer (running tasks finish and are
+        acked on this channel) or consume again."""
+        s = self._session
+        if s is None or self._stopping:
+            return
+        paused = self.slot.paused
+        if paused == s.held:
+            return
+        if paused:
+            s.held = True
+            was_consuming = s.consuming
+            s.stop_consuming()
+            if was_consuming:
+                self.slot.set_state(PAUSED)
+                self._wake_master()
+                log.info("paused: consumer of %s cancelled; a running task finishes",
+                         self.queue.name)
+        else:
+            s.consume_again()   # _on_consuming logs it
+
+
+def _no_op(signum, frame) -> None:
+    """The signal number is already in the wakeup pipe."""
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE

@@ -1,0 +1,382 @@
+"""One broker session: a connection and its channel, from connect to close.
+
+A ``Session`` is built for every connection attempt and thrown away when the
+connection closes, so nothing about a dead connection (consumer tag, declare
+progress, the channel's settler) can leak into the next one. It reports to the
+worker through three callbacks and a ``Verdict`` saying whether reconnecting
+can help. Everything here runs on the worker's I/O thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+from typing import Callable, NamedTuple
+
+import pika
+import pika.exceptions
+
+from .. import exitcodes
+from ..broker import Declaration, connection_parameters, declarations, queue_arguments, redact
+from ..config import Binding, Broker, Queue
+from .settle import Settler
+
+log = logging.getLogger("workqd.worker")
+
+AUTH_ERRORS = (pika.exceptions.ProbableAuthenticationError,
+               pika.exceptions.ProbableAccessDeniedError)
+
+
+class Verdict(NamedTuple):
+    why: str                  # one line for the log
+    exit_code: int | None     # None: reconnect; else the worker leaves with this status
+
+
+def classify_open_error(error, url: str) -> Verdict:
+    """A connection that never opened."""
+    if isinstance(error, AUTH_ERRORS):
+        return Verdict(f"broker {redact(url)} refused the login: {error}",
+                       exitcodes.WORKER_BROKER_REFUSED)
+    tls = tls_error(error)
+    if tls is not None:
+        # A certificate that fails verification, or a TLS setup the broker refuses, is
+        # configuration: reconnecting would repeat it forever.
+        return Verdict(f"TLS with {redact(url)} failed: {tls}", exitcodes.WORKER_BAD_SETTINGS)
+    return Verdict(f"cannot connect to {redact(url)}: {error!r}", None)
+
+
+_SSL_TEXT = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
+
+
+def tls_error(error) -> str | None:
+    """The TLS failure behind a pika connection error, in one line, or None."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, str):
+            # TLS 1.3 refuses a missing client certificate after the handshake; pika
+            # then reports it only as text inside a protocol error.
+            m = _SSL_TEXT.search(e)
+            if m:
+                return m.group(1).replace("_", " ").lower()
+            continue
+        if id(e) in seen or not isinstance(e, BaseException):
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"the broker's certificate was refused: {e.verify_message}"
+        if isinstance(e, ssl.SSLError):
+            return f"{e.reason or e}".replace("_", " ").lower()
+        # pika wraps the cause: .exceptions (a workflow), .exception (one phase), args.
+        todo += [*getattr(e, "exceptions", ()), getattr(e, "exception", None), *e.args,
+                 e.__cause__, e.__context__]
+    return None
+
+
+def classify_channel_close(code: int, text: str, declaring: bool, queue: Queue,
+                           item=None) -> Verdict:
+    """The broker closed our channel; ``declaring`` while queues were being declared,
+    ``item`` the Declaration or Binding the broker refused, when known."""
+    if declaring and isinstance(item, Binding) and code == 404:
+        return Verdict(f"queue {queue.name}: bindings name exchange {item.exchange!r}, which does "
+                       f"not exist on the broker (workqd does not create exchanges): {text}",
+                       exitcodes.WORKER_QUEUE_MISSING)
+    if declaring and isinstance(item, Declaration) and item.passive and code == 404:
+        return Verdict(f"queue {item.name} does not exist on the broker, and with declare: false "
+                       f"workqd does not create it: create it, or set declare: true ({text})",
+                       exitcodes.WORKER_QUEUE_MISSING)
+    if code == 406 and declaring:
+        # The broker's text names the argument that differs ("inequivalent arg
+        # 'x-max-length' for queue 'q' ...: received '10' but current is '5'").
+        if isinstance(item, Declaration):
+            return Verdict(f"queue {item.name} exists on the broker with other arguments than "
+                           f"this config declares ({item.arguments}): {text}",
+                           exitcodes.WORKER_QUEUE_MISMATCH)
+        return Verdict(f"queue {queue.name} (or its dead-letter/delay queue) exists on the broker "
+                       f"with other arguments than this config declares "
+                       f"({queue_arguments(queue)}): {text}", exitcodes.WORKER_QUEUE_MISMATCH)
+    if code == 406 and "timeout" in text.lower():
+        # The broker has requeued the task: its run here is now a duplicate. Leave,
+        # so it ends, and so the master counts it toward the task's poison limit.
+        return Verdict(f"the broker closed the channel because a delivery stayed unacked past "
+                       f"its consumer_timeout ({text}); the task will be redelivered, and this "
+                       f"worker is replaced", exitcodes.WORKER_CONSUMER_TIMEOUT)
+    if code == 403:
+        return Verdict(f"broker refused access: {code} {text}", exitcodes.WORKER_BROKER_REFUSED)
+    if code == 404:
+        # A queue whose node is down, or deleted under us: it may come back.
+        return Verdict(f"queue not available on the broker: {code} {text}", None)
+    return Verdict(f"channel closed by the broker: {code} {text}", None)
+
+
+# The broker does not always say when it drops a consumer (a deleted quorum queue
+# on RabbitMQ 3.10 sends no basic.cancel): a consuming session asks it, this
+# often, about the queue, and consumes again on a new connection after
+# CONSUMER_CHECK_MISSES answers in a row that show something wrong (consumer_check).
+CONSUMER_CHECK_EVERY = 10.0
+CONSUMER_CHECK_MISSES = 2
+CONSUMER_TIMEOUT_MARGIN = 60.0          # seconds on top of what the queue's tasks may take
+CONSUMER_TIMEOUT_MAX = 7 * 24 * 3600.0  # a week
+
+
+def consumer_check(consumers: int, ready: int, delivered: int, holding: bool,
+                   starvation_applies: bool) -> str:
+    """What one answer to the periodic passive declare shows wrong ("" for nothing).
+
+    ``delivered``: deliveries this session took since the last check; ``holding``: some
+    are not settled yet, so the worker may have no room for more. Tasks waiting while a
+    free consumer gets none is what a quorum queue deleted and declared again under
+    the same name looked like on RabbitMQ 3.10: the broker counted our consumers and
+    delivered nothing to them. Not judged for a single-active-consumer queue (idle
+    consumers are its point) or a queue declared by others (it may be one)."""
+    if not consumers:
+        return ("the broker counts no consumer of the queue although this worker consumes "
+                "it (the queue was deleted and declared again?)")
+    if starvation_applies and ready and not delivered and not holding:
+        return (f"{ready} task(s) wait in the queue but none came to this free consumer "
+                f"since the last check (the queue was deleted and declared again?)")
+    return ""
+
+
+def consumer_arguments(queue: Queue) -> dict:
+    """Ask for a consumer_timeout that fits the queue's `timeout`, so long tasks need no
+    broker-wide change (RabbitMQ >= 3.12 honours it; 3.10 ignores the argument). A
+    delivery may wait behind prefetch - 1 others before it runs."""
+    if not queue.prefetch:
+        return {}
+    seconds = queue.timeout * queue.prefetch + CONSUMER_TIMEOUT_MARGIN
+    return {"x-consumer-timeout": int(min(seconds, CONSUMER_TIMEOUT_MAX) * 1000)}
+
+
+class Session:
+    def __init__(self, queue: Queue, broker: Broker, url: str, connection_name: str, ioloop,
+                 ack_batch: int, handler_idle: Callable[[], bool], events, publisher,
+                 on_consuming: Callable[["Session"], None],
+                 on_message: Callable[["Session", object, object, bytes], None],
+                 on_closed: Callable[["Session", Verdict], None]):
+        self.queue = queue
+        self.broker = broker
+        self.url = url
+        self._name = connection_name
+        self._ioloop = ioloop
+        self._ack_batch = ack_batch
+        self._handler_idle = handler_idle
+        self._events = events
+        self._publisher = publisher
+        self._on_consuming = on_consuming
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self.connection = None
+        self.channel = None
+        self.settler: Settler | None = None
+        self.consumer_tag: str | None = None
+        self._declaring = False
+        self._pending: list[Declaration | Binding] = []
+        self._declaring_item: tuple[Declaration | Binding, bool] | None = None
+        self._verdict: Verdict | None = None   # why the channel went, if the broker said
+        self._misses = 0   # consumer checks in a row that found something wrong
+        self._delivered = 0           # deliveries taken on this session
+        self._delivered_checked = 0   # ... as of the last consumer check
+        self._starvation_applies = not queue.idle_consumers_expected
+        self._closing = False
+        # Paused by the master (control socket): declare and stay connected, but hold
+        # no consumer. ``_can_consume``: declared and qos set, so consuming is one call.
+        self.held = False
+        self._can_consume = False
+
+    @property
+    def consuming(self) -> bool:
+        return self.consumer_tag is not None
+
+    def open(self) -> bool:
+        """Start connecting; False (after reporting) when the settings cannot be used."""
+        try:
+            params = connection_parameters(self.broker, self.url, self._name)
+        except (ValueError, OSError) as e:
+            self._report(Verdict(f"cannot use broker URL {redact(self.url)}: {e}",
+                                 exitcodes.WORKER_BAD_SETTINGS))
+            return False
+        self.connection = pika.SelectConnection(
+            params, on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_connection_closed, custom_ioloop=self._ioloop)
+        return True
+
+    def stop_consuming(self) -> None:
+        """Take no new deliveries; what was delivered is still settled on this channel."""
+        if self.consumer_tag and self.channel is not None and self.channel.is_open:
+            self.channel.basic_cancel(self.consumer_tag)
+        self.consumer_tag = None
+
+    def consume_again(self) -> None:
+        """Undo a pause: consume again if this channel got that far (else it will)."""
+        self.held = False
+        if self._can_consume and self.consumer_tag is None:
+            self._consume()
+
+    def close(self) -> None:
+        self._closing = True
+        if self.connection is not None and self.connection.is_open:
+            self.connection.close()
+
+    # --- connection -------------------------------------------------------
+
+    def _on_open_error(self, connection, error) -> None:
+        self._report(classify_open_error(error, self.url))
+
+    def _on_connection_open(self, connection) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_closed(self, connection, reason) -> None:
+        if self.settler is not None:
+            self.settler.close()
+        self.consumer_tag = None
+        self._report(self._verdict or Verdict(f"connection lost: {reason!r}", None))
+
+    def _report(self, verdict: Verdict) -> None:
+        if self._on_closed is not None:
+            on_closed, self._on_closed = self._on_closed, None  # once per session
+            on_closed(self, verdict)
+
+    # --- channel: declare, confirm, qos, consume -------------------------------
+
+    def _on_channel_open(self, channel) -> None:
+        self._adopt_channel(channel)
+        self._declare()
+
+    def _adopt_channel(self, channel) -> None:
+        # This channel never publishes (publisher.py does): an alarm cannot block its acks.
+        self.channel = channel
+        self.settler = Settler(channel, self._ioloop, self._ack_batch, self._handler_idle,
+                               self._events, self._publisher)
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_cancelled)
+
+    def _declare(self) -> None:
+        self._pending = declarations(self.queue)
+        self._declaring = True
+        self._declare_next()
+
+    def _declare_next(self, _frame=None, legacy: bool = False) -> None:
+        channel = self.channel
+        if channel is None or not channel.is_open:
+            return
+        if not self._pending:
+            self._declaring = False
+            channel.basic_qos(prefetch_count=self.queue.prefetch, callback=lambda _: self._consume())
+            return
+        item = self._pending[0]
+        if isinstance(item, Binding):
+            self._bind(channel, item)
+            return
+        args = item.legacy if legacy else item.arguments
+
+        def declared(frame):
+            self._pending.pop(0)
+            if legacy:
+                log.warning("queue %s exists with the arguments of an older workqd (%s) and is "
+                            "used as it is; %s", item.name, item.legacy, item.fix)
+            self._declare_next()
+        self._declaring_item = (item, legacy)
+        if item.passive:
+            # Someone else's queue, taken as it is: durable or not, any arguments.
+            channel.queue_declare(item.name, passive=True, callback=declared)
+        else:
+            channel.queue_declare(item.name, durable=True, arguments=args, callback=declared)
+
+    def _bind(self, channel, binding: Binding) -> None:
+        """Check that the exchange exists (passively: it is not ours), then bind to it."""
+        def bound(_frame):
+            self._pending.pop(0)
+            self._declare_next()
+        self._declaring_item = (binding, False)
+        channel.exchange_declare(binding.exchange, passive=True, callback=lambda _f: (
+            channel.queue_bind(self.queue.name, binding.exchange, binding.routing_key,
+                               callback=bound)))
+
+    def _consume(self) -> None:
+        if self._closing or not self.channel.is_open:
+            return
+        self._can_consume = True
+        if self.held:
+            self._on_consuming(self)   # the worker sees no consumer_tag: paused
+            return
+        self.consumer_tag = self.channel.basic_consume(
+            self.queue.name, self._deliver, auto_ack=False,
+            arguments=consumer_arguments(self.queue))
+        self._on_consuming(self)
+
+    def _deliver(self, channel, method, props, body: bytes) -> None:
+        self._delivered += 1
+        self._on_message(self, method, props, body)
+
+    def _on_cancelled(self, frame) -> None:
+        # basic.cancel from the broker: the queue was deleted, or its node went down.
+        if self.consumer_tag is None:
+            return
+        self._lost_consumer(f"the broker cancelled the consumer of queue {self.queue.name} "
+                            f"(queue deleted or its node down)")
+
+    def _lost_consumer(self, why: str) -> None:
+        """The broker no longer delivers to our consumer: end this session, so the worker
+        declares and consumes again on a fresh connection.
+
+        Not on this channel: nothing on it is known to be sound once the broker dropped
+        our consumer, and what it still holds came from the queue that went, so its acks
+        could not be taken anyway. (On RabbitMQ 3.10 a quorum queue deleted and declared
+        again before the cancel went out keeps the old consumers: counted, never cancelled,
+        never delivered to. Only a consumer on a new connection gets its tasks: issue 10,
+        tests/test_cluster.py.)"""
+        self.consumer_tag = None
+        self._can_consume = False
+        self._events.on_consumer_lost()
+        self._verdict = Verdict(f"{why}: declaring and consuming again on a new connection",
+                                None)
+        if self.connection is not None and self.connection.is_open:
+            self.connection.close()
+
+    def check_consumer(self) -> None:
+        """Ask the broker whether the queue is there and has consumers (I/O thread, periodic)."""
+        if self.consumer_tag is None or self.channel is None or not self.channel.is_open:
+            return
+        tag = self.consumer_tag
+
+        def counted(frame):
+            if self.consumer_tag != tag:
+                return
+            delivered = self._delivered - self._delivered_checked
+            self._delivered_checked = self._delivered
+            wrong = consumer_check(frame.method.consumer_count, frame.method.message_count,
+                                   delivered, self.settler is not None and self.settler.pending,
+                                   self._starvation_applies)
+            if not wrong:
+                self._misses = 0
+                return
+            self._misses += 1
+            if self._misses >= CONSUMER_CHECK_MISSES:
+                self._misses = 0
+                self._lost_consumer(f"queue {self.queue.name}: {wrong}")
+        # A missing queue closes the channel with 404: the session then starts afresh.
+        self.channel.queue_declare(self.queue.name, passive=True, callback=counted)
+
+    def _on_channel_closed(self, channel, reason) -> None:
+        if channel is not self.channel:
+            return
+        self.consumer_tag = None
+        code = getattr(reason, "reply_code", 0)
+        text = getattr(reason, "reply_text", str(reason))
+        item, tried_legacy = self._declaring_item or (None, False)
+        if (self._declaring and code == 406 and item is not None and item.legacy is not None
+                and not tried_legacy and not self._closing and self.connection.is_open):
+            if self.settler is not None:
+                self.settler.close()
+            self.connection.channel(on_open_callback=lambda ch: (
+                self._adopt_channel(ch), self._declare_next(legacy=True)))
+            return
+        if not self._closing and self._verdict is None:   # the first cause is the one told
+            self._verdict = classify_channel_close(code, text, self._declaring, self.queue, item)
+        if self.settler is not None:
+            self.settler.close()
+        if self.connection is not None and self.connection.is_open:
+            self.connection.close()  # a fresh connection and channel, or the worker's exit

@@ -1,0 +1,187 @@
+"""Settlement on one consuming channel: coalesced acks, copies awaiting their confirm, replies.
+
+A ``Settler`` is built when its channel opens and closed when the channel goes.
+Delivery tags, pending acks and the copies it waits for live on it and die with
+it: after a channel is lost the broker has already requeued every unacked
+delivery, so whatever finishes later is reported as a lost ack, never acked with
+a stale tag on a newer channel. The liveness check lives here and nowhere else
+(``usable``). Copies and replies go out on the worker's publishing connection
+(publisher.py); the original is acked here once its copy is confirmed.
+
+Every method runs on the worker's I/O thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Callable, Protocol
+
+import pika
+
+from .. import vocab
+from . import publisher as pub
+from .intake import Delivery
+from .policy import Settlement
+
+log = logging.getLogger("workqd.worker")
+
+ACK_FLUSH_DELAY = 0.005    # seconds a coalesced ack waits at most while the handler is busy
+
+
+class Events(Protocol):
+    def on_settled(self, d: Delivery, metric: int) -> None: ...
+    def on_unsettled(self, d: Delivery, why: str) -> None: ...
+
+
+class Settler:
+    def __init__(self, channel, ioloop, batch: int, handler_idle: Callable[[], bool],
+                 events: Events, publisher):
+        self.channel = channel
+        self._publisher = publisher
+        self._ioloop = ioloop
+        self._batch = batch                 # acks sent together at most
+        self._handler_idle = handler_idle
+        self._events = events
+        self.closed = False
+        self._unsettled: dict[int, Delivery] = {}   # tag -> delivery received here, not settled
+        self._ack_tags: list[int] = []               # settled successes whose ack is not sent yet
+        self._timer = None
+        self._flush_soon = False
+        self._copies: dict[int, Delivery] = {}       # tag -> delivery whose copy awaits its confirm
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self.channel.is_open
+
+    @property
+    def pending(self) -> bool:
+        """Something here still needs the broker: an unsettled delivery or a confirm."""
+        return bool(self._unsettled or self._copies)
+
+    def track(self, d: Delivery) -> None:
+        self._unsettled[d.tag] = d
+
+    def forget(self, d: Delivery) -> None:
+        self._unsettled.pop(d.tag, None)
+
+    # --- outcomes ---------------------------------------------------------
+
+    def ack(self, d: Delivery) -> bool:
+        """Ack a success, coalesced with its neighbours when that is safe."""
+        self._unsettled.pop(d.tag, None)
+        if not self.usable:
+            return False
+        if self._batch == 1 and not self._ack_tags:
+            self.channel.basic_ack(d.tag)
+            return True
+        self._ack_tags.append(d.tag)
+        if len(self._ack_tags) >= self._batch:
+            self.flush()
+        elif self._handler_idle():
+            # Flush at the end of this loop iteration, so every completion handled
+            # in it shares one multiple-ack frame.
+            if not self._flush_soon:
+                self._cancel_timer()
+                self._timer = self._ioloop.call_later(0, self.flush)
+                self._flush_soon = True
+        elif self._timer is None:
+            self._timer = self._ioloop.call_later(ACK_FLUSH_DELAY, self.flush)
+        return True
+
+    def requeue(self, d: Delivery) -> None:
+        """Give a delivery back unrun (stop, or its copy was refused)."""
+        self._unsettled.pop(d.tag, None)
+        if self.usable:
+            self.channel.basic_nack(d.tag, requeue=True)
+
+    def reject(self, d: Delivery) -> bool:
+        """Nack without requeue: the queue's own dead-lettering takes it (or the broker
+        drops it). Sent at once, never coalesced with acks."""
+        self._unsettled.pop(d.tag, None)
+        if not self.usable:
+            return False
+        self.channel.basic_nack(d.tag, requeue=False)
+        return True
+
+    def publish_copy(self, d: Delivery, s: Settlement) -> bool:
+        """Publish the retry or dead-letter copy; the original is acked on its confirm."""
+        if not self.usable:
+            self._unsettled.pop(d.tag, None)
+            return False
+        p = d.props
+        props = pika.BasicProperties(
+            content_type=p.content_type, content_encoding=p.content_encoding, headers=s.headers,
+            delivery_mode=2, priority=p.priority, correlation_id=p.correlation_id,
+            reply_to=p.reply_to, message_id=d.task.message_id, timestamp=p.timestamp,
+            type=p.type, app_id=p.app_id)
+        self._copies[d.tag] = d
+        self._publisher.publish(s.target, d.body, props, True,
+                                done=lambda result: self._copy_done(d, s, result),
+                                wanted=lambda: self.usable and d.tag in self._copies)
+        return True
+
+    def reply(self, d: Delivery, outcome: str, final: bool) -> None:
+        """Tell a waiting ``workq-submit --wait`` what became of its task."""
+        reply_to = d.props.reply_to
+        if not reply_to or not isinstance(reply_to, str) or not self.usable:
+            return
+        body = json.dumps({"message_id": d.task.message_id, "outcome": outcome, "final": final,
+                           "seconds": round(d.duration, 3),
+                           "error": None if outcome == "success" else d.error})
+        self._publisher.publish(reply_to, body.encode(), pika.BasicProperties(
+            correlation_id=d.task.message_id, content_type="application/json"), False,
+            done=None, wanted=lambda: True)
+
+    # --- coalesced acks -------------------------------------------------------
+
+    def flush(self) -> None:
+        self._flush_soon = False
+        self._cancel_timer()
+        tags, self._ack_tags = self._ack_tags, []
+        if not tags or not self.usable:
+            return
+        last = tags[-1]
+        if len(tags) > 1 and not any(t < last for t in self._unsettled):
+            # One frame covers every earlier tag: each of them is settled, none
+            # awaits a confirm or still runs.
+            self.channel.basic_ack(last, multiple=True)
+            if self._debug:
+                log.debug("acked %d deliveries up to tag %d in one frame", len(tags), last)
+        else:
+            for tag in tags:
+                self.channel.basic_ack(tag)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._ioloop.remove_timeout(self._timer)
+            self._timer = None
+
+    # --- copies ---------------------------------------------------------------
+
+    def _copy_done(self, d: Delivery, s: Settlement, result: str) -> None:
+        if self._copies.pop(d.tag, None) is None:
+            return   # this channel closed meanwhile: the broker redelivers the original
+        if result == pub.CONFIRMED:
+            self._unsettled.pop(d.tag, None)
+            if self.usable:
+                self.channel.basic_ack(d.tag)
+            self._events.on_settled(d, s.metric)
+            self.reply(d, vocab.OUTCOMES[s.metric], s.final)
+            return
+        log.error("the copy of task %s to %s was %s; requeueing the original", d.task.message_id,
+                  s.target, result)
+        self.requeue(d)
+        self._events.on_unsettled(d, f"copy {result}")
+
+    def close(self) -> None:
+        """The channel is gone: drop every ack and confirm; the broker requeues the originals."""
+        self.closed = True
+        self._cancel_timer()
+        self._ack_tags = []
+        for d in self._copies.values():
+            log.warning("task %s: its copy was not confirmed before the channel closed; the broker "
+                        "redelivers the original (the copy may exist as well)", d.task.message_id)
+        self._copies.clear()
+        self._unsettled.clear()

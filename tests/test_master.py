@@ -19,16 +19,22 @@ def test_master_forks_only_while_single_threaded(daemon, amqp, qname, tmp_path, 
         assert d.http("/metrics")[0] == 200
     victim = d.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: len(d.worker_pids()) == 2 and victim not in d.worker_pids(), 15,
-             what="replacement worker")
+    # The master's own word that it saw the death and replaced the worker: the
+    # process table alone can show two live workers before the replacement exists.
+    wait_for(lambda: f"(pid {victim}) killed by SIGKILL" in d.log()
+             and d.log().count("consuming from") == 3 and len(d.worker_pids()) == 2, 15,
+             what="replacement worker consuming")
     d.send(signal.SIGHUP)
     wait_for(lambda: "reload complete" in d.log(), 20, what="reload complete")
     mid = amqp.publish(qname, "sleep=0")
     wait_for(lambda: mid in d.ledger.ended_ids(), 15, what="a task after the reload")
-    assert d.stop() == 0
-    records = [line.split() for line in forks.read_text().splitlines()]
+
+    def fork_records():
+        return [line.split() for line in forks.read_text().splitlines()]
     # 2 workers + the poller at start, 1 replacement, 2 workers and a poller on reload.
-    assert len(records) >= 6, records
+    wait_for(lambda: len(fork_records()) >= 6, 15, what="six forks of the master")
+    assert d.stop() == 0
+    records = fork_records()
     assert {threads for _, threads in records} == {"1"}, records
     assert "Traceback" not in d.log()
 

@@ -41,6 +41,7 @@ class PollerProcess:
         self._buf = b""
         self._sel = None
         self._respawn_at = 0.0
+        self._replacing = False   # reconfigure() ended it: respawn at once, not after a delay
         self._was_connected: bool | None = None
         self.rounds = 0      # reports received, so the master can tell a new one
 
@@ -89,13 +90,17 @@ class PollerProcess:
         self.cfg = cfg
         if self.pid:
             _kill(self.pid, signal.SIGTERM)  # reaped by the master, then respawned
+            self._replacing = True
         self._respawn_at = 0.0
 
     def on_exit(self, now: float) -> None:
         """The master reaped the poller."""
         self._close_pipes()
         self.pid = 0
-        self._respawn_at = now + RESPAWN_DELAY
+        # A crash waits, so a poller that dies at once does not spin; a replacement
+        # asked for by a reload does not, so the depth gauges never go missing.
+        self._respawn_at = now if self._replacing else now + RESPAWN_DELAY
+        self._replacing = False
 
     def manage(self, now: float) -> None:
         if not self.pid and self._sel is not None and now >= self._respawn_at:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def _snapshot() -> state.Snapshot:
     slot = SlotTable(capacity=2).allocate(1)
     slot.record(DEAD_LETTER, 2.0)
     slot.record(SUCCESS, 0.3)
-    slot.begin("m-1", redelivered=True)
+    slot.begin("m-1", redelivered=True, started=time.monotonic())
     counters = dict.fromkeys(COUNTER_WORDS, 0)
     counters.update(slot.counters())
     assert counters[OUTCOME_WORDS[SUCCESS]] == 1

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 
-import pytest
-
-from conftest import BROKER_URL, new_password, queue_config, rabbitmqctl, wait_for
+from conftest import new_password, queue_config, rabbitmqctl, wait_for
 
 
 def test_bad_config_on_reload_is_refused_and_old_pool_keeps_running(daemon, amqp, qname):

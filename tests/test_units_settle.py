@@ -17,7 +17,6 @@ import pytest
 
 from workqd import config, vocab
 from workqd.runner import Task
-from workqd.worker.intake import Delivery
 from workqd.worker.policy import decide
 from workqd.worker import publisher as pub
 from workqd.worker.settle import Settler
@@ -103,8 +102,7 @@ def make(batch=4, idle=False):
 
 
 def delivery(s, tag, attempt=1):
-    d = Delivery(s, tag, b"body", props(f"m{tag}"), Task(f"m{tag}", "q", {}, False, 0, attempt))
-    s.track(d)
+    d = s.receive(tag, b"body", props(f"m{tag}"), Task(f"m{tag}", "q", {}, False, 0, attempt))
     return d
 
 
@@ -212,9 +210,8 @@ def test_lost_channel_drops_pending_acks_and_refuses_new_ones():
 
 def test_reply_follows_the_settlement_and_is_never_mandatory():
     s, ch, loop, ev = make(batch=1)
-    d = Delivery(s, 1, b"x", props("m1", reply_to="amq.rabbitmq.reply-to.abc"),
-                 Task("m1", "q", {}, False, 0, 1))
-    s.track(d)
+    d = s.receive(1, b"x", props("m1", reply_to="amq.rabbitmq.reply-to.abc"),
+                  Task("m1", "q", {}, False, 0, 1))
     s.ack(d)
     s.reply(d, "success", True)
     assert ch.frames == [("ack", 1, False), ("publish", "amq.rabbitmq.reply-to.abc", "m1", False)]

@@ -22,7 +22,7 @@ from workqd.runner import Task
 from workqd.slots import CONNECTING, SlotTable, Totals
 from workqd.worker import Worker
 from workqd.worker import intake
-from workqd.worker.handler import HandlerThread, Running
+from workqd.worker.handler import HandlerThread
 from workqd.worker.intake import Delivery
 
 CFG = config.parse({"queues": [{"name": "q", "handler": {"python": "m:f"}, "timeout": 5,
@@ -112,7 +112,7 @@ def test_metadata_makes_headers_json_safe():
 def test_task_finishing_during_a_reconnect_does_not_make_the_worker_consuming():
     slot = SlotTable(capacity=1).allocate(1)
     slot.subscribed()
-    slot.begin("m1", False)                # handler thread
+    slot.begin("m1", False, time.monotonic())   # handler thread
     slot.set_state(CONNECTING)             # I/O thread: connection lost
     assert not slot.consuming and slot.message_id() == "m1"   # still truthfully held
     slot.end()                             # handler thread finishes meanwhile
@@ -158,7 +158,7 @@ class _Slot:
     def __init__(self, hook):
         self.hook = hook
 
-    def begin(self, mid, redelivered, wait=None):
+    def begin(self, mid, redelivered, started, wait=None):
         self.hook()
 
     def end(self):
@@ -225,7 +225,7 @@ def test_tick_in_the_start_window_never_times_out_a_task_that_just_began():
     worker._check()
     release.set()
     assert seen[0] == ("at begin", None)
-    assert isinstance(seen[1][1], Running) and seen[1][1].started > 0
+    assert seen[1][1] is d and d.started > 0
     assert settler.copies == [] and not d.abandoned and not worker._stopping
 
 
@@ -233,7 +233,8 @@ def test_python_timeout_settles_once_and_ignores_the_late_result():
     worker = _worker()
     settler = _Settler()
     d = Delivery(settler, 9, b"", pika.BasicProperties(), Task("m9", "q", {}, False, 0, 1))
-    handler = types.SimpleNamespace(running=Running(d, time.monotonic() - 60),
+    d.started = time.monotonic() - 60
+    handler = types.SimpleNamespace(running=d,
                                     take_unstarted=lambda: [], busy=lambda: False, idle=lambda: True)
     worker._handler = handler
     stopped = []
@@ -242,8 +243,8 @@ def test_python_timeout_settles_once_and_ignores_the_late_result():
     assert d.abandoned and len(settler.copies) == 1
     assert settler.copies[0][1].headers[vocab.H_REASON] == "timeout"
     assert worker._exit_code == exitcodes.WORKER_TIMEOUT and stopped
-    from workqd.worker.handler import Result
-    worker._on_result(Result(d, vocab.SUCCESS, "", 61.0))   # the thread returns at last
+    d.outcome, d.ran_for = vocab.SUCCESS, 61.0       # the thread returns at last
+    worker._on_result(d)
     worker._check()
     assert len(settler.copies) == 1 and settler.acks == []
 
@@ -352,7 +353,7 @@ def test_crash_holding_a_message_is_recorded_for_poison_detection():
     pool.spawn_workers(0)
     proc = next(iter(pool.procs.values()))
     proc.slot.subscribed()
-    proc.slot.begin("poison-1", False)
+    proc.slot.begin("poison-1", False, time.monotonic())
     pool.on_exit(proc, _status_signal(signal.SIGSEGV), 0)
     assert pool.slots.crashes(1, "poison-1", me=0) == 1
     assert pool.restarts["crash"] == 1 and pool.state == RUNNING

@@ -49,7 +49,7 @@ def load_config(path: str, needed: bool) -> config_mod.Config | None:
     """The config, or None when only the socket's default path was wanted from it."""
     try:
         return config_mod.load(path)
-    except config_mod.ConfigError as e:
+    except config_mod.ConfigError:
         if needed:
             raise
         return None

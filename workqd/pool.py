@@ -21,14 +21,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 from . import exitcodes
 from .config import Broker, Queue
 from .slots import PAUSED, Slot, SlotTable, Totals
-from .vocab import RESTART_REASONS, dead_letter_queue
+from .vocab import dead_letter_queue
 from .worker import Worker
 
 log = logging.getLogger("workqd.master")

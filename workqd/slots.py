@@ -180,15 +180,17 @@ class Slot:
     def tick(self) -> None:
         self._d[self._base + W_TICK] = time.monotonic()
 
-    def begin(self, message_id: str, redelivered: bool, wait: float | None = None) -> None:
-        """A task starts: remember what we hold, before running anything (handler thread)."""
+    def begin(self, message_id: str, redelivered: bool, started: float,
+              wait: float | None = None) -> None:
+        """A task starts (``started``: its time.monotonic()): remember what we hold, before
+        running anything (handler thread)."""
         b = self._base
         raw = message_id.encode("utf-8", "replace")[:MSGID_BYTES]
         off = (b + W_MSGID) * 8
         self._mm[off:off + len(raw)] = raw
         q = self._q
         q[b + W_MSGID_LEN] = len(raw)
-        self._d[b + W_BUSY_SINCE] = time.monotonic()  # CLOCK_MONOTONIC: one clock for all
+        self._d[b + W_BUSY_SINCE] = started   # CLOCK_MONOTONIC: one clock for all processes
         q[b + W_CONSUMED] += 1
         if redelivered:
             q[b + W_REDELIVERED] += 1

@@ -3,9 +3,14 @@
 Ownership: this thread alone writes ``running`` and the slot's busy word and
 message id (``Slot.begin``/``Slot.end``); the I/O thread only reads them. It also
 raises the draining flag of a recycling worker as it begins the last task. A
-task's start is published as one immutable ``Running`` record, so a reader
-never sees a task without its start time. Results travel back through a deque;
-the eventfd is written only when the I/O thread is not already due to look.
+task's start time is written on its Delivery before the Delivery is published as
+``running``, so a reader never sees a task without its start time. Results travel
+back through a deque: the handler thread writes the run's outcome on the Delivery
+(fields of its own, intake.py), then appends it. No record is built per task. The
+eventfd is written only when the I/O thread is not already due to look.
+
+The loop runs once per task, so it is written for speed (issue 9): locals for
+everything it touches, no helper frames on the common path.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import queue as queue_mod
 import threading
 import time
-from typing import Callable, NamedTuple
+from typing import Callable
 
 from .. import runner, vocab
 from ..slots import Slot
@@ -25,16 +30,7 @@ from .intake import Delivery, published_at
 log = logging.getLogger("workqd.worker")
 
 
-class Running(NamedTuple):
-    delivery: Delivery
-    started: float      # time.monotonic() when the handler was called
-
-
-class Result(NamedTuple):
-    delivery: Delivery
-    outcome: int        # vocab.SUCCESS, RETRY (failed), TIMEOUT, DEAD_LETTER (rejected), DEFERRED
-    error: str
-    duration: float
+SUCCESS = vocab.SUCCESS
 
 
 class HandlerThread:
@@ -50,29 +46,27 @@ class HandlerThread:
         # thread takes to wake, a worker that holds a task as leaving with nothing.
         self.last: Delivery | None = None
         self._tasks: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
-        self.results: collections.deque[Result] = collections.deque()
+        # The queue's own C methods, not wrappers: the I/O thread calls them per task.
+        self.submit: Callable[[Delivery], None] = self._tasks.put
+        # Nothing queued for this thread (it may still be finishing the current task).
+        self.idle: Callable[[], bool] = self._tasks.empty
+        self.results: collections.deque[Delivery] = collections.deque()   # run, unread
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Set by this thread when it writes the eventfd, cleared by the I/O
         # thread before it drains: at worst one extra wake-up, never a missed one.
         self.wake_pending = False
-        self.running: Running | None = None
+        # The Delivery being run, its ``started`` already set (this thread writes it).
+        self.running: Delivery | None = None
         self._thread = threading.Thread(target=self._loop, name="handler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, d: Delivery) -> None:
-        self._tasks.put(d)
-
-    def idle(self) -> bool:
-        """Nothing queued for this thread (it may still be finishing the current task)."""
-        return self._tasks.empty()
-
     def busy(self) -> bool:
         """A task queued, running or with its result unread (I/O thread). A task settled
         as timed out (abandoned) no longer counts: its thread may never return."""
         running = self.running
-        return ((running is not None and not running.delivery.abandoned)
+        return ((running is not None and not running.abandoned)
                 or not self._tasks.empty() or bool(self.results))
 
     def take_unstarted(self) -> list[Delivery]:
@@ -84,47 +78,44 @@ class HandlerThread:
             except queue_mod.Empty:
                 return taken
 
-    def take_results(self) -> list[Result]:
+    def results_due(self) -> collections.deque[Delivery]:
+        """The deliveries run, to drain now (I/O thread, on the eventfd): pop them from the left."""
         try:
             os.eventfd_read(self.wake_fd)
         except BlockingIOError:
             pass
         self.wake_pending = False  # before draining: a later append wakes us again
-        out = []
-        results = self.results
-        while results:
-            out.append(results.popleft())
-        return out
+        return self.results
 
     def _loop(self) -> None:
         slot, run, tasks, results = self._slot, self._run, self._tasks, self.results
-        timeout, monotonic = self._timeout, time.monotonic
-        # Running and Result are built with tuple.__new__: a NamedTuple's own
-        # constructor is a Python call, and this loop runs once per task (issue 9).
-        record = tuple.__new__
+        timeout, monotonic, now = self._timeout, time.monotonic, time.time
         debug = log.isEnabledFor(logging.DEBUG)
         while True:
             d = tasks.get()
             task = d.task
             # Time in the queue, for first deliveries of a first try only: a retry's
             # or a redelivery's wait would include earlier runs and backoff delays.
+            # Without headers or a timestamp there is nothing to read it from.
             wait = None
-            if task.attempt == 1 and not task.redelivered:
-                published = published_at(d.props)   # here, not on the busier I/O thread
+            props = d.props
+            if (props.headers or props.timestamp) and task.attempt == 1 \
+                    and not task.redelivered:
+                published = published_at(props)   # here, not on the busier I/O thread
                 if published is not None:
-                    wait = max(0.0, time.time() - published)
-            slot.begin(task.message_id, task.redelivered, wait)
-            started = monotonic()
+                    wait = max(0.0, now() - published)
+            d.started = started = monotonic()
+            slot.begin(task.message_id, task.redelivered, started, wait)
             task.deadline = started + timeout
-            self.running = record(Running, (d, started))
+            self.running = d
             if d is self.last:
                 slot.set_draining()
                 self._on_leaving()
             if debug:
                 log.debug("task %s started", task.message_id)
-            outcome, error = vocab.SUCCESS, ""
             try:
                 run(d.body, task)
+                outcome, error = SUCCESS, ""
             except runner.HandlerTimedOut as e:
                 outcome, error = vocab.TIMEOUT, str(e)
             except runner.Reject as e:
@@ -138,10 +129,11 @@ class HandlerThread:
                 outcome, error = vocab.RETRY, runner.error_line(e)
                 log.warning("task %s failed: %s", task.message_id, error,
                             exc_info=not isinstance(e, runner.HandlerFailed))
-            duration = monotonic() - started
+            d.ran_for = monotonic() - started
+            d.outcome, d.failure = outcome, error
             self.running = None
             slot.end()
-            results.append(record(Result, (d, outcome, error, duration)))
+            results.append(d)
             if not self.wake_pending:
                 self.wake_pending = True
                 os.eventfd_write(self.wake_fd, 1)

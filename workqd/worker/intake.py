@@ -19,10 +19,12 @@ MAX_ATTEMPT = 1_000_000
 
 class Delivery:
     """One message between arrival and settlement; I/O thread only, except that the
-    handler thread reads ``body`` and ``task`` (never written after intake but for
-    ``task.deadline``, which the handler thread alone writes and reads)."""
+    handler thread reads ``body``, ``props`` and ``task`` (never written after intake
+    but for ``task.deadline``, which the handler thread alone writes and reads) and
+    writes the four run fields below."""
 
-    __slots__ = ("settler", "tag", "body", "props", "task", "abandoned", "duration", "error")
+    __slots__ = ("settler", "tag", "body", "props", "task", "abandoned", "duration", "error",
+                 "started", "outcome", "ran_for", "failure")
 
     def __init__(self, settler, tag: int, body: bytes, props, task: Task):
         self.settler = settler    # of the channel it came on; dies with that channel
@@ -33,6 +35,15 @@ class Delivery:
         self.abandoned = False    # settled without the handler (timeout): ignore its result
         self.duration = 0.0       # seconds the handler ran, once it returned
         self.error = ""           # one line, for the copy's header and --wait
+        # The handler thread's, written once per run (handler.py): ``started`` (its
+        # time.monotonic()) before it publishes this delivery as running; the result
+        # (``outcome``, seconds ``ran_for``, ``failure`` line) before it hands the
+        # delivery back. Separate from ``duration``/``error``, which the I/O thread
+        # writes, so that a late result cannot change a task settled as timed out.
+        self.started = 0.0
+        self.outcome = 0          # vocab.SUCCESS, RETRY, TIMEOUT, DEAD_LETTER or DEFERRED
+        self.ran_for = 0.0
+        self.failure = ""
 
 
 def published_at(props) -> float | None:

@@ -28,7 +28,7 @@ from ..broker import Failover, redact
 from ..config import Broker, Queue
 from ..slots import CONNECTING, PAUSED, Slot
 from . import intake
-from .handler import HandlerThread, Result
+from .handler import HandlerThread
 from .intake import Delivery
 from .policy import decide
 from .publisher import Publisher
@@ -82,8 +82,7 @@ class Worker:
                                     f"workqd {self.name} pid {self.pid} (publishing)", self._ioloop,
                                     self._on_blocked)
         self._handler = HandlerThread(run, self.slot, self.queue.timeout, self._wake_master)
-        self._ioloop.add_handler(self._handler.wake_fd, self._guard(self._on_results),
-                                 IOLoop.READ)
+        self._ioloop.add_handler(self._handler.wake_fd, self._on_results, IOLoop.READ)
         self._install_signals()
         self._handler.start()
         self._ioloop.add_callback_threadsafe(self._connect)
@@ -186,7 +185,7 @@ class Worker:
             f"workqd {self.name} pid {self.pid}", self._ioloop, self._ack_batch,
             self._handler.idle, self, self._publisher,
             on_consuming=self._guard(self._on_consuming),
-            on_message=self._guard(self._on_message), on_closed=self._guard(self._on_closed))
+            on_message=self._on_message, on_closed=self._guard(self._on_closed))
         self._session.held = self.slot.paused
         self._session.open()
 
@@ -239,36 +238,47 @@ class Worker:
 
     # --- intake ------------------------------------------------------------------
 
-    def _on_message(self, session: Session, method, props, body: bytes) -> None:
-        settler = session.settler
-        task, problem = intake.read_task(self.queue.name, method.redelivered, props, body,
-                                         method.routing_key, method.exchange)
-        d = Delivery(settler, method.delivery_tag, body, props, task)
-        settler.track(d)
-        if self._stopping:
-            settler.requeue(d)
-            return
-        if problem:
-            self._refuse(d, vocab.REASON_MALFORMED, problem)
-            return
-        if task.redelivered:
-            problem = self._poison_problem(task)
-            if problem:
-                self._refuse(d, vocab.REASON_POISON, problem)
+    def _on_message(self, channel, method, props, body: bytes) -> None:
+        """pika's consumer callback, once per delivery: the hot path of the I/O thread
+        (issue 9). It guards itself, as ``_guard`` does, without that wrapper's frames."""
+        session = self._session
+        if session is None or channel is not session.channel:
+            return   # a channel of an earlier session: the broker requeued its deliveries
+        try:   # zero-cost until something raises (Python 3.11)
+            settler = session.settler
+            task, problem = intake.read_task(self.queue.name, method.redelivered, props, body,
+                                             method.routing_key, method.exchange)
+            d = settler.receive(method.delivery_tag, body, props, task)
+            if self._stopping:
+                settler.requeue(d)
                 return
-        problem = intake.size_problem(body, self.queue.max_body)
-        if problem:
-            self._refuse(d, vocab.REASON_TOO_LARGE, problem)
-            return
-        self._received += 1
-        if not (self._recycles and self._last_task_taken()):
-            self._handler.submit(d)
-            return
-        # The last task: cancel now, while it runs, and let the master start the
-        # replacement, so that it consumes by the time this worker leaves. When
-        # the task runs next, the handler thread raises the draining flag as it
-        # begins it (HandlerThread.last); behind other tasks, which keep this worker
-        # busy meanwhile, the flag goes up now.
+            if problem:
+                self._refuse(d, vocab.REASON_MALFORMED, problem)
+                return
+            if task.redelivered:
+                problem = self._poison_problem(task)
+                if problem:
+                    self._refuse(d, vocab.REASON_POISON, problem)
+                    return
+            max_body = self.queue.max_body
+            if max_body and len(body) > max_body:
+                self._refuse(d, vocab.REASON_TOO_LARGE, intake.size_problem(body, max_body))
+                return
+            self._received += 1
+            if self._recycles and self._last_task_taken():
+                self._take_last(d)
+            else:
+                self._handler.submit(d)
+        except Exception:
+            log.exception("internal error in _on_message; stopping this worker")
+            self.stop(exitcodes.WORKER_CRASH)
+
+    def _take_last(self, d: Delivery) -> None:
+        """A recycling worker's last task: cancel now, while it runs, and let the master
+        start the replacement, so that it consumes by the time this worker leaves. When
+        the task runs next, the handler thread raises the draining flag as it begins it
+        (HandlerThread.last); behind other tasks, which keep this worker busy meanwhile,
+        the flag goes up now."""
         runs_next = self._handler.running is None and self._handler.idle()
         if runs_next:
             self._handler.last = d
@@ -300,15 +310,22 @@ class Worker:
     # --- settlement ----------------------------------------------------------------
 
     def _on_results(self, fd, events) -> None:
-        for r in self._handler.take_results():
-            self._on_result(r)
+        """The handler thread's eventfd: settle every result it has appended. Guards
+        itself, as ``_guard`` does (once per wake-up, often once per task)."""
+        try:
+            results = self._handler.results_due()
+            while results:
+                self._on_result(results.popleft())
+        except Exception:
+            log.exception("internal error in _on_results; stopping this worker")
+            self.stop(exitcodes.WORKER_CRASH)
 
-    def _on_result(self, r: Result) -> None:
-        d = r.delivery
+    def _on_result(self, d: Delivery) -> None:
+        """The handler thread has run ``d`` (its run fields are written)."""
         if d.abandoned:
             return  # settled as timed out already; the thread's late result means nothing
-        d.duration, d.error = r.duration, r.error
-        self._settle(d, r.outcome)
+        d.duration, d.error = d.ran_for, d.failure
+        self._settle(d, d.outcome)
 
     def _refuse(self, d: Delivery, reason: str, problem: str) -> None:
         """Dead-letter a task unrun."""
@@ -394,16 +411,15 @@ class Worker:
             log.error("the master (pid %d) is gone; stopping", self._master_pid)
             self.stop(exitcodes.WORKER_OK)
         self._follow_pause()
-        running = self._handler.running
-        if (running is not None and not running.delivery.abandoned and self.queue.handler.python
-                and time.monotonic() - running.started > self.queue.timeout):
+        d = self._handler.running
+        if (d is not None and not d.abandoned and self.queue.handler.python
+                and time.monotonic() - d.started > self.queue.timeout):
             # A thread cannot be killed: settle the task as timed out, then
             # leave so the master replaces this process.
-            d = running.delivery
             log.error("task %s ran past its timeout of %gs; settling it as timed out and "
                       "recycling this worker", d.task.message_id, self.queue.timeout)
             d.abandoned = True
-            d.duration = time.monotonic() - running.started
+            d.duration = time.monotonic() - d.started
             d.error = f"ran past {self.queue.timeout:g}s"
             self._settle(d, vocab.TIMEOUT)
             self.stop(exitcodes.WORKER_TIMEOUT)

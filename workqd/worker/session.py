@@ -153,7 +153,7 @@ class Session:
     def __init__(self, queue: Queue, broker: Broker, url: str, connection_name: str, ioloop,
                  ack_batch: int, handler_idle: Callable[[], bool], events, publisher,
                  on_consuming: Callable[["Session"], None],
-                 on_message: Callable[["Session", object, object, bytes], None],
+                 on_message: Callable[[object, object, object, bytes], None],
                  on_closed: Callable[["Session", Verdict], None]):
         self.queue = queue
         self.broker = broker
@@ -165,6 +165,9 @@ class Session:
         self._events = events
         self._publisher = publisher
         self._on_consuming = on_consuming
+        # pika's own consumer callback (channel, method, props, body), registered as it
+        # is: no frame of ours between pika and the worker on the per-task path. The
+        # worker checks that the channel is its session's and guards itself.
         self._on_message = on_message
         self._on_closed = on_closed
         self.connection = None
@@ -176,8 +179,7 @@ class Session:
         self._declaring_item: tuple[Declaration | Binding, bool] | None = None
         self._verdict: Verdict | None = None   # why the channel went, if the broker said
         self._misses = 0   # consumer checks in a row that found something wrong
-        self._delivered = 0           # deliveries taken on this session
-        self._delivered_checked = 0   # ... as of the last consumer check
+        self._received_checked = 0   # the settler's deliveries as of the last consumer check
         self._starvation_applies = not queue.idle_consumers_expected
         self._closing = False
         # Paused by the master (control socket): declare and stay connected, but hold
@@ -303,13 +305,9 @@ class Session:
             self._on_consuming(self)   # the worker sees no consumer_tag: paused
             return
         self.consumer_tag = self.channel.basic_consume(
-            self.queue.name, self._deliver, auto_ack=False,
+            self.queue.name, self._on_message, auto_ack=False,
             arguments=consumer_arguments(self.queue))
         self._on_consuming(self)
-
-    def _deliver(self, channel, method, props, body: bytes) -> None:
-        self._delivered += 1
-        self._on_message(self, method, props, body)
 
     def _on_cancelled(self, frame) -> None:
         # basic.cancel from the broker: the queue was deleted, or its node went down.
@@ -345,8 +343,10 @@ class Session:
         def counted(frame):
             if self.consumer_tag != tag:
                 return
-            delivered = self._delivered - self._delivered_checked
-            self._delivered_checked = self._delivered
+            # The settler is replaced only while declaring, before any delivery.
+            received = self.settler.received if self.settler is not None else 0
+            delivered = received - self._received_checked
+            self._received_checked = received
             wrong = consumer_check(frame.method.consumer_count, frame.method.message_count,
                                    delivered, self.settler is not None and self.settler.pending,
                                    self._starvation_applies)

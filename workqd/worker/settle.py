@@ -49,6 +49,7 @@ class Settler:
         self._timer = None
         self._flush_soon = False
         self._copies: dict[int, Delivery] = {}       # tag -> delivery whose copy awaits its confirm
+        self.received = 0                            # deliveries taken on this channel
         self._debug = log.isEnabledFor(logging.DEBUG)
 
     @property
@@ -60,8 +61,11 @@ class Settler:
         """Something here still needs the broker: an unsettled delivery or a confirm."""
         return bool(self._unsettled or self._copies)
 
-    def track(self, d: Delivery) -> None:
-        self._unsettled[d.tag] = d
+    def receive(self, tag: int, body: bytes, props, task) -> Delivery:
+        """A delivery arrived on this channel: it is unsettled until acked, nacked or lost."""
+        d = self._unsettled[tag] = Delivery(self, tag, body, props, task)
+        self.received += 1
+        return d
 
     def forget(self, d: Delivery) -> None:
         self._unsettled.pop(d.tag, None)
@@ -71,7 +75,7 @@ class Settler:
     def ack(self, d: Delivery) -> bool:
         """Ack a success, coalesced with its neighbours when that is safe."""
         self._unsettled.pop(d.tag, None)
-        if not self.usable:
+        if self.closed or not self.channel.is_open:   # ``usable``, without a property call
             return False
         if self._batch == 1 and not self._ack_tags:
             self.channel.basic_ack(d.tag)

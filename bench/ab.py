@@ -3,9 +3,10 @@
     bench/.venv-bench/bin/python bench/ab.py --variant main=. --variant patched=/path/to/checkout \
         [--tasks 20000] [--runs 3] [--prefetch 1 50] [--type classic] [--baseline main]
 
-Each run drains once with plain pika and once with every variant, in rotating
-order; the summary gives each variant's median tasks/s and median per-run ratio
-to plain pika. A variant is the root of a checkout (the directory holding
+Each run drains once with plain pika and once with every variant, in an order
+that changes from run to run (``run_order``; a multiple of 2 x (variants + 1)
+runs is a balanced design). The summary gives each variant's median tasks/s,
+its median per-run ratio to plain pika, and worker and whole-daemon CPU per task. A variant is the root of a checkout (the directory holding
 ``workqd/``), put first on the workers' PYTHONPATH.
 """
 
@@ -28,6 +29,7 @@ class VariantWorkqd(systems_mod.WorkqdSystem):
         self.label = label
         self.root = str(Path(root).resolve())
         self.worker_cpu: list[float] = []   # seconds, per drain: every worker, start-up included
+        self.daemon_cpu: list[float] = []   # ... and the master and its queue poller as well
 
     def start(self, queue, qtype, workers, prefetch, env, task="stamp"):
         bench = str(Path(__file__).resolve().parent)
@@ -38,9 +40,23 @@ class VariantWorkqd(systems_mod.WorkqdSystem):
         def stop_and_count(*args, **kwargs):
             # Read the workers' CPU while they live: an exited process's is gone.
             self.worker_cpu.append(sum(_cpu_seconds(p) for p in d.worker_pids()))
+            self.daemon_cpu.append(sum(_cpu_seconds(p) for p in d.pids()))
             return stop(*args, **kwargs)
         d.stop = stop_and_count
         return d
+
+
+def run_order(systems: list, run: int) -> list:
+    """The order of the drains in run ``run``: every rotation of the list, then every
+    rotation of it reversed, so that over 2 x len(systems) runs each system drains right
+    after each other one equally often. Plain rotations are not enough: with [pika, A, B]
+    they put B right after A in two runs of three, and a drain right after a workqd
+    drain runs a few percent slower (measured 2026-12-04: whichever variant was named
+    last lost 3.5-4 %, and swapping the names swapped the loss)."""
+    n = len(systems)
+    base = systems if (run // n) % 2 == 0 else systems[::-1]
+    k = run % n
+    return base[k:] + base[:k]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -73,8 +89,7 @@ def main() -> int:
         ratios: dict[str, list[float]] = {}
         paired: dict[str, list[float]] = {}
         for run in range(a.runs):
-            order = [pika, *variants]
-            order = order[run % len(order):] + order[:run % len(order)]
+            order = run_order([pika, *variants], run)
             got = {}
             for s in order:
                 label = getattr(s, "label", "pika")
@@ -97,6 +112,10 @@ def main() -> int:
         print(f"== {a.type} prefetch {prefetch}: worker CPU per task (median): " + "; ".join(
             f"{v.label} {median(v.worker_cpu[-a.runs:]) / a.tasks * 1e6:.1f} us"
             for v in variants), flush=True)
+        print(f"== {a.type} prefetch {prefetch}: daemon CPU per task (median, master and poller "
+              f"included): " + "; ".join(
+                  f"{v.label} {median(v.daemon_cpu[-a.runs:]) / a.tasks * 1e6:.1f} us"
+                  for v in variants), flush=True)
     admin.close()
     return 0
 

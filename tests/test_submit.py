@@ -63,6 +63,8 @@ DIR = "@dir"
 MISSING_CA = "@missing-ca-config"
 BIG_LINE = "@big-line"
 GARBAGE_CA = "@garbage-ca-config"
+TWO_LINE_PW = "@two-line-password"
+EMPTY_PW = "@empty-password"
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +81,14 @@ def odd_files():
         "broker": {"url": "amqps://127.0.0.1:5671/%2F",
                    "tls": {"ca_file": str(base / "garbage-ca.pem")}},
         "queues": [queue_config("tasks")]}))
+    (base / "two-line-password").write_text("s3cret\nsomething else\n")
+    (base / "empty-password").write_text(" \n")
     with open(base / "big-line", "wb") as f:
         f.write(b"ok\n" + b"x" * (16 * 1024 * 1024 + 1) + b"\n")
     yield {FIFO: str(base / "fifo"), DIR: str(base / "dir"),
            MISSING_CA: str(base / "missing-ca.yaml"), BIG_LINE: str(base / "big-line"),
-           GARBAGE_CA: str(base / "garbage-ca.yaml")}
+           GARBAGE_CA: str(base / "garbage-ca.yaml"),
+           TWO_LINE_PW: str(base / "two-line-password"), EMPTY_PW: str(base / "empty-password")}
     shutil.rmtree(base)
 
 
@@ -128,6 +133,9 @@ BAD_ARGUMENTS = [
     (["--file", "-", "words"], "not both"),
     (["--password-file", FIFO, "x"], "FIFO"),
     (["--password-file", "/nonexistent/pw", "x"], "No such file"),
+    # The daemon's checks (config.read_password): the secret itself is never shown.
+    (["--password-file", TWO_LINE_PW, "x"], "more than one line"),
+    (["--password-file", EMPTY_PW, "x"], "is empty"),
     (["-c", FIFO, "x"], "FIFO"),
     (["-c", "/dev/zero", "x"], "character device"),
     (["--requeue-dead", "q", "--url", "amqp://h:99999"], "Port out of range"),

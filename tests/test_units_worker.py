@@ -249,6 +249,56 @@ def test_python_timeout_settles_once_and_ignores_the_late_result():
     assert len(settler.copies) == 1 and settler.acks == []
 
 
+# --- the delivery callback pika calls directly (issue 9's hot path) -----------------
+
+def _consuming_worker():
+    from workqd.worker.settle import Settler
+    worker = _worker()
+    queued = []
+    worker._handler = types.SimpleNamespace(submit=queued.append, idle=lambda: not queued,
+                                            running=None, busy=lambda: bool(queued),
+                                            take_unstarted=lambda: [])
+    worker._ioloop = types.SimpleNamespace(stop=lambda: None)
+    channel = types.SimpleNamespace(is_open=True, acks=[],
+                                    basic_ack=lambda tag, multiple=False: None,
+                                    basic_nack=lambda tag, requeue=True: None)
+    settler = Settler(channel, None, 1, lambda: True, worker, None)
+    worker._session = types.SimpleNamespace(channel=channel, settler=settler,
+                                            stop_consuming=lambda: None, connection=None)
+    return worker, channel, settler, queued
+
+
+def _method(tag):
+    return types.SimpleNamespace(delivery_tag=tag, redelivered=False, routing_key="q",
+                                 exchange="")
+
+
+def test_a_delivery_is_tracked_and_handed_to_the_handler_thread():
+    worker, channel, settler, queued = _consuming_worker()
+    worker._on_message(channel, _method(1), pika.BasicProperties(message_id="m1"), b"x")
+    assert [d.tag for d in queued] == [1] and queued[0].task.message_id == "m1"
+    assert settler.pending and settler.received == 1 and worker._received == 1
+
+
+def test_a_delivery_from_another_sessions_channel_is_ignored():
+    worker, channel, settler, queued = _consuming_worker()
+    stale = types.SimpleNamespace(is_open=True)
+    worker._on_message(stale, _method(1), pika.BasicProperties(message_id="m1"), b"x")
+    assert queued == [] and not settler.pending and settler.received == 0
+
+
+def test_an_internal_error_in_the_delivery_callback_stops_the_worker(monkeypatch, caplog):
+    # pika must never see workqd's exception: the callback logs it and stops, as _guard does.
+    worker, channel, settler, queued = _consuming_worker()
+
+    def broken(*a):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(intake, "read_task", broken)
+    worker._on_message(channel, _method(1), pika.BasicProperties(message_id="m1"), b"x")
+    assert worker._stopping and worker._exit_code == exitcodes.WORKER_CRASH
+    assert "internal error in _on_message" in caplog.text and queued == []
+
+
 # --- the pool: exit table and state machine, with fake processes ------------------
 
 def _status_exit(code):

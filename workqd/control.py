@@ -1,8 +1,8 @@
 """The master's control socket: line-delimited JSON over a Unix stream socket, served from its loop.
 
-Like httpd.py, the server registers its listening socket and each client with
-the master's selector (``key.data`` is a callable taking the ready mask); the
-master calls ``expire(now)`` once per loop turn. Nothing here blocks or raises
+Like httpd.py, the server is a listening.Listener: its listening socket and each
+client are registered with the master's selector (``key.data`` is a callable
+taking the ready mask); the master calls ``expire(now)`` once per loop turn. Nothing here blocks or raises
 into the loop: a hostile client costs one socket and a bounded slice of a turn.
 
 Protocol, version 1: each request is one line of JSON, an object
@@ -39,6 +39,8 @@ import stat
 import time
 from typing import Callable
 
+from .listening import Listener
+
 log = logging.getLogger("workqd.control")
 
 VERSION = 1
@@ -48,7 +50,7 @@ MAX_OUTPUT = 4 << 20
 IDLE_TIMEOUT = 10.0
 REQUESTS_PER_TURN = 16
 ACCEPTS_PER_TURN = 8
-ACCEPT_PAUSE = 0.5        # seconds without accepts after EMFILE, as in httpd
+ACCEPT_PAUSE = 0.5        # seconds without accepts after EMFILE (listening.py)
 SOCKET_MODE = 0o660
 SOCKET_GROUP = "workqd"
 RUN_DIR = "/run/workqd"
@@ -269,19 +271,16 @@ class _Client:
         self.server.forget(self)
 
 
-class ControlServer:
+class ControlServer(Listener):
     """Binds ``path`` at once (OSError to the caller) and serves ``app`` from ``sel``.
 
     ``app(request) -> dict`` answers one parsed request; it may raise ProtocolError."""
 
     def __init__(self, sel: selectors.BaseSelector, path: str, app: Callable[[dict], dict]):
-        self.sel = sel
         self.path = path
         self.app = app
-        self._clients: dict[_Client, None] = {}   # oldest first
         self.owed: set[_Client] = set()           # clients with requests left for next turn
         self._budget = REQUESTS_PER_TURN
-        self._paused_until = 0.0
         self._remove_stale(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o117)   # never a moment with a wider mode than 0660
@@ -294,11 +293,10 @@ class ControlServer:
             raise
         finally:
             os.umask(old_umask)
-        self._listener = listener
         self._ino = os.stat(path).st_ino
         self._set_group(path)
         os.chmod(path, SOCKET_MODE)
-        sel.register(listener, selectors.EVENT_READ, self._on_accept)
+        super().__init__(sel, listener, log, "control", ACCEPTS_PER_TURN, ACCEPT_PAUSE)
 
     @staticmethod
     def _remove_stale(path: str) -> None:
@@ -332,9 +330,6 @@ class ControlServer:
             log.warning("control: cannot give %s to group %s (%s); it keeps group %d",
                         path, SOCKET_GROUP, e.strerror, os.getgid())
 
-    def client_count(self) -> int:
-        return len(self._clients)
-
     # --- the loop's calls ---------------------------------------------------
 
     def take_budget(self) -> bool:
@@ -355,72 +350,28 @@ class ControlServer:
                 # A client that does not read its answers gets one more IDLE_TIMEOUT.
                 if now >= client.idle_deadline + (IDLE_TIMEOUT if client.out else 0):
                     client.close("idle")
-            if self._paused_until and now >= self._paused_until:
-                self._paused_until = 0.0
-                self.sel.register(self._listener, selectors.EVENT_READ, self._on_accept)
+            self._resume_accepts(now)
         except Exception:
             log.exception("control: unexpected error expiring connections")
 
-    def close_in_child(self) -> None:
-        """In a forked child: drop the sockets without touching the shared selector or the file."""
-        for client in self._clients:
-            client.closed = True
-            client.sock.close()
-        self._clients.clear()
-        self._listener.close()
-
     def stop(self) -> None:
-        for client in list(self._clients):
-            client.close()
-        if not self._paused_until:
-            try:
-                self.sel.unregister(self._listener)
-            except (KeyError, ValueError):
-                pass
-        self._listener.close()
+        super().stop()
         try:   # only our own file: a successor may have bound the path meanwhile
             if os.stat(self.path).st_ino == self._ino:
                 os.unlink(self.path)
         except OSError:
             pass
 
-    # --- accepting ----------------------------------------------------------
+    # --- accepting (listening.py) ------------------------------------------------
 
-    def _on_accept(self, mask: int = 0) -> None:
-        try:
-            for _ in range(ACCEPTS_PER_TURN):
-                try:
-                    sock, _peer = self._listener.accept()
-                except BlockingIOError:
-                    return
-                except OSError as e:
-                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        self._pause(e)
-                        return
-                    if e.errno in (errno.ECONNABORTED, errno.EPROTO):
-                        continue
-                    raise
-                sock.setblocking(False)
-                if len(self._clients) >= MAX_CLIENTS:
-                    oldest = next(iter(self._clients))
-                    oldest.close(f"evicted, {MAX_CLIENTS} clients open")
-                client = _Client(self, sock, time.monotonic())
-                self._clients[client] = None
-                client.on_ready(selectors.EVENT_READ)
-        except Exception:
-            log.exception("control: unexpected error accepting connections")
-            self._pause()
-
-    def _pause(self, e: OSError | None = None) -> None:
-        if not self._paused_until:
-            try:
-                self.sel.unregister(self._listener)
-            except (KeyError, ValueError):
-                pass
-            log.warning("control: cannot accept connections (%s); retrying in %.1fs",
-                        e or "unexpected error", ACCEPT_PAUSE)
-        self._paused_until = time.monotonic() + ACCEPT_PAUSE
+    def _admit(self, sock: socket.socket, peer) -> None:
+        if len(self._clients) >= MAX_CLIENTS:
+            oldest = next(iter(self._clients))
+            oldest.close(f"evicted, {MAX_CLIENTS} clients open")
+        client = _Client(self, sock, time.monotonic())
+        self._clients[client] = None
+        client.on_ready(selectors.EVENT_READ)
 
     def forget(self, client: _Client) -> None:
-        self._clients.pop(client, None)
+        super().forget(client)
         self.owed.discard(client)

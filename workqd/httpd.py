@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import hashlib
 import http
 import logging
@@ -53,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import webauth
+from .listening import Listener
 
 log = logging.getLogger("workqd.http")
 
@@ -77,8 +77,7 @@ APP_CALLS_PER_TURN = 4
 # The server's signature in a TLS handshake costs up to a few ms (RSA); the same
 # bound for 64 clients handshaking at once.
 HANDSHAKES_PER_TURN = 8
-# Out of file descriptors, the listening socket stays readable: without a pause,
-# a level-triggered loop would spin on accept.
+# Out of file descriptors, accepts pause this long (listening.py says why).
 ACCEPT_PAUSE = 0.5
 # Each failed password check costs a PBKDF2 run in the master loop (50 ms at 100,000
 # iterations here, 300 ms at 600,000): a token bucket of loop seconds, so the bound
@@ -91,11 +90,6 @@ AUTH_CACHE_SIZE = 32
 DRAIN_PER_TURN = 65536
 # Once limiting starts, one warning per this many seconds, not one per attempt.
 AUTH_WARNING_INTERVAL = 60.0
-
-_ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-# Errors from accept that concern one client that already went away.
-_ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ETIMEDOUT,
-                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNRESET}
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
@@ -490,20 +484,16 @@ def _peer_name(peer) -> str:
     return str(peer)
 
 
-class HttpServer:
+class HttpServer(Listener):
     """Listens on ``address`` at once (OSError to the caller) and serves ``app`` from ``sel``."""
 
     def __init__(self, sel: selectors.BaseSelector, address: tuple[str, int], app: App,
                  tls=None, basic_auth: tuple[tuple[str, str], ...] = (),
                  limits: Limits = Limits()):
-        self.sel = sel
         self.app = app
         self.limits = limits
         self._ssl = _server_context(tls) if tls is not None else None
         self._auth = _BasicAuth(tuple(basic_auth), limits) if basic_auth else None
-        self._clients: dict[_Client, None] = {}  # insertion-ordered: oldest first
-        self._paused_until = 0.0  # > 0 while accepts are off after EMFILE
-        self._exhausted = False   # in an EMFILE episode (one warning each)
         self._handled = 0         # requests handled this loop turn
         self.handshakes = 0       # TLS handshake steps this loop turn
         host, port = address
@@ -514,18 +504,15 @@ class HttpServer:
             listener.bind((host, port))
             listener.listen(limits.backlog)
             listener.setblocking(False)
-            sel.register(listener, selectors.EVENT_READ, self._on_accept)
+            super().__init__(sel, listener, log, "http", limits.accepts_per_turn,
+                             limits.accept_pause)
         except BaseException:
             listener.close()
             raise
-        self._listener = listener
 
     @property
     def address(self) -> tuple[str, int]:
         return self._listener.getsockname()[:2]
-
-    def client_count(self) -> int:
-        return len(self._clients)
 
     # --- the loop's calls ------------------------------------------------
 
@@ -540,63 +527,14 @@ class HttpServer:
                 why = client.expired(now)
                 if why:
                     client.close(why)
-            if self._paused_until and now >= self._paused_until:
-                self._paused_until = 0.0
-                self.sel.register(self._listener, selectors.EVENT_READ, self._on_accept)
+            self._resume_accepts(now)
         except Exception:
             log.exception("http: unexpected error expiring connections")
 
-    def close_in_child(self) -> None:
-        """In a forked worker: drop every socket without touching the (shared) selector."""
-        # A worker holding them would keep the port, or a client's connection, after
-        # the master is gone; closing a copy sends nothing to the client.
-        for client in self._clients:
-            client.closed = True
-            client.sock.close()
-        self._clients.clear()
-        self._listener.close()
+    # --- accepting (listening.py) ------------------------------------------
 
-    def stop(self) -> None:
-        for client in list(self._clients):
-            client.close()
-        if not self._paused_until:
-            try:
-                self.sel.unregister(self._listener)
-            except (KeyError, ValueError):
-                pass
-        self._paused_until = 0.0
-        self._listener.close()
-
-    # --- accepting -------------------------------------------------------
-
-    def _on_accept(self, mask: int = 0) -> None:
-        try:
-            self._accept_some()
-        except Exception:
-            log.exception("http: unexpected error accepting connections")
-            self._pause()
-
-    def _accept_some(self) -> None:
-        for _ in range(self.limits.accepts_per_turn):
-            try:
-                sock, peer = self._listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno in _ACCEPT_EXHAUSTED:
-                    self._pause(e)
-                    return
-                if e.errno in _ACCEPT_TRANSIENT:
-                    log.debug("http: accept: %s", e)
-                    continue
-                raise
-            if self._exhausted:
-                self._exhausted = False
-                log.info("http: accepting connections again")
-            self._admit(sock, _peer_name(peer))
-
-    def _admit(self, sock: socket.socket, peer: str) -> None:
-        sock.setblocking(False)
+    def _admit(self, sock: socket.socket, peer) -> None:
+        peer = _peer_name(peer)
         if len(self._clients) >= self.limits.max_clients:
             self._evict()
         if self._ssl is not None:
@@ -619,22 +557,6 @@ class HttpServer:
                 if client.phase in phases:
                     client.close(f"evicted, {self.limits.max_clients} clients open")
                     return
-
-    def _pause(self, error: OSError | None = None) -> None:
-        if not self._paused_until:
-            try:
-                self.sel.unregister(self._listener)
-            except (KeyError, ValueError):
-                pass
-        self._paused_until = time.monotonic() + self.limits.accept_pause
-        if not self._exhausted:
-            self._exhausted = True
-            log.warning("http: cannot accept connections (%s) with %d clients open: retrying "
-                        "every %.1f s", error or "unexpected error", len(self._clients),
-                        self.limits.accept_pause)
-
-    def forget(self, client: _Client) -> None:
-        self._clients.pop(client, None)
 
     # --- answering -------------------------------------------------------
 

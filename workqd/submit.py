@@ -48,7 +48,6 @@ FINAL_OUTCOMES = {"success", "dead_letter"}
 LINE_MAX = 16 * 1024 * 1024    # one task; RabbitMQ 4.0's default max_message_size, workqd's max_body
 FILE_MAX = 256 * 1024 * 1024   # one --file; bigger batches are split (split -C 200M)
 TASKS_MAX = 1_000_000          # tasks in one run; each is held in memory until confirmed
-SECRET_MAX = 64 * 1024         # a --password-file
 CONFIG_MAX = 16 * 1024 * 1024  # a -c file (only to refuse /dev/zero before reading it)
 SECONDS_MAX = 7 * 24 * 3600    # the longest --timeout / --confirm-timeout
 CONNECT_TIMEOUT = 10.0         # per node: TCP, TLS and AMQP handshake (pika's stack_timeout)
@@ -293,14 +292,11 @@ def check_url(url: str) -> str:
 def password_override(args: argparse.Namespace) -> str | None:
     """The password from --password-file, else from $WORKQ_PASSWORD, else None."""
     if args.password_file is not None:
-        data = read_regular(args.password_file, SECRET_MAX, "--password-file")
+        # The daemon's own reader (broker.password_file): the same checks, the same words.
         try:
-            password = data.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise UsageError(f"--password-file {args.password_file}: not UTF-8 text") from None
-        if not password:
-            raise UsageError(f"--password-file {args.password_file}: empty")
-        return password
+            return config_mod.read_password(args.password_file)
+        except config_mod.Invalid as e:
+            raise UsageError(f"--password-file: {e}") from None
     password = os.environ.get(PASSWORD_ENV)
     if password:  # set but empty counts as unset
         try:

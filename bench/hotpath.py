@@ -1,15 +1,18 @@
-"""The worker's per-delivery work on its I/O thread, in process: no broker, no threads.
+"""The worker's own Python per task, in process: no broker, one thread at a time.
 
     python bench/hotpath.py ROOT [ROOT ...]     # checkouts: the directory holding workqd/
+    taskset -c 1 python bench/hotpath.py ...    # steadier, on one core
 
-Drives the worker's delivery callback and then its settle path for 100,000 successes
-with a fake channel and I/O loop, and prints the microseconds per task: the part of a
-task's cost that is workqd's own Python on the busy thread (pika's frame handling and
-the handler thread are left out). Each ROOT runs in a fresh interpreter. Knows the
-worker of 884a362 (workqd/worker.py) and the worker package that replaced it; for the
-package, the handler thread's Result record (about 0.17 us) is built here too.
+Two figures per ROOT, in microseconds per task, best of 3 rounds of 100,000:
+- I/O thread: the worker's delivery callback, then its settle path, for successes,
+  with a fake channel and I/O loop (pika's frame handling is left out);
+- handler thread: the handler loop over deliveries queued up front, with a no-op
+  handler (the hand-back through the deque is counted, the I/O thread's wake-up not).
+Each ROOT runs in a fresh interpreter. Knows the worker of 884a362
+(workqd/worker.py) and the worker package that replaced it.
 
-2026-12-02, pika 1.2.0, Python 3.11: 884a362 1.53 us, the worker package 2.03 us.
+2026-12-04, pika 1.2.0, Python 3.11.7, one core: 884a362 I/O 1.30-1.35 us, handler
+0.53-0.57 us; the worker package 1.45-1.52 us and 0.62-0.65 us.
 """
 
 from __future__ import annotations

@@ -435,33 +435,41 @@ def _file_of(tmp_path: Path, n: int, size: int) -> Path:
     return path
 
 
-def test_node_killed_mid_batch_names_every_unconfirmed_task(lone_node, tmp_path):
-    q = f"wq.submit.kill.{uuid.uuid4().hex[:6]}"
+def _submit_20000_and_kill_the_node(lone_node, q: str, tmp_path: Path,
+                                    *more_urls: str) -> tuple[int, str]:
+    """workq-submit --file of 20,000 tasks to ``q`` on the lone node (then ``more_urls``);
+    the node is killed once 500 are stored. Returns submit's exit status and stderr."""
     c = Amqp(lone_node.url)
     c.declare(q, "classic")
     c.close()
     # The queue's declaration must be on disk before the kill (mnesia logs it lazily).
     lone_node.ctl("eval", "mnesia:dump_log().")
     tasks = _file_of(tmp_path, 20_000, 2000)
-    proc = subprocess.Popen([sys.executable, "-m", "workqd.submit", "--url", lone_node.url,
-                             "-q", q, "--file", str(tasks)],
+    urls = [a for url in (lone_node.url, *more_urls) for a in ("--url", url)]
+    proc = subprocess.Popen([sys.executable, "-m", "workqd.submit", *urls, "-q", q,
+                             "--file", str(tasks)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         watch = Amqp(lone_node.url)
         wait_for(lambda: watch.count(q) >= 500, 60, interval=0.02, what="first tasks stored")
         lone_node.kill()
-        out, err = proc.communicate(timeout=60)
+        _out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    err = err.decode()
-    assert proc.returncode in (1, 3), err
+    return proc.returncode, err.decode()
+
+
+def test_node_killed_mid_batch_names_every_unconfirmed_task(lone_node, tmp_path):
+    q = f"wq.submit.kill.{uuid.uuid4().hex[:6]}"
+    returncode, err = _submit_20000_and_kill_the_node(lone_node, q, tmp_path)
+    assert returncode in (1, 3), err
     assert "Traceback" not in err
     named = {int(m) for m in re.findall(r"^workq-submit: task \w+ \(line (\d+)\) not confirmed$",
                                         err, re.M)}
     confirmed = int(re.search(r"(\d+) of 20000 task\(s\) confirmed", err).group(1))
     assert confirmed + len(named) == 20_000, err[-2000:]
-    assert (proc.returncode == 1) == (confirmed > 0)
+    assert (returncode == 1) == (confirmed > 0)
     # What the broker stored (confirmed ones are on disk) plus what was named is everything.
     lone_node.start()
     stored = {int(body.split()[1]) + 1 for body in _drain(lone_node.url, q)}
@@ -470,25 +478,9 @@ def test_node_killed_mid_batch_names_every_unconfirmed_task(lone_node, tmp_path)
 
 
 def test_node_killed_mid_batch_fails_over_to_the_next_node(lone_node, amqp, qname, tmp_path):
-    c = Amqp(lone_node.url)
-    c.declare(qname, "classic")
-    c.close()
-    lone_node.ctl("eval", "mnesia:dump_log().")
     amqp.declare(qname, "classic")
-    tasks = _file_of(tmp_path, 20_000, 2000)
-    proc = subprocess.Popen([sys.executable, "-m", "workqd.submit", "--url", lone_node.url,
-                             "--url", BROKER_URL, "-q", qname, "--file", str(tasks)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        watch = Amqp(lone_node.url)
-        wait_for(lambda: watch.count(qname) >= 500, 60, interval=0.02, what="first tasks stored")
-        lone_node.kill()
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = err.decode()
-    assert proc.returncode == 0, err
+    returncode, err = _submit_20000_and_kill_the_node(lone_node, qname, tmp_path, BROKER_URL)
+    assert returncode == 0, err
     assert "lost: connection reset; publishing" in err and "may arrive twice" in err, err
     on_main = {int(body.split()[1]) for body in _drain(BROKER_URL, qname)}
     lone_node.start()

@@ -39,7 +39,7 @@ import stat
 import time
 from typing import Callable
 
-from .listening import Listener
+from .listening import Connection, Listener
 
 log = logging.getLogger("workqd.control")
 
@@ -156,7 +156,7 @@ def answer_line(line: bytes, app: Callable[[dict], dict]) -> bytes:
 
 # --- the server ----------------------------------------------------------------
 
-class _Client:
+class _Client(Connection):
     def __init__(self, server: "ControlServer", sock: socket.socket, now: float):
         self.server = server
         self.sock = sock
@@ -165,8 +165,9 @@ class _Client:
         self.idle_deadline = now + IDLE_TIMEOUT
         self.closing = False   # the client sent EOF (or overflowed): close once answered
         self.truncated = False
-        self.events = 0
-        self.closed = False
+
+    def name(self) -> str:
+        return "control: connection"
 
     def on_ready(self, mask: int = 0) -> None:
         if self.closed:
@@ -244,31 +245,7 @@ class _Client:
             events = 0   # at EOF, readable forever: wait for the next turn's budget (owed)
         else:
             events = selectors.EVENT_READ
-        if events != self.events:
-            if not events:
-                self.server.sel.unregister(self.sock)
-            elif self.events:
-                self.server.sel.modify(self.sock, events, self.on_ready)
-            else:
-                self.server.sel.register(self.sock, events, self.on_ready)
-            self.events = events
-
-    def close(self, why: str | None = None) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if why:
-            log.debug("control: connection closed (%s)", why)
-        if self.events:
-            try:
-                self.server.sel.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        self.server.forget(self)
+        self._want(events)
 
 
 class ControlServer(Listener):

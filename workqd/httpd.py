@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import webauth
-from .listening import Listener
+from .listening import Connection, Listener
 
 log = logging.getLogger("workqd.http")
 
@@ -293,7 +293,7 @@ HANDSHAKE, READING, QUEUED, WRITING, DRAINING = (
     "handshake", "reading", "queued", "writing", "draining")
 
 
-class _Client:
+class _Client(Connection):
     """One connection, from accept to close; every method runs in the master loop."""
 
     def __init__(self, server: "HttpServer", sock: socket.socket, peer: str, now: float):
@@ -307,8 +307,9 @@ class _Client:
         self.start = 0  # where the request line begins in buf, after blank lines
         self.request: Request | None = None  # while QUEUED
         self.out = memoryview(b"")
-        self.events = 0
-        self.closed = False
+
+    def name(self) -> str:
+        return f"http {self.peer} ({self.phase})"
 
     def expired(self, now: float) -> str | None:
         if now >= self.deadline:
@@ -449,33 +450,6 @@ class _Client:
                 return
             drained += len(data)
         self._want(selectors.EVENT_READ)
-
-    def _want(self, events: int) -> bool:
-        """Wait for ``events``; False, so callers can return it."""
-        if events != self.events:
-            if self.events:
-                self.server.sel.modify(self.sock, events, self.on_ready)
-            else:
-                self.server.sel.register(self.sock, events, self.on_ready)
-            self.events = events
-        return False
-
-    def close(self, why: str | None = None) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if why:
-            log.debug("http %s: closed (%s) while %s", self.peer, why, self.phase)
-        if self.events:
-            try:
-                self.server.sel.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
-        try:
-            self.sock.close()
-        except OSError as e:
-            log.debug("http %s: close: %s", self.peer, e)
-        self.server.forget(self)
 
 
 def _peer_name(peer) -> str:

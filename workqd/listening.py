@@ -6,7 +6,8 @@ This class owns what every such server needs: the table of open clients,
 accepts in bounded batches, the accept pause after EMFILE and its one warning
 per episode, closing everything on stop and, in a forked child, dropping the
 copies without touching the shared selector. A subclass turns an accepted
-socket into a client (``_admit``); its clients call ``forget`` as they close.
+socket into a client (``_admit``), a ``Connection``, which forgets itself as it
+closes.
 
 Everything here runs on the master's loop thread; nothing blocks or raises into it.
 """
@@ -122,3 +123,47 @@ class Listener:
             self._log.warning("%s: cannot accept connections (%s) with %d clients open: "
                               "retrying every %.1f s", self._name, error or "unexpected error",
                               len(self._clients), self._accept_pause)
+
+
+class Connection:
+    """One accepted client of a Listener: its registration with the selector and its close.
+
+    A subclass sets ``server`` (its Listener) and ``sock`` and defines ``on_ready(mask)``,
+    the selector callback, and ``name()``, how log lines call it."""
+
+    events = 0        # what the selector waits for on ``sock``; 0: not registered
+    closed = False
+
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def _want(self, events: int) -> bool:
+        """Wait for ``events`` (0: for nothing until told); False, so callers can return it."""
+        if events != self.events:
+            sel = self.server.sel
+            if not events:
+                sel.unregister(self.sock)
+            elif self.events:
+                sel.modify(self.sock, events, self.on_ready)
+            else:
+                sel.register(self.sock, events, self.on_ready)
+            self.events = events
+        return False
+
+    def close(self, why: str | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        log = self.server._log
+        if why:
+            log.debug("%s: closed (%s)", self.name(), why)
+        if self.events:
+            try:
+                self.server.sel.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+        try:
+            self.sock.close()
+        except OSError as e:
+            log.debug("%s: close: %s", self.name(), e)
+        self.server.forget(self)

@@ -2,8 +2,9 @@
 
 Like httpd.py, the server is a listening.Listener: its listening socket and each
 client are registered with the master's selector (``key.data`` is a callable
-taking the ready mask); the master calls ``expire(now)`` once per loop turn. Nothing here blocks or raises
-into the loop: a hostile client costs one socket and a bounded slice of a turn.
+taking the ready mask); the master calls ``expire(now)`` once per loop turn.
+Nothing here blocks or raises into the loop: a hostile client costs one socket
+and a bounded slice of a turn.
 
 Protocol, version 1: each request is one line of JSON, an object
 ``{"v": 1, "cmd": NAME, ...arguments}``; each answer is one line,

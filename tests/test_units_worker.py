@@ -507,6 +507,19 @@ def test_a_client_certificate_refused_after_the_handshake_is_a_tls_failure():
     assert "certificate required" in verdict.why
 
 
+def test_an_eof_right_after_the_handshake_is_retried_not_a_stop():
+    # The same refusal when pika's first write loses the race with the server's close:
+    # only an EOF is left, which a broker going down mid-handshake gives too. Retried;
+    # the next attempt usually reads the alert and stops with the line above.
+    import pika.exceptions
+    from workqd.worker.session import classify_open_error
+    error = pika.exceptions.IncompatibleProtocolError(
+        "StreamLostError: (\"Stream connection lost: SSLEOFError(8, 'EOF occurred in "
+        "violation of protocol (_ssl.c:2427)')\",)")
+    verdict = classify_open_error(error, "amqps://h")
+    assert verdict.exit_code is None and "cannot connect to amqps://h" in verdict.why
+
+
 # --- the periodic consumer check (session.consumer_check) -------------------------------
 
 def test_consumer_check_sees_a_lost_consumer_and_a_starved_one():

@@ -77,7 +77,8 @@ class Loop:
         raise AssertionError("timed out")
 
 
-def _line(sock: socket.socket, loop: Loop) -> dict:
+def _read_until(sock: socket.socket, loop: Loop, done) -> bytes:
+    """What the server sent on ``sock`` once ``done(bytes so far)`` holds (turning the loop)."""
     buf = b""
     sock.setblocking(False)
 
@@ -87,9 +88,13 @@ def _line(sock: socket.socket, loop: Loop) -> dict:
             buf += sock.recv(65536)
         except BlockingIOError:
             pass
-        return b"\n" in buf
+        return done(buf)
     loop.until(got)
-    return json.loads(buf.split(b"\n")[0])
+    return buf
+
+
+def _line(sock: socket.socket, loop: Loop) -> dict:
+    return json.loads(_read_until(sock, loop, lambda b: b"\n" in b).split(b"\n")[0])
 
 
 def test_server_answers_in_order_caps_requests_and_budget(tmp_path):
@@ -101,17 +106,7 @@ def test_server_answers_in_order_caps_requests_and_budget(tmp_path):
     c.connect(str(tmp_path / "c.sock"))
     # More requests at once than one turn may answer: all answered, in order, over turns.
     c.sendall(b"".join(b'{"v":1,"cmd":"x","n":%d}\n' % i for i in range(40)))
-    buf = b""
-    c.setblocking(False)
-
-    def all_in():
-        nonlocal buf
-        try:
-            buf += c.recv(65536)
-        except BlockingIOError:
-            pass
-        return buf.count(b"\n") == 40
-    loop.until(all_in)
+    buf = _read_until(c, loop, lambda b: b.count(b"\n") == 40)
     assert [json.loads(x)["n"] for x in buf.splitlines()] == list(range(40)) == calls
     c.close()
     big = socket.socket(socket.AF_UNIX)

@@ -30,6 +30,10 @@ class VariantWorkqd(systems_mod.WorkqdSystem):
         self.root = str(Path(root).resolve())
         self.worker_cpu: list[float] = []   # seconds, per drain: every worker, start-up included
         self.daemon_cpu: list[float] = []   # ... and the master and its queue poller as well
+        # Per drain, every worker: read/write-class syscalls (/proc/PID/io syscr + syscw)
+        # and context switches of all its threads (voluntary, involuntary).
+        self.worker_syscalls: list[int] = []
+        self.worker_switches: list[tuple[int, int]] = []
 
     def start(self, queue, qtype, workers, prefetch, env, task="stamp"):
         bench = str(Path(__file__).resolve().parent)
@@ -41,6 +45,10 @@ class VariantWorkqd(systems_mod.WorkqdSystem):
             # Read the workers' CPU while they live: an exited process's is gone.
             self.worker_cpu.append(sum(_cpu_seconds(p) for p in d.worker_pids()))
             self.daemon_cpu.append(sum(_cpu_seconds(p) for p in d.pids()))
+            self.worker_syscalls.append(sum(_syscalls(p) for p in d.worker_pids()))
+            switches = [_switches(p) for p in d.worker_pids()]
+            self.worker_switches.append((sum(v for v, _ in switches),
+                                         sum(i for _, i in switches)))
             return stop(*args, **kwargs)
         d.stop = stop_and_count
         return d
@@ -66,6 +74,36 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _syscalls(pid: int) -> int:
+    """Read- and write-class system calls so far (read, recv*, write, send*, ...)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            fields = dict(line.split(": ") for line in f.read().splitlines())
+    except OSError:
+        return 0
+    return int(fields["syscr"]) + int(fields["syscw"])
+
+
+def _switches(pid: int) -> tuple[int, int]:
+    """Context switches of every thread of ``pid``: (voluntary, involuntary)."""
+    vol = invol = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        invol += int(line.split()[1])
+        except OSError:
+            pass
+    return vol, invol
 
 
 def main() -> int:
@@ -116,6 +154,11 @@ def main() -> int:
               f"included): " + "; ".join(
                   f"{v.label} {median(v.daemon_cpu[-a.runs:]) / a.tasks * 1e6:.1f} us"
                   for v in variants), flush=True)
+        print(f"== {a.type} prefetch {prefetch}: per task in the workers (median): " + "; ".join(
+            f"{v.label} {median(v.worker_syscalls[-a.runs:]) / a.tasks:.2f} read/write "
+            f"syscalls, {median([s[0] for s in v.worker_switches[-a.runs:]]) / a.tasks:.2f} "
+            f"voluntary + {median([s[1] for s in v.worker_switches[-a.runs:]]) / a.tasks:.2f} "
+            f"involuntary context switches" for v in variants), flush=True)
     admin.close()
     return 0
 

@@ -6,8 +6,10 @@
 Each run drains once with plain pika and once with every variant, in an order
 that changes from run to run (``run_order``; a multiple of 2 x (variants + 1)
 runs is a balanced design). The summary gives each variant's median tasks/s,
-its median per-run ratio to plain pika, and worker and whole-daemon CPU per task. A variant is the root of a checkout (the directory holding
-``workqd/``), put first on the workers' PYTHONPATH.
+its median per-run ratio to plain pika, worker and whole-daemon CPU per task, and
+the workers' read/write system calls and context switches per task. A variant is
+the root of a checkout (the directory holding ``workqd/``), put first on the
+workers' PYTHONPATH.
 """
 
 from __future__ import annotations

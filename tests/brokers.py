@@ -348,7 +348,7 @@ class Cluster:
         cluster status is killed and started again; it rejoins from its data directory.
         (Seen once in CI after a SIGSTOP: wqa and wqc listed wqb as running with no
         partition, wqb listed no listeners, and its own cluster_status gave nothing for
-        60 s.) Each repair is printed with the node's log tail, for the test's output."""
+        120 s.) Each repair is printed with the node's log tail, for the test's output."""
         for name, node in self.nodes.items():
             s = self.status(name)
             if s is None:

@@ -151,11 +151,16 @@ def tls_connect(node, certs, ca: str = "ca.pem", hostname: str = "localhost",
     return pika.BlockingConnection(params)
 
 
-def assert_tls_refused(expected: str, **kw) -> str:
-    """Connecting fails with an SSL error whose text contains ``expected``; returns the text."""
+def refusal(**kw) -> str:
+    """Connecting fails with an SSL or connection error; returns its text."""
     with pytest.raises((ssl.SSLError, pika.exceptions.AMQPConnectionError)) as caught:
         tls_connect(**kw).close()
-    text = repr(caught.value)
+    return repr(caught.value)
+
+
+def assert_tls_refused(expected: str, **kw) -> str:
+    """Connecting fails with an error whose text contains ``expected``; returns the text."""
+    text = refusal(**kw)
     assert expected in text, text
     return text
 
@@ -173,9 +178,7 @@ def assert_client_certificate_refused(expected: str, attempts: int = 10, **kw) -
     one names ``expected``. Returns that text."""
     texts = []
     for _ in range(attempts):
-        with pytest.raises((ssl.SSLError, pika.exceptions.AMQPConnectionError)) as caught:
-            tls_connect(**kw).close()
-        text = repr(caught.value)
+        text = refusal(**kw)
         assert expected in text or AFTER_HANDSHAKE_EOF in text, text
         if expected in text:
             return text

@@ -190,6 +190,12 @@ class Queue:
     max_tasks_per_worker: int = 0
     max_memory_per_worker: int = 0  # bytes
     max_body: int = 16 * 1024 * 1024  # bytes
+    # Seconds a worker may spend loading its Python handler (imports) before the
+    # master calls it hung; the liveness clock only starts once the import is done.
+    import_timeout: float = 120.0
+    # False: outcomes go only to direct reply-to (amq.rabbitmq.reply-to.*); a named
+    # reply queue is a publisher aiming workqd's credentials, so it is a trust decision.
+    allow_reply_queues: bool = False
     # Not a key of its own: read from ``workers: {min, max}`` (then ``workers`` is its min).
     autoscale: Autoscale | None = field(default=None, metadata={"key": "workers"})
     declare: bool = True              # False: the queue is someone else's, checked passively
@@ -1218,6 +1224,8 @@ _QUEUE_FIELDS: dict[str, Callable] = {
     "max_tasks_per_worker": whole(0, MAX_TASKS_PER_WORKER),
     "max_memory_per_worker": sizes(0, MAX_MEMORY),
     "max_body": sizes(1, MAX_BODY),
+    "import_timeout": seconds(1, maximum=86400.0),
+    "allow_reply_queues": lambda value: _flag(value),
 }
 _QUEUE_KEYS = {"name", "handler", "retry", *_QUEUE_FIELDS, "declare", "declare_side_queues",
                "arguments", "bindings"}

@@ -547,8 +547,8 @@ def test_blocked_broker_is_reported_and_bounded(lone_node, tmp_path):
 def test_blocked_after_some_confirms_is_exit_1_naming_the_rest(capsys):
     # Pure logic of the verdict (the broker part is test_blocked_broker_is_reported_and_bounded):
     # an alarm that set in after the first confirm.
-    from workqd.submit import Submitter, Task
-    sub = Submitter([], "q", None, [Task("a", b"1", 1), Task("b", b"2", 2)], {}, None,
+    from workqd.submit import Outgoing, Submitter
+    sub = Submitter([], "q", None, [Outgoing("a", b"1", 1), Outgoing("b", b"2", 2)], {}, None,
                     False, None, 30)
     sub.todo.clear()
     sub.published, sub.confirmed = 2, {0}

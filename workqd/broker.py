@@ -20,10 +20,6 @@ from .config import Binding, Broker, Invalid, Queue, read_password, redact  # no
 
 log = logging.getLogger("workqd.broker")
 
-# Re-exported for the command-line tools; vocab.py is where they are defined.
-H_ATTEMPT, H_REASON, H_ERROR = vocab.H_ATTEMPT, vocab.H_REASON, vocab.H_ERROR
-H_DEAD_AT, H_QUEUE = vocab.H_DEAD_AT, vocab.H_QUEUE
-
 RECONNECT_FIRST = 0.25   # seconds before the first retry of one URL; doubles per failure
 RECONNECT_MAX = 15.0     # cap of the reconnect backoff
 

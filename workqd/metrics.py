@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gzip
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
@@ -21,7 +21,6 @@ from .slots import (BUCKET_WORDS, BUCKETS, OUTCOME_WORDS, W_DURATION_SUM, W_REDE
 from .state import W_BUSY, W_IDLE, W_PAUSED, W_STARTING, Snapshot
 from .vocab import OUTCOMES, RESTART_REASONS
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LE = (*map(floatToGoString, BUCKETS), "+Inf")
 
 

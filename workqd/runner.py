@@ -13,10 +13,10 @@ import site
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from . import vocab
+from .task import Reject, RetryLater, Task
 from .config import HIDDEN_VARIABLES, Handler, Invalid, virtualenv_site_packages
 
 log = logging.getLogger("workqd.worker")
@@ -29,44 +29,8 @@ MAX_LOGGED_LINES = 200
 SETPRIV = "/usr/bin/setpriv"
 
 
-@dataclass(slots=True)
-class Task:
-    """What a handler learns about the message it runs."""
-    message_id: str
-    queue: str
-    headers: dict = field(default_factory=dict)
-    redelivered: bool = False
-    delivery_count: int = 0   # earlier deliveries (quorum x-delivery-count), 0 on the first
-    attempt: int = 1          # try number across retries (x-workq-attempt)
-    # time.monotonic() by which the handler must be done, set when its run starts
-    # (CLOCK_MONOTONIC: the same clock in every process of the machine).
-    deadline: float = 0.0
-    routing_key: str = ""     # as published; "" when unknown
-    exchange: str = ""        # "" is the default exchange
-    props: object = None      # the delivery's pika properties, read only when asked (below)
-
-    @property
-    def properties(self) -> dict:
-        """AMQP basic properties but headers, the set ones only. Built on demand: most
-        handlers never ask, and building it for every task costs the hot path."""
-        from .worker.intake import properties_of
-        return properties_of(self.props) if self.props is not None else {}
-
-
-class Reject(Exception):
-    """Raised by a handler for a task no retry can fix (bad input): the task is
-    dead-lettered at once with reason ``rejected``. ``args[0]`` is the reason shown."""
-
-
 class HandlerRejected(Reject):
     """A command handler exited with vocab.EXIT_REJECT (65, EX_DATAERR)."""
-
-
-class RetryLater(Exception):
-    """Raised by a handler that could not attempt the task now (a service it needs is
-    down): the task waits the backoff delay and comes back without using up a try, at
-    most ``retry.max_deferrals`` times; after that it counts as a failure.
-    ``args[0]`` is the reason shown."""
 
 
 class HandlerDeferred(RetryLater):

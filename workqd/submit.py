@@ -62,7 +62,8 @@ class UsageError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class Outgoing:
+    """One task as workq-submit publishes it (the handler side's view is workqd.task.Task)."""
     message_id: str
     body: bytes
     line: int | None = None   # line number in --file, for the operator who re-submits
@@ -216,7 +217,7 @@ def _size(n: int) -> str:
     return f"{n // (1024 * 1024)} MiB" if n >= 1024 * 1024 else f"{n // 1024} KiB"
 
 
-def build_tasks(args: argparse.Namespace) -> list[Task]:
+def build_tasks(args: argparse.Namespace) -> list[Outgoing]:
     """Every task the arguments describe, each with its message id."""
     if args.words == ["-"] and not args.file:
         args.file, args.words = "-", []  # a lone "-" reads tasks from stdin, like --file -
@@ -258,8 +259,8 @@ def build_tasks(args: argparse.Namespace) -> list[Task]:
         if not args.message_id:
             raise UsageError("--message-id '': empty id")
         mid = utf8("--message-id", args.message_id)
-        return [Task(mid, bodies[0][0], bodies[0][1])]
-    return [Task(uuid.uuid4().hex, body, line) for body, line in bodies]
+        return [Outgoing(mid, bodies[0][0], bodies[0][1])]
+    return [Outgoing(uuid.uuid4().hex, body, line) for body, line in bodies]
 
 
 def safe_redact(url: str) -> str:
@@ -433,7 +434,7 @@ class _Session:
             self.ready = True
             self.sub.session_ready(self)
 
-    def publish(self, i: int, task: Task) -> None:
+    def publish(self, i: int, task: Outgoing) -> None:
         sub = self.sub
         props = pika.BasicProperties(
             delivery_mode=2, message_id=task.message_id,
@@ -479,7 +480,7 @@ class Submitter:
     when a connection is lost, re-publishing what was not confirmed yet."""
 
     def __init__(self, nodes: list[Node], queue: str, declare: config_mod.Queue | None,
-                 tasks: list[Task], headers: dict, priority: int | None,
+                 tasks: list[Outgoing], headers: dict, priority: int | None,
                  wait: bool, timeout: float | None, confirm_timeout: float):
         self.nodes = list(nodes)
         self.queue = queue
@@ -837,7 +838,7 @@ def requeue_dead(nodes: list[Node], queue: str, confirm_timeout: float,
     """Move dead-lettered tasks back, each acked on the dead queue only once its copy is
     confirmed on the work queue, so a failure half-way loses nothing. ``select`` picks
     which (workqctl dead requeue --reason/--id); the others stay, in their order."""
-    from .broker import H_ATTEMPT, H_DEAD_AT, H_ERROR, H_QUEUE, H_REASON
+    from .vocab import H_ATTEMPT, H_DEAD_AT, H_ERROR, H_QUEUE, H_REASON
     dead = f"{queue}.dead"
     conn, node, errors = connect_first(nodes, confirm_timeout)
     if conn is None:
@@ -903,7 +904,7 @@ class Plan:
     nodes: list[Node]
     queue: str
     declare: config_mod.Queue | None
-    tasks: list[Task]
+    tasks: list[Outgoing]
     headers: dict
     confirm_timeout: float
 

@@ -25,6 +25,7 @@ from typing import Callable
 
 from .. import runner, vocab
 from ..slots import Slot
+from ..task import Reject, RetryLater, Task
 from .intake import Delivery, published_at
 
 log = logging.getLogger("workqd.worker")
@@ -34,7 +35,7 @@ SUCCESS = vocab.SUCCESS
 
 
 class HandlerThread:
-    def __init__(self, run: Callable[[bytes, runner.Task], None], slot: Slot, timeout: float,
+    def __init__(self, run: Callable[[bytes, Task], None], slot: Slot, timeout: float,
                  on_leaving: Callable[[], None] = lambda: None):
         self._run = run
         self._slot = slot
@@ -118,11 +119,11 @@ class HandlerThread:
                 outcome, error = SUCCESS, ""
             except runner.HandlerTimedOut as e:
                 outcome, error = vocab.TIMEOUT, str(e)
-            except runner.Reject as e:
+            except Reject as e:
                 # The handler's own verdict: no retry can help this task.
                 outcome, error = vocab.DEAD_LETTER, runner.error_line(e)
                 log.warning("task %s rejected by its handler: %s", task.message_id, error)
-            except runner.RetryLater as e:
+            except RetryLater as e:
                 # Not a failure of the task: something it needs is not there now.
                 outcome, error = vocab.DEFERRED, runner.error_line(e)
             except Exception as e:

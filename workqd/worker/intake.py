@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from .. import vocab
-from ..runner import Task
+from ..task import Task, text as _text
 
 MAX_ATTEMPT = 1_000_000
 
@@ -69,12 +69,6 @@ def message_id_of(props, body: bytes) -> str:
     return "sha1:" + hashlib.sha1(body).hexdigest()[:20]
 
 
-# Basic properties copied into Task.properties (headers are Task.headers).
-PROPERTIES = ("content_type", "content_encoding", "delivery_mode", "priority", "correlation_id",
-              "reply_to", "expiration", "message_id", "timestamp", "type", "user_id", "app_id",
-              "cluster_id")
-
-
 def read_task(queue: str, redelivered: bool, props, body: bytes, routing_key="",
               exchange="") -> tuple[Task, str | None]:
     """The task, and a one-line problem when a workqd header is unreadable.
@@ -103,24 +97,6 @@ def read_task(queue: str, redelivered: bool, props, body: bytes, routing_key="",
         attempt = 1
     return Task(mid, queue, headers, bool(redelivered), count, attempt, 0.0, routing_key,
                 exchange, props), problem
-
-
-def _text(value) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return "" if value is None else str(value)
-
-
-def properties_of(props) -> dict:
-    """The properties the publisher set; whatever pika decoded, never an exception."""
-    out = {}
-    for name in PROPERTIES:
-        value = getattr(props, name, None)
-        if value is not None:
-            out[name] = value if isinstance(value, (int, str)) else _text(value)
-    return out
 
 
 def size_problem(body: bytes, max_body: int) -> str | None:

@@ -838,8 +838,8 @@ def requeue_dead(nodes: list[Node], queue: str, confirm_timeout: float,
     """Move dead-lettered tasks back, each acked on the dead queue only once its copy is
     confirmed on the work queue, so a failure half-way loses nothing. ``select`` picks
     which (workqctl dead requeue --reason/--id); the others stay, in their order."""
-    from .vocab import H_ATTEMPT, H_DEAD_AT, H_ERROR, H_QUEUE, H_REASON
-    dead = f"{queue}.dead"
+    from .vocab import H_ATTEMPT, H_DEAD_AT, H_ERROR, H_QUEUE, H_REASON, dead_letter_queue
+    dead = dead_letter_queue(queue)
     conn, node, errors = connect_first(nodes, confirm_timeout)
     if conn is None:
         print(f"{prog}: cannot connect to {'; '.join(errors)}", file=sys.stderr)
@@ -940,7 +940,7 @@ def plan(args: argparse.Namespace) -> Plan:
         if args.words or args.file is not None or args.wait:
             raise UsageError("--requeue-dead takes no tasks and no --wait")
         queue_name("--requeue-dead", args.requeue_dead)
-        queue_name("--requeue-dead", args.requeue_dead + ".dead")
+        queue_name("--requeue-dead", vocab.dead_letter_queue(args.requeue_dead))
         tasks = []
     else:
         tasks = build_tasks(args)

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import socket
 import ssl
 import stat
 import sys
@@ -35,9 +34,8 @@ from typing import Callable
 import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
-from pika.adapters.utils import connection_workflow as workflow
 
-from . import exitcodes, vocab
+from . import amqperrors, exitcodes, vocab
 from . import config as config_mod
 from .broker import connection_parameters, declarations, redact
 
@@ -757,51 +755,7 @@ class Submitter:
 
 
 def _describe(error) -> str:
-    """One line for anything pika or ssl raised, without the exception class soup."""
-    if isinstance(error, pika.exceptions.ProbableAuthenticationError):
-        return "login refused (check user and password)"
-    if isinstance(error, pika.exceptions.ProbableAccessDeniedError):
-        return "access refused (check the vhost and permissions)"
-    if isinstance(error, pika.exceptions.ConnectionBlockedTimeout):
-        return "the broker kept blocking publishers (alarm)"
-    # Unwrap pika's connection workflow: AMQPConnectionError(WorkflowFailed(..., Connector(exc)))
-    seen = 0
-    while seen < 5:
-        seen += 1
-        if isinstance(error, pika.exceptions.AMQPConnectionError) and error.args and \
-                isinstance(error.args[0], BaseException):
-            error = error.args[0]
-        elif isinstance(error, workflow.AMQPConnectionWorkflowFailed) and error.exceptions:
-            error = error.exceptions[-1]
-        elif isinstance(error, workflow.AMQPConnectorPhaseErrorBase) and error.exception:
-            error = error.exception
-        else:
-            break
-    if isinstance(error, (ssl.SSLCertVerificationError, ssl.CertificateError)):
-        return f"TLS handshake failed: {getattr(error, 'verify_message', '') or error}"
-    if isinstance(error, ssl.SSLError):
-        text = error.args[1] if len(error.args) > 1 and isinstance(error.args[1], str) else ""
-        return "TLS handshake failed: " + (re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)
-                                           or error.reason or type(error).__name__)
-    if isinstance(error, workflow.AMQPConnectorStackTimeout):
-        return f"no answer within {CONNECT_TIMEOUT:g}s"
-    if isinstance(error, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(error, socket.gaierror):
-        return f"cannot resolve the host: {error.strerror}"
-    if isinstance(error, (socket.timeout, TimeoutError)):
-        return "timed out"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror if not error.filename else f"{error.filename}: {error.strerror}"
-    if isinstance(error, pika.exceptions.ConnectionClosed):
-        return f"closed by the broker ({error.reply_code} {error.reply_text})" \
-            if error.reply_code not in (0, 200) or error.reply_text else "closed"
-    if isinstance(error, pika.exceptions.ChannelClosed):
-        return f"{error.reply_code} {error.reply_text}"
-    if isinstance(error, pika.exceptions.StreamLostError):
-        return "connection reset"
-    text = str(error) or ", ".join(map(str, getattr(error, "args", ()))) or type(error).__name__
-    return " ".join(text.split())
+    return amqperrors.describe(error, CONNECT_TIMEOUT)
 
 
 # --- requeue-dead --------------------------------------------------------

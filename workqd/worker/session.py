@@ -10,14 +10,13 @@ can help. Everything here runs on the worker's I/O thread.
 from __future__ import annotations
 
 import logging
-import re
-import ssl
 from typing import Callable, NamedTuple
 
 import pika
 import pika.exceptions
 
 from .. import exitcodes
+from ..amqperrors import tls_error
 from ..broker import Declaration, connection_parameters, declarations, queue_arguments, redact
 from ..config import Binding, Broker, Queue
 from .settle import Settler
@@ -44,34 +43,6 @@ def classify_open_error(error, url: str) -> Verdict:
         # configuration: reconnecting would repeat it forever.
         return Verdict(f"TLS with {redact(url)} failed: {tls}", exitcodes.WORKER_BAD_SETTINGS)
     return Verdict(f"cannot connect to {redact(url)}: {error!r}", None)
-
-
-_SSL_TEXT = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
-
-
-def tls_error(error) -> str | None:
-    """The TLS failure behind a pika connection error, in one line, or None."""
-    seen, todo = set(), [error]
-    while todo:
-        e = todo.pop()
-        if isinstance(e, str):
-            # TLS 1.3 refuses a missing client certificate after the handshake; pika
-            # then reports it only as text inside a protocol error.
-            m = _SSL_TEXT.search(e)
-            if m:
-                return m.group(1).replace("_", " ").lower()
-            continue
-        if id(e) in seen or not isinstance(e, BaseException):
-            continue
-        seen.add(id(e))
-        if isinstance(e, ssl.SSLCertVerificationError):
-            return f"the broker's certificate was refused: {e.verify_message}"
-        if isinstance(e, ssl.SSLError):
-            return f"{e.reason or e}".replace("_", " ").lower()
-        # pika wraps the cause: .exceptions (a workflow), .exception (one phase), args.
-        todo += [*getattr(e, "exceptions", ()), getattr(e, "exception", None), *e.args,
-                 e.__cause__, e.__context__]
-    return None
 
 
 def classify_channel_close(code: int, text: str, declaring: bool, queue: Queue,

@@ -45,6 +45,7 @@ H_DEAD_AT = "x-workq-dead-at"        # UTC time of dead-lettering, ISO 8601
 H_QUEUE = "x-workq-queue"            # queue the task was consumed from
 H_DELIVERY_COUNT = "x-delivery-count"  # the broker's, on quorum queues
 H_SUBMITTED_MS = "x-workq-submitted-ms"  # workq-submit's publish time, ms since the epoch
+H_EXPIRES_MS = "x-workq-expires-ms"  # a task delivered after this (ms since the epoch) is not run
 
 # A header value longer than this is cut, so one copy cannot grow without bound.
 MAX_ERROR_TEXT = 500

@@ -130,3 +130,23 @@ def test_a_delay_past_one_pass_enters_the_top_level(client, amqp, qname):
 def test_a_delayed_task_for_a_missing_queue_is_refused(client):
     with pytest.raises(SubmitError, match="no queue"):
         client.submit(b"x", queue=f"missing-{uuid.uuid4().hex}", delay=5)
+
+
+def test_a_cancel_is_appended_to_the_vhost_cancel_log(client, amqp):
+    from workqd import cancels
+    mid = f"cancel-me-{uuid.uuid4().hex}"
+    client.cancel(mid)
+    # Read the stream from its start, as every daemon does, and find the entry.
+    ch = amqp.channel()
+    ch.basic_qos(prefetch_count=1000)
+    seen = []
+
+    def on_message(channel, method, props, body):
+        seen.append(props.message_id)
+        channel.basic_ack(method.delivery_tag)
+    tag = ch.basic_consume(cancels.STREAM, on_message, arguments={"x-stream-offset": "first"})
+    deadline = time.monotonic() + 10
+    while mid not in seen and time.monotonic() < deadline:
+        amqp.conn.process_data_events(time_limit=0.2)
+    ch.basic_cancel(tag)
+    assert mid in seen

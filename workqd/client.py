@@ -32,7 +32,7 @@ import pika.exceptions
 import pika.spec
 from pika.adapters.select_connection import IOLoop
 
-from . import amqperrors, delays, vocab
+from . import amqperrors, cancels, delays, vocab
 from . import config as config_mod
 from .broker import Failover, connection_parameters, redact
 
@@ -232,6 +232,7 @@ class Client:
         self._link: _Link | None = None
         self._failover = Failover(broker.urls)
         self._levels_declared = False
+        self._cancel_log_declared = False
         self._bound: set[str] = set()
         _clients.add(self)
 
@@ -280,6 +281,26 @@ class Client:
                 raise SubmitError(f"task {mid}: {req.error}", mid)
         return ids
 
+    def cancel(self, message_id: str) -> None:
+        """Cancel a task: every daemon reading the vhost's cancel log within a second or
+        so stops it if it runs and never runs it if it waits (even if published later,
+        within the log's retention); it is dead-lettered as ``cancelled``."""
+        if not isinstance(message_id, str) or not message_id:
+            raise ValueError("a message id to cancel is a non-empty string")
+        deadline = time.monotonic() + self.confirm_timeout
+        link = self._connected(deadline, delayed=False, queue="", cancel_log=True)
+        now_ms = int(time.time() * 1000)
+        req = _Request("", cancels.STREAM, message_id.encode("utf-8", "surrogatepass"),
+                       pika.BasicProperties(delivery_mode=2, message_id=message_id,
+                                            headers={cancels.H_CANCELLED_MS: now_ms}))
+        link.send(req)
+        if not req.done.wait(max(0.0, deadline - time.monotonic())):
+            link.close()
+            raise SubmitError(f"cancel of {message_id}: no confirm within "
+                              f"{self.confirm_timeout:g}s", message_id)
+        if req.error is not None:
+            raise SubmitError(f"cancel of {message_id}: {req.error}", message_id)
+
     def close(self) -> None:
         with self._lock:
             if self._link is not None and self._pid == os.getpid():
@@ -315,12 +336,16 @@ class Client:
         self._link = None
         self._pid = os.getpid()
 
-    def _connected(self, deadline: float, delayed: bool, queue: str) -> _Link:
+    def _connected(self, deadline: float, delayed: bool, queue: str,
+                   cancel_log: bool = False) -> _Link:
         with self._lock:
             if self._pid != os.getpid():
                 self._forget_parent()
             if delayed:
-                self._prepare_delays(queue)
+                self._prepare(lambda ch: self._prepare_delays(ch, queue),
+                              self._levels_declared and queue in self._bound)
+            if cancel_log:
+                self._prepare(self._prepare_cancel_log, self._cancel_log_declared)
             link = self._link
             if link is not None and not link.dead.is_set():
                 return link
@@ -341,36 +366,42 @@ class Client:
                     break
             raise SubmitError("cannot connect to " + "; ".join(errors))
 
-    def _prepare_delays(self, queue: str) -> None:
-        """The vhost's delay levels and this queue's delivery binding, once per client
-        (a short connection of its own: declarations are rare and may fail loudly)."""
-        if self._levels_declared and queue in self._bound:
+    def _prepare(self, declare, done: bool) -> None:
+        """Declarations a kind of submit needs, once per client, on a short connection of
+        its own: they are rare, and a refusal must not close the publishing channel."""
+        if done:
             return
-        params = connection_parameters(self._broker, self._failover.current, self._name)
+        url = self._failover.current
         try:
-            conn = pika.BlockingConnection(params)
+            conn = pika.BlockingConnection(connection_parameters(self._broker, url, self._name))
         except pika.exceptions.AMQPError as e:
-            raise SubmitError(f"cannot connect to {redact(self._failover.current)}: "
+            raise SubmitError(f"cannot connect to {redact(url)}: "
                               f"{amqperrors.describe(e, CONNECT_TIMEOUT)}") from None
         try:
-            ch = conn.channel()
-            if not self._levels_declared:
-                delays.declare(ch)
-                self._levels_declared = True
-            try:
-                ch.queue_declare(queue, passive=True)
-            except pika.exceptions.ChannelClosedByBroker:
-                raise SubmitError(f"unroutable: no queue {queue!r} (a delayed task needs its "
-                                  f"queue to exist now)") from None
-            ch = conn.channel() if ch.is_closed else ch
-            delays.bind(ch, delays.delivery_binding(queue))
-            self._bound.add(queue)
+            declare(conn.channel())
         except pika.exceptions.AMQPError as e:
-            raise SubmitError(f"cannot prepare delayed delivery: "
+            raise SubmitError(f"cannot declare what this submit needs: "
                               f"{amqperrors.describe(e, CONNECT_TIMEOUT)}") from None
         finally:
             if conn.is_open:
                 conn.close()
+
+    def _prepare_delays(self, ch, queue: str) -> None:
+        """The vhost's delay levels, and the binding that brings this queue its due tasks."""
+        if not self._levels_declared:
+            delays.declare(ch)
+            self._levels_declared = True
+        try:
+            ch.queue_declare(queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker:
+            raise SubmitError(f"unroutable: no queue {queue!r} (a delayed task needs its "
+                              f"queue to exist now)") from None
+        delays.bind(ch, delays.delivery_binding(queue))
+        self._bound.add(queue)
+
+    def _prepare_cancel_log(self, ch) -> None:
+        ch.queue_declare(cancels.STREAM, durable=True, arguments=cancels.stream_arguments())
+        self._cancel_log_declared = True
 
 
 def _due(now: float, delay: float | None, at: datetime.datetime | None) -> float | None:

@@ -1,0 +1,92 @@
+"""Cancelled tasks: a durable log on the broker, and a table every worker of a host reads.
+
+``workqctl cancel ID`` and ``Client.cancel`` append the id to the stream queue
+``workq.cancel``. A stream is a log that consumers read without removing what they
+read: every daemon of every host reads all of it, a restarted daemon reads it again
+from the start of its retention, and the broker drops entries older than that
+retention (``x-max-age``) by itself. A queue would hand each cancel to one daemon
+only, and a fanout of per-daemon queues would lose the cancels published while a
+daemon was down.
+
+On each host the master's poller process reads the stream and writes each id's
+digest, with when it was cancelled, into a table in shared memory that the master
+maps before forking. Workers look up every delivery before running it, and the
+task they are running on every tick, with plain memory reads. One writer (the
+poller), many readers: an entry's digest is written before its stamp, and a reader
+takes an entry only once its stamp is set, so it never sees half an entry as whole.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import time
+
+STREAM = "workq.cancel"
+RETENTION = 7 * 86400            # seconds a cancel is kept (the stream's x-max-age)
+H_CANCELLED_MS = "x-workq-cancelled-ms"
+
+_ENTRY = struct.Struct("@16sq")  # digest, cancelled at (ms since the epoch; 0 = empty)
+CAPACITY = 1 << 16               # entries: 1.5 MiB of address space, touched as used
+PROBES = 32                      # slots looked at before the oldest in reach is replaced
+
+
+def stream_arguments(retention: float = RETENTION) -> dict:
+    return {"x-queue-type": "stream", "x-max-age": f"{int(retention)}s"}
+
+
+class CancelTable:
+    """Fixed-size open-addressing set of digests; the poller adds, workers look up."""
+
+    def __init__(self, capacity: int = CAPACITY, retention: float = RETENTION):
+        if capacity & (capacity - 1):
+            raise ValueError("capacity must be a power of two")
+        self.capacity = capacity
+        self.retention = retention
+        # Anonymous mappings are shared with the children forked after this.
+        self._mm = mmap.mmap(-1, capacity * _ENTRY.size)
+        self.replaced = 0        # live entries given up for room (the poller logs it)
+
+    def _home(self, digest: bytes) -> int:
+        return int.from_bytes(digest[:8], "little") & (self.capacity - 1)
+
+    def add(self, digest: bytes, cancelled_ms: int, now_ms: int | None = None) -> bool:
+        """The poller only. False when the id was already in the table."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        stale = now_ms - int(self.retention * 1000)
+        home = self._home(digest)
+        oldest, oldest_at = None, None
+        for k in range(PROBES):
+            i = (home + k) & (self.capacity - 1)
+            d, at = _ENTRY.unpack_from(self._mm, i * _ENTRY.size)
+            if at and d == digest:
+                return False
+            if not at or at < stale:
+                self._write(i, digest, cancelled_ms)
+                return True
+            if oldest_at is None or at < oldest_at:
+                oldest, oldest_at = i, at
+        self.replaced += 1
+        self._write(oldest, digest, cancelled_ms)
+        return True
+
+    def _write(self, i: int, digest: bytes, cancelled_ms: int) -> None:
+        off = i * _ENTRY.size
+        # Readers take an entry by its stamp: clear it, write the digest, stamp it last.
+        struct.pack_into("@q", self._mm, off + 16, 0)
+        self._mm[off:off + 16] = digest
+        struct.pack_into("@q", self._mm, off + 16, cancelled_ms)
+
+    def cancelled(self, digest: bytes, now_ms: int | None = None) -> bool:
+        """Any process: was this id cancelled within the retention?"""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        stale = now_ms - int(self.retention * 1000)
+        home = self._home(digest)
+        for k in range(PROBES):
+            i = (home + k) & (self.capacity - 1)
+            d, at = _ENTRY.unpack_from(self._mm, i * _ENTRY.size)
+            if not at:
+                return False
+            if d == digest:
+                return at >= stale
+        return False

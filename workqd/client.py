@@ -325,10 +325,8 @@ class Client:
         props = dict(delivery_mode=2, message_id=mid, priority=priority)
         if due is None:
             return _Request("", queue, body, pika.BasicProperties(headers=h, **props))
-        seconds = delays.this_pass(delays.whole_seconds(due - now))
-        h = delays.entry_headers(h, queue, int(due * 1000))
-        return _Request(delays.entry_exchange(seconds), delays.routing_key(seconds), body,
-                        pika.BasicProperties(headers=h, **props))
+        exchange, key, h = delays.routed(queue, h, due - now, int(due * 1000))
+        return _Request(exchange, key, body, pika.BasicProperties(headers=h, **props))
 
     def _forget_parent(self) -> None:
         """In a forked child: the parent's connection and lock are not ours."""
@@ -388,15 +386,14 @@ class Client:
 
     def _prepare_delays(self, ch, queue: str) -> None:
         """The vhost's delay levels, and the binding that brings this queue its due tasks."""
-        if not self._levels_declared:
-            delays.declare(ch)
-            self._levels_declared = True
         try:
-            ch.queue_declare(queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker:
+            delays.prepare(ch, queue)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code != 404:
+                raise
             raise SubmitError(f"unroutable: no queue {queue!r} (a delayed task needs its "
                               f"queue to exist now)") from None
-        delays.bind(ch, delays.delivery_binding(queue))
+        self._levels_declared = True
         self._bound.add(queue)
 
     def _prepare_cancel_log(self, ch) -> None:

@@ -168,3 +168,19 @@ def bind(channel, b: Bind) -> None:
     else:
         channel.queue_bind(b.destination, b.source, routing_key=b.routing_key,
                            arguments=b.arguments)
+
+
+def prepare(channel, queue: str) -> None:
+    """On a pika BlockingChannel: the levels, a check that ``queue`` exists (a delayed
+    task for a missing queue would only be found missing when due), and its delivery
+    binding. Raises pika's ChannelClosedByBroker (404) for a missing queue."""
+    declare(channel)
+    channel.queue_declare(queue, passive=True)
+    bind(channel, delivery_binding(queue))
+
+
+def routed(queue: str, headers: dict | None, seconds_ahead: float, due_ms: int
+           ) -> tuple[str, str, dict]:
+    """(exchange, routing key, headers) of a task due in ``seconds_ahead`` seconds."""
+    seconds = this_pass(whole_seconds(seconds_ahead))
+    return entry_exchange(seconds), routing_key(seconds), entry_headers(headers, queue, due_ms)

@@ -35,9 +35,9 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from . import amqperrors, exitcodes, vocab
+from . import amqperrors, delays, exitcodes, vocab, when
 from . import config as config_mod
-from .broker import connection_parameters, declarations, redact
+from .broker import connection_parameters, declarations, queue_arguments, redact
 
 WINDOW = 5000          # unconfirmed messages in flight at most
 REPLY_TO = "amq.rabbitmq.reply-to"
@@ -112,6 +112,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--confirm-timeout", type=float, metavar="S",
                    help="give up on a broker that confirms nothing, or blocks publishers "
                    f"(alarm), for S seconds (default {DEFAULT_CONFIRM_TIMEOUT:g})")
+    p.add_argument("--delay", metavar="DURATION",
+                   help="hold the task back this long: 90, 90s, 15m, 2h, 3d (up to 100 years)")
+    p.add_argument("--at", metavar="TIME",
+                   help="hold the task back until TIME, ISO 8601 with its offset "
+                   "(2026-12-24T03:00:00+01:00)")
+    p.add_argument("--expires", metavar="DURATION|TIME",
+                   help="a task delivered later than this is not run (dead-lettered as expired)")
     p.add_argument("--requeue-dead", metavar="QUEUE",
                    help="move every task in QUEUE.dead back to QUEUE (after fixing the cause), "
                    "as a first try again; nothing else is published")
@@ -434,14 +441,21 @@ class _Session:
 
     def publish(self, i: int, task: Outgoing) -> None:
         sub = self.sub
+        now = time.time()
+        # Millisecond publish time for workqd_task_queue_wait_seconds (the
+        # timestamp property has whole seconds only).
+        headers = {**(sub.headers or {}), vocab.H_SUBMITTED_MS: int(now * 1000)}
+        if sub.expires_ms is not None:
+            headers[vocab.H_EXPIRES_MS] = sub.expires_ms
+        exchange, routing_key = "", sub.queue
+        if sub.due is not None and sub.due - now >= 0.5:
+            exchange, routing_key, headers = delays.routed(sub.queue, headers, sub.due - now,
+                                                           int(sub.due * 1000))
         props = pika.BasicProperties(
-            delivery_mode=2, message_id=task.message_id,
-            # Millisecond publish time for workqd_task_queue_wait_seconds (the
-            # timestamp property has whole seconds only).
-            headers={**(sub.headers or {}), vocab.H_SUBMITTED_MS: int(time.time() * 1000)},
-            priority=sub.priority, timestamp=int(time.time()),
+            delivery_mode=2, message_id=task.message_id, headers=headers,
+            priority=sub.priority, timestamp=int(now),
             reply_to=REPLY_TO if sub.wait else None, content_type="text/plain")
-        self.channel.basic_publish("", sub.queue, task.body, props, mandatory=True)
+        self.channel.basic_publish(exchange, routing_key, task.body, props, mandatory=True)
         self.seq += 1
         self.pending[self.seq] = i
 
@@ -504,6 +518,8 @@ class Submitter:
         self.losses = 0
         self.published = 0    # basic.publish calls, over all connections
         self.republished = 0  # published again after a lost connection: may arrive twice
+        self.due: float | None = None        # epoch seconds: held back in the delay levels
+        self.expires_ms: int | None = None   # epoch ms: not run when delivered later
         # Each node may be lost twice; a batch that keeps losing them gives up.
         self.max_losses = 2 * len(self.nodes)
         self.progress_at = time.monotonic()  # last open, confirm or unblock
@@ -851,6 +867,37 @@ def requeue_dead(nodes: list[Node], queue: str, confirm_timeout: float,
     return exitcodes.SUBMIT_OK
 
 
+# --- delays ----------------------------------------------------------------
+
+def prepare_delays(p: Plan) -> int | None:
+    """The vhost's delay levels and the queue's delivery binding, before the first delayed
+    publish; an exit status when that cannot be done."""
+    conn, node, errors = connect_first(p.nodes, p.confirm_timeout)
+    if conn is None:
+        print(f"workq-submit: cannot connect to {'; '.join(errors)}", file=sys.stderr)
+        return exitcodes.SUBMIT_UNREACHABLE
+    try:
+        ch = conn.channel()
+        if p.declare is not None:
+            ch.queue_declare(p.queue, durable=True, arguments=queue_arguments(p.declare))
+        delays.prepare(ch, p.queue)
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code == 404:
+            print(f"workq-submit: no queue {p.queue} on {node.label}: a delayed task needs "
+                  f"its queue to exist now", file=sys.stderr)
+        else:
+            print(f"workq-submit: cannot prepare delayed delivery on {node.label}: "
+                  f"{_describe(e)}", file=sys.stderr)
+        return exitcodes.SUBMIT_NOT_CONFIRMED
+    except pika.exceptions.AMQPError as e:
+        print(f"workq-submit: cannot prepare delayed delivery on {node.label}: "
+              f"{_describe(e)}", file=sys.stderr)
+        return exitcodes.SUBMIT_UNREACHABLE
+    finally:
+        close_quietly(conn)
+    return None
+
+
 # --- main ----------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -861,6 +908,38 @@ class Plan:
     tasks: list[Outgoing]
     headers: dict
     confirm_timeout: float
+    due: float | None = None          # epoch seconds the tasks are held back until
+    expires_ms: int | None = None     # epoch ms after which a delivered task is not run
+
+
+def timing(args: argparse.Namespace, now: float) -> tuple[float | None, int | None]:
+    """--delay/--at as the epoch time the tasks are due (None: at once), and --expires
+    as epoch milliseconds; raises UsageError."""
+    if args.delay is not None and args.at is not None:
+        raise UsageError("give --delay or --at, not both")
+    due = expires = None
+    for option, value, read in (("--delay", args.delay, when.duration),
+                                ("--at", args.at, when.moment),
+                                ("--expires", args.expires, when.duration_or_moment)):
+        if value is None:
+            continue
+        try:
+            got = read(value)
+        except ValueError as e:
+            raise UsageError(f"{option}: {e}") from None
+        if option == "--expires":
+            expires = got
+        else:
+            due = now + got if option == "--delay" else got.timestamp()
+    if due is not None and due - now > delays.MAX_DELAY:
+        raise UsageError("a task can be held back at most 100 years")
+    if due is not None and due - now < 0.5:
+        due = None    # a time already past: at once
+    expires_ms = None
+    if expires is not None:
+        expires_ms = int(((now + expires) if isinstance(expires, float)
+                          else expires.timestamp()) * 1000)
+    return due, expires_ms
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -874,6 +953,7 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.priority is not None and not 0 <= args.priority <= 255:
         raise UsageError(f"--priority {args.priority}: must be 0-255")
     headers = parse_headers(args.header)
+    due, expires_ms = timing(args, time.time())
     declare = None
     broker, source = config_mod.Broker(), "workq-submit"
     if args.config is not None:
@@ -893,13 +973,16 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.requeue_dead is not None:
         if args.words or args.file is not None or args.wait:
             raise UsageError("--requeue-dead takes no tasks and no --wait")
+        if due is not None or expires_ms is not None:
+            raise UsageError("--requeue-dead moves tasks as they are: no --delay, --at or "
+                             "--expires")
         queue_name("--requeue-dead", args.requeue_dead)
         queue_name("--requeue-dead", vocab.dead_letter_queue(args.requeue_dead))
         tasks = []
     else:
         tasks = build_tasks(args)
     nodes = nodes_for(urls, broker, source, confirm_timeout)
-    return Plan(nodes, queue, declare, tasks, headers, confirm_timeout)
+    return Plan(nodes, queue, declare, tasks, headers, confirm_timeout, due, expires_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -915,8 +998,13 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.SUBMIT_USAGE
     if args.requeue_dead is not None:
         return requeue_dead(p.nodes, args.requeue_dead, p.confirm_timeout)
+    if p.due is not None:
+        status = prepare_delays(p)
+        if status is not None:
+            return status
     sub = Submitter(p.nodes, p.queue, p.declare, p.tasks, p.headers, args.priority, args.wait,
                     args.timeout, p.confirm_timeout)
+    sub.due, sub.expires_ms = p.due, p.expires_ms
     sub.run()
     status = sub.exit_status()
     if status == exitcodes.SUBMIT_OK and not args.wait:

@@ -89,11 +89,15 @@ def load_tls(make: Callable[[], ssl.SSLContext], cert: str | None, key: str | No
 
 
 def read_password(pw_file: str) -> str:
-    """The secret in ``pw_file`` now; raises Invalid (with the reason) when it cannot be used."""
+    """The secret in ``pw_file`` now; raises Invalid (with the reason) when it cannot be used.
+
+    The one password-file reader: broker.password_file at every connect, and
+    workq-submit's --password-file, so both refuse the same files in the same words."""
     return read_password_stat(pw_file)[0]
 
 
 def read_password_stat(pw_file: str) -> tuple[str, os.stat_result]:
+    """``read_password`` and the file's stat, for the check of who may read it."""
     raw, st = read_regular(pw_file, MAX_SECRET_BYTES, pw_file)
     try:
         password = raw.decode("utf-8").strip()

@@ -136,6 +136,7 @@ def _inspect(root: Any) -> list[tuple[tuple, str]]:
 
 
 def parse_yaml(source: str, path: str) -> Any:
+    """The document in ``source`` as Python values; ConfigError for anything else."""
     loader = None
     try:
         loader = _Loader(source)
@@ -145,14 +146,9 @@ def parse_yaml(source: str, path: str) -> Any:
             raise ConfigError([f"{path}: {_key_path(where)}: {message}" for where, message in duplicates])
         return None if root is None else loader.construct_document(root)
     except _Refused as e:
-        where = _key_path(e.where)
-        line = f" (line {e.line})" if e.line else ""
-        raise ConfigError([f"{path}: {where + ': ' if where else ''}{e.message}{line}"]) from None
+        raise ConfigError([f"{path}: {_refused(e)}"]) from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        what = getattr(e, "problem", None) or (str(e).splitlines() or ["?"])[0]
-        raise ConfigError([f"{path}: YAML syntax error: {where}{what}"]) from None
+        raise ConfigError([f"{path}: YAML syntax error: {_syntax(e)}"]) from None
     except ConfigError:
         raise
     except Exception as e:
@@ -162,3 +158,15 @@ def parse_yaml(source: str, path: str) -> Any:
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def _refused(e: _Refused) -> str:
+    where = _key_path(e.where)
+    line = f" (line {e.line})" if e.line else ""
+    return f"{where + ': ' if where else ''}{e.message}{line}"
+
+
+def _syntax(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(e, "problem", None) or (str(e).splitlines() or ["?"])[0])

@@ -1,0 +1,52 @@
+"""The configuration file, turned into frozen, validated objects.
+
+Every value goes through a small converter that raises ``Invalid`` with what it
+expected; ``load`` collects those with their key paths so the operator sees one
+line per problem (``workqd.yaml: queues[0].workers: must be ...``) instead of a
+traceback. Whatever the file holds (a FIFO, an alias bomb, 600 levels of
+nesting, a key written twice, ``.inf``), ``load`` raises nothing but
+``ConfigError``.
+
+The package, one owner per module:
+  limits    fixed numbers: default paths, shared ranges, size limits
+  errors    Invalid, ConfigError, and values shown escaped with passwords hidden
+  model     the frozen dataclasses every other module imports
+  convert   value converters (numbers, seconds, sizes, names, addresses)
+  urls      broker URLs as pika will take them
+  files     regular files only: the password file, TLS files, virtualenvs
+  yamlsafe  PyYAML's safe loader under node, depth and alias limits
+  schema    every key declared once: type, default, limits, reload, one line of docs
+  reader    walks mappings, reads the schema's simple keys, collects problems
+  sections, handler, queues   the readers of what needs code
+  load      load, parse, check_listen
+  docgen    writes the key reference of workqd.yaml(5) and etc/workqd/workqd.yaml
+"""
+
+from .convert import (choice, fraction, host_name, listen_address, path_text, python_ref,
+                      queue_name, seconds, size, sizes, text, whole)
+from .errors import ConfigError, Invalid, escape, redact
+from .files import read_password, virtualenv_site_packages
+from .limits import (BROKER_CONSUMER_TIMEOUT, DEFAULT_JITTER, DEFAULT_PATH, DEFAULT_URL,
+                     HIDDEN_VARIABLES, JITTER_STEPS, MAX_ATTEMPTS, MAX_BACKOFF, MAX_BODY,
+                     MAX_CONFIG_BYTES, MAX_DEFERRALS, MAX_DELAY_QUEUES, MAX_DEPTH, MAX_MEMORY,
+                     MAX_NAME_BYTES, MAX_NODES, MAX_NUMBER_CHARS, MAX_REDELIVERIES, MAX_SECONDS,
+                     MAX_SECRET_BYTES, MAX_SOCKET_PATH, MAX_TASKS_PER_WORKER, MAX_TOTAL_WORKERS,
+                     MAX_VALUES, OWNED_ARGUMENTS, U16)
+from .load import check_listen, load, parse
+from .model import (TLS, Autoscale, Binding, Broker, Config, Handler, MetricsTLS, Queue, Retry,
+                    jitter_step)
+from .urls import URL_OPTIONS, URL_OPTIONS_OVERRIDDEN, amqp_url, url_warnings
+
+__all__ = [
+    "TLS", "Autoscale", "BROKER_CONSUMER_TIMEOUT", "Binding", "Broker", "Config", "ConfigError",
+    "DEFAULT_JITTER", "DEFAULT_PATH", "DEFAULT_URL", "HIDDEN_VARIABLES", "Handler", "Invalid",
+    "JITTER_STEPS", "MAX_ATTEMPTS", "MAX_BACKOFF", "MAX_BODY", "MAX_CONFIG_BYTES",
+    "MAX_DEFERRALS", "MAX_DELAY_QUEUES", "MAX_DEPTH", "MAX_MEMORY", "MAX_NAME_BYTES",
+    "MAX_NODES", "MAX_NUMBER_CHARS", "MAX_REDELIVERIES", "MAX_SECONDS", "MAX_SECRET_BYTES",
+    "MAX_SOCKET_PATH", "MAX_TASKS_PER_WORKER", "MAX_TOTAL_WORKERS", "MAX_VALUES", "MetricsTLS",
+    "OWNED_ARGUMENTS", "Queue", "Retry", "U16", "URL_OPTIONS", "URL_OPTIONS_OVERRIDDEN",
+    "amqp_url", "check_listen", "choice", "escape", "fraction", "host_name", "jitter_step",
+    "listen_address", "load", "parse", "path_text", "python_ref", "queue_name", "read_password",
+    "redact", "seconds", "size", "sizes", "text", "url_warnings", "virtualenv_site_packages",
+    "whole",
+]

@@ -185,3 +185,9 @@ def test_a_command_writing_50_mb_keeps_its_worker_small_and_succeeds(daemon, amq
     assert "stdout: a line of output" in log
     assert "more characters)" in log       # the 3 MB line of stderr is cut in the log
     assert max(len(line) for line in log.splitlines()) < 2200
+
+
+def test_log_lines_escape_c1_controls_as_they_do_c0():
+    from workqd import logsetup
+    assert logsetup._escape(f"id {CSI}2J\x1b[0m\x85") == "id \\x9b2J\\x1b[0m\\x85"
+    assert logsetup._escape("naïve ü") == "naïve ü"    # printable text beyond ASCII stays

@@ -280,7 +280,7 @@ def test_hash_password_round_trip_through_the_cli(tmp_path):
     r = hash_password_cli(b"correct horse\n")
     assert r.returncode == 0, r
     line = r.stdout.decode().strip()
-    assert line.startswith("pbkdf2_sha256$100000$")
+    assert line.startswith("pbkdf2_sha256$600000$")
     assert webauth.verify_password(line, "correct horse")
     assert not webauth.verify_password(line, "correct horse\n")
     assert not webauth.verify_password(line, "wrong")

@@ -681,6 +681,67 @@ def test_password_guessing_is_rate_limited_and_a_known_login_still_works(loops, 
              "the rate limit to let a new login through")
 
 
+def _login(port: int, user: str, password: str, source: str = "127.0.0.1") -> int:
+    """One request from ``source`` (any 127/8 address is this host's): its status."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30,
+                                  source_address=(source, 0)) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\nAuthorization: %s\r\n\r\n"
+                  % basic(user, password)["Authorization"].encode())
+        return status_of(b"".join(iter(lambda: s.recv(65536), b"")))
+
+
+def test_a_guessing_client_does_not_starve_the_first_logins_of_others(loops, monkeypatch):
+    users = tuple((f"scraper{i}", webauth.hash_password(f"pw{i}")) for i in range(3))
+    checks = []
+    real = webauth.verify_password
+    monkeypatch.setattr(webauth, "verify_password",
+                        lambda line, password: (checks.append(password), real(line, password))[1])
+    loop = loops(basic_auth=users)
+    guessed = []
+    stop = threading.Event()
+
+    def guess():   # about 100 guesses a second, from an address of its own
+        while not stop.is_set():
+            guessed.append(_login(loop.port, "scraper0", f"guess{len(guessed)}", "127.0.0.2"))
+            time.sleep(0.01)
+    guesser = threading.Thread(target=guess, daemon=True)
+    guesser.start()
+    try:
+        wait_for(lambda: len(guessed) >= 50, 30, "the guesser's first 50 answers")
+        waits = []
+        for i in range(3):   # each a first login, so none is cached
+            started = time.monotonic()
+            assert _login(loop.port, f"scraper{i}", f"pw{i}") == 200
+            waits.append(time.monotonic() - started)
+    finally:
+        stop.set()
+        guesser.join(30)
+    guesses = [p for p in checks if p.startswith("guess")]
+    print(f"\n{len(guessed)} guesses, {len(guesses)} checked; first logins answered in "
+          + ", ".join(f"{w:.2f}" for w in waits) + " s")
+    assert set(guessed) == {401}
+    assert len(guesses) < len(guessed) / 5          # the guesser is limited ...
+    assert max(waits) < 3.0, waits                  # ... and no one else waits for it
+
+
+def test_a_cheap_hash_is_read_with_one_warning_and_hash_password_makes_600000(loops, caplog):
+    caplog.set_level(logging.WARNING, logger="workqd.http")
+    weak = (("old", webauth.hash_password("pw", iterations=1000)),
+            ("new", webauth.hash_password("pw")))
+    loop = loops(basic_auth=weak)
+    assert get(loop.port, headers=basic("old", "pw"))[0] == 200
+    assert get(loop.port, headers=basic("new", "pw"))[0] == 200
+    lines = [r.getMessage() for r in caplog.records if "iterations" in r.getMessage()]
+    assert lines == ["http: metrics.basic_auth.old: the hash has 1000 PBKDF2 iterations, fewer "
+                     "than 100000: make a new one with workqd hash-password (600000)"]
+    r = subprocess.run([sys.executable, "-m", "workqd.cli", "hash-password"], input=b"s3cret\n",
+                       capture_output=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.decode().strip()
+    assert line.startswith("pbkdf2_sha256$600000$") and webauth.verify_password(line, "s3cret")
+
+
 def test_at_most_one_password_check_per_turn(loops, monkeypatch):
     # A budget large enough that no check is refused: this is about turns.
     loop = loops(basic_auth=USERS, limits=httpd.Limits(auth_failure_burst=30.0))

@@ -48,11 +48,32 @@ def test_socket_paths(tmp_path):
     assert control.server_path(None, cfg, {"RUNTIME_DIRECTORY": "/run/workqd/orders"}) == \
         "/run/workqd/orders/control.sock"
     assert control.run_dir_path("/etc/workqd/workqd.yaml") == "/run/workqd/control.sock"
-    assert control.run_dir_path("/etc/workqd/orders.yaml") == "/run/workqd/orders/control.sock"
-    if not os.access("/run/workqd/orders", os.W_OK):
+    assert control.run_dir_path("/etc/workqd/orders.yaml") == "/run/workqd-orders/control.sock"
+    if not os.access("/run/workqd-orders", os.W_OK):
         assert control.server_path(None, cfg, {}) == str(tmp_path / "orders.sock")
-    assert control.client_paths(None, cfg) == ["/run/workqd/orders/control.sock",
+    assert control.client_paths(None, cfg) == ["/run/workqd-orders/control.sock",
                                                str(tmp_path / "orders.sock")]
+
+
+def _unit(name: str) -> dict[str, str]:
+    units = os.path.join(os.path.dirname(__file__), "..", "packaging", "systemd")
+    keys = {}
+    with open(os.path.join(units, name)) as f:
+        for line in f:
+            key, eq, value = line.strip().partition("=")
+            if eq and not line.startswith("#"):
+                keys.setdefault(key, value)
+    return keys
+
+
+@pytest.mark.parametrize("unit, instance", [("workqd.service", ""),
+                                            ("workqd@.service", "orders")])
+def test_each_unit_runs_its_daemon_where_workqctl_looks(unit, instance):
+    keys = _unit(unit)
+    config = keys["ExecStart"].split(" -c ")[1].replace("%i", instance)
+    runtime = "/run/" + keys["RuntimeDirectory"].replace("%i", instance)
+    env = {"RUNTIME_DIRECTORY": runtime}
+    assert control.server_path(None, config, env) == control.client_paths(None, config)[0]
 
 
 class Loop:

@@ -21,6 +21,7 @@ members of the group may control the daemon and anyone else gets EACCES.
 Budget:
   MAX_CLIENTS = 16          open connections; the 17th evicts the oldest
   MAX_REQUEST = 4 KiB       one request line (the longest real one is ~100 bytes)
+  MAX_DEPTH = 16            nesting of arrays and objects in a request
   MAX_OUTPUT = 4 MiB        answers not yet read by the client; beyond it, closed
   IDLE_TIMEOUT = 10 s       a connection with no complete request for this long is closed
   REQUESTS_PER_TURN = 16    answered per loop turn; the rest wait for the next turns
@@ -47,6 +48,7 @@ log = logging.getLogger("workqd.control")
 VERSION = 1
 MAX_CLIENTS = 16
 MAX_REQUEST = 4096
+MAX_DEPTH = 16            # nesting of a request's arrays and objects (real ones: 1)
 MAX_OUTPUT = 4 << 20
 IDLE_TIMEOUT = 10.0
 REQUESTS_PER_TURN = 16
@@ -70,10 +72,13 @@ def _stem(config_path: str) -> str:
 
 
 def run_dir_path(config_path: str) -> str:
-    """Under systemd: /run/workqd/control.sock for workqd.yaml (workqd.service),
-    /run/workqd/NAME/control.sock for NAME.yaml (workqd@NAME.service)."""
+    """/run/workqd/control.sock for workqd.yaml (workqd.service's RuntimeDirectory=),
+    /run/workqd-NAME/control.sock for NAME.yaml (workqd@NAME.service's)."""
+    # Side by side, never nested: systemd removes a unit's RuntimeDirectory= with
+    # everything below it when the unit stops, so a directory inside /run/workqd
+    # would vanish under a running workqd@NAME whenever workqd.service stops.
     stem = _stem(config_path)
-    return os.path.join(RUN_DIR if stem == "workqd" else os.path.join(RUN_DIR, stem), SOCKET_NAME)
+    return os.path.join(RUN_DIR if stem == "workqd" else f"{RUN_DIR}-{stem}", SOCKET_NAME)
 
 
 def beside_config_path(config_path: str) -> str:
@@ -105,12 +110,42 @@ def client_paths(configured: str | None, config_path: str) -> list[str]:
 
 # --- the protocol ----------------------------------------------------------
 
+def nesting_depth(text: str) -> int:
+    """How deep ``[`` and ``{`` nest in ``text``, brackets inside JSON strings not counted."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
+
+
 def parse_request(line: bytes) -> dict:
     """One request line -> its object; ProtocolError saying what is wrong."""
     try:
-        req = json.loads(line.decode("utf-8"))
+        text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("request is not UTF-8") from None
+    # json.loads recurses once per level: a line of 4,000 brackets would raise
+    # RecursionError on the master's loop instead of getting an answer.
+    if nesting_depth(text) > MAX_DEPTH:
+        raise ProtocolError(f"request is nested too deep (more than {MAX_DEPTH} levels)")
+    try:
+        req = json.loads(text)
+    except RecursionError:
+        raise ProtocolError("request is nested too deep") from None
     except ValueError as e:
         raise ProtocolError(f"request is not JSON: {e}") from None
     if not isinstance(req, dict):
@@ -278,23 +313,32 @@ class ControlServer(Listener):
 
     @staticmethod
     def _remove_stale(path: str) -> None:
-        """A socket left by a killed daemon is removed; a live daemon's socket is refused."""
+        """A socket left by a killed daemon is removed; any other socket is refused."""
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+            raise OSError(f"{path} exists and is not a socket")
+        # Only a refused connection proves nobody listens. A full backlog
+        # (EAGAIN), EACCES or a timeout say nothing about that, and unlinking a
+        # live daemon's socket would leave it unreachable for workqctl.
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(0.5)
+        probe.setblocking(False)
         try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)   # nobody listens: stale
-            return
+            err = probe.connect_ex(path)
         finally:
             probe.close()
-        raise OSError(errno.EADDRINUSE, f"{path}: another workqd is listening there")
+        if err == errno.ECONNREFUSED:
+            os.unlink(path)   # nobody listens: stale
+            return
+        if err == errno.ENOENT:
+            return            # removed since the lstat
+        # No errno on these: cli.py reads EADDRINUSE as the metrics port's.
+        if err in (0, errno.EAGAIN, errno.EINPROGRESS):
+            raise OSError(f"{path}: another workqd is listening there")
+        raise OSError(f"{path}: cannot tell whether another workqd is listening there "
+                      f"({os.strerror(err)}); remove it by hand if none is")
 
     @staticmethod
     def _set_group(path: str) -> None:
@@ -302,6 +346,10 @@ class ControlServer(Listener):
             gid = grp.getgrnam(SOCKET_GROUP).gr_gid
         except KeyError:
             return   # the socket keeps the daemon's group
+        if os.stat(path).st_gid == gid:
+            # The units run the daemon as group workqd, and their syscall
+            # filter refuses chown even when it would change nothing.
+            return
         try:
             os.chown(path, -1, gid)
         except OSError as e:

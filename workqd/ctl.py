@@ -153,10 +153,13 @@ def render_status(st: dict) -> str:
                           w["message_id"] or "-", _duration(w["running_for"]),
                           str(w["tasks_done"]), _mib(w["rss"])))
         lines += _table(wrows) if q["workers"] else ["  no workers"]
-    return "\n".join(lines)
+    # Names, message ids and readiness text come from queues and publishers: a
+    # control character in them (C0 or C1, such as CSI) must not steer the terminal.
+    return "\n".join(config_mod.escape(line) for line in lines)
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    rows = [tuple(config_mod.escape(c) for c in r) for r in rows]   # widths as shown
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
@@ -181,16 +184,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workqctl: {e}", file=sys.stderr)
         return e.code
     if not answer.get("ok"):
-        print(f"workqctl: {answer.get('error', 'refused')}", file=sys.stderr)
+        print(config_mod.escape(f"workqctl: {answer.get('error', 'refused')}"), file=sys.stderr)
         return exitcodes.CTL_REFUSED
     if args.cmd == "status":
         print(json.dumps(answer, indent=2) if args.json else render_status(answer))
     elif args.cmd == "scale":
-        print(f"queue {answer['queue']}: {answer['was']} -> {answer['workers']} workers "
-              f"(until the next reload)")
+        print(config_mod.escape(f"queue {answer['queue']}: {answer['was']} -> "
+                                f"{answer['workers']} workers (until the next reload)"))
     else:
         what = {"pause": "paused", "resume": "resumed", "quiet": "paused"}[args.cmd]
-        print(f"{what}: {', '.join(answer['queues']) or 'no queue'}")
+        print(config_mod.escape(f"{what}: {', '.join(answer['queues']) or 'no queue'}"))
     return exitcodes.CTL_OK
 
 

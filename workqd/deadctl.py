@@ -101,7 +101,7 @@ class _Fail(Exception):
 
 
 def _short(text, width: int) -> str:
-    text = " ".join(str(text or "-").split())
+    text = config_mod.escape(" ".join(str(text or "-").split()))
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -147,17 +147,23 @@ def _run(args: argparse.Namespace) -> int:
     if args.action == "show":
         for props, body in peek(nodes, dead):
             if props.message_id == args.id:
-                print(f"message id: {props.message_id}")
+                # Every field came from a publisher: a control character (C0 or
+                # C1, such as CSI) is shown escaped, never sent to the terminal.
+                show = config_mod.escape
+                print(show(f"message id: {props.message_id}"))
                 for name in ("content_type", "correlation_id", "priority", "timestamp",
                              "reply_to"):
                     value = getattr(props, name)
                     if value is not None:
-                        print(f"{name.replace('_', ' ')}: {value}")
+                        print(show(f"{name.replace('_', ' ')}: {value}"))
                 for k, v in sorted((props.headers or {}).items()):
                     v = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
-                    print(f"header {k}: {v}")
+                    print(show(f"header {k}: {v}"))
                 print(f"body ({len(body)} bytes):")
-                sys.stdout.write(body.decode("utf-8", "replace"))
+                # Line breaks and tabs of the body are kept as they are.
+                sys.stdout.write("\n".join("\t".join(show(part) for part in line.split("\t"))
+                                           for line in body.decode("utf-8", "replace")
+                                           .split("\n")))
                 if body and not body.endswith(b"\n"):
                     print()
                 return exitcodes.CTL_OK

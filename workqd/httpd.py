@@ -80,11 +80,17 @@ HANDSHAKES_PER_TURN = 8
 # Out of file descriptors, accepts pause this long (listening.py says why).
 ACCEPT_PAUSE = 0.5
 # Each failed password check costs a PBKDF2 run in the master loop (50 ms at 100,000
-# iterations here, 300 ms at 600,000): a token bucket of loop seconds, so the bound
-# holds whatever iteration count the hashes were made with. A login that once
+# iterations here, 300 ms at 600,000): token buckets of loop seconds, so the bound
+# holds whatever iteration count the hashes were made with. Each client address
+# has its own bucket, so one guessing client runs out alone and the first login
+# of another is still checked; all addresses together have a larger one, which
+# bounds the loop's share when many addresses guess. A login that once
 # succeeded is cached and never limited.
-AUTH_FAILURE_SHARE = 0.1
+AUTH_FAILURE_SHARE = 0.1        # per client address
 AUTH_FAILURE_BURST = 0.25
+AUTH_TOTAL_SHARE = 0.3          # every address together
+AUTH_TOTAL_BURST = 0.75
+AUTH_CLIENTS = 1024             # addresses with a bucket; full buckets are forgotten first
 AUTH_CACHE_SIZE = 32
 # A lingering close reads at most this much per callback before waiting again.
 DRAIN_PER_TURN = 65536
@@ -114,6 +120,9 @@ class Limits:
     accept_pause: float = ACCEPT_PAUSE
     auth_failure_share: float = AUTH_FAILURE_SHARE
     auth_failure_burst: float = AUTH_FAILURE_BURST
+    auth_total_share: float = AUTH_TOTAL_SHARE
+    auth_total_burst: float = AUTH_TOTAL_BURST
+    auth_clients: int = AUTH_CLIENTS
     auth_cache_size: int = AUTH_CACHE_SIZE
 
 
@@ -228,6 +237,19 @@ def _server_context(tls) -> ssl.SSLContext:
     return ctx
 
 
+class _Bucket:
+    """Loop seconds that failed password checks may still take; refills at ``share``/s."""
+
+    def __init__(self, burst: float, now: float):
+        self.level = burst
+        self.refilled = now
+
+    def refill(self, share: float, burst: float, now: float) -> float:
+        self.level = min(burst, self.level + (now - self.refilled) * share)
+        self.refilled = now
+        return self.level
+
+
 class _BasicAuth:
     """Checks ``Authorization: Basic``; bounds the PBKDF2 work a guessing client can cause."""
 
@@ -235,12 +257,17 @@ class _BasicAuth:
         self.users = dict(users)
         self.limits = limits
         self._good: dict[tuple[str, bytes], None] = {}  # insertion-ordered: oldest first
-        self._budget = limits.auth_failure_burst  # loop seconds failed checks may still take
-        self._refilled = time.monotonic()
+        now = time.monotonic()
+        self._total = _Bucket(limits.auth_total_burst, now)
+        self._clients: dict[str, _Bucket] = {}          # address -> its bucket, oldest first
         self._warned = -AUTH_WARNING_INTERVAL
         self.checked_this_turn = False
+        for user, line in users:
+            weak = webauth.weakness(line)
+            if weak:
+                log.warning("http: metrics.basic_auth.%s: %s", user, weak)
 
-    def check(self, header: str | None, now: float) -> bool | None:
+    def check(self, header: str | None, now: float, address: str = "") -> bool | None:
         """True or False; None when a password check is due and this turn already had one."""
         credentials = self._credentials(header)
         if credentials is None:
@@ -252,15 +279,15 @@ class _BasicAuth:
         if self.checked_this_turn:
             return None
         limits = self.limits
-        self._budget = min(limits.auth_failure_burst,
-                           self._budget + (now - self._refilled) * limits.auth_failure_share)
-        self._refilled = now
-        if self._budget <= 0:
+        bucket = self._bucket(address, now)
+        if bucket.refill(limits.auth_failure_share, limits.auth_failure_burst, now) <= 0:
+            return False   # this address guessed enough for now; others are unaffected
+        if self._total.refill(limits.auth_total_share, limits.auth_total_burst, now) <= 0:
             if now - self._warned >= AUTH_WARNING_INTERVAL:
                 self._warned = now
                 log.warning("http: failed logins are taking over %.0f%% of the loop: refusing "
                             "logins not seen before unchecked for now",
-                            limits.auth_failure_share * 100)
+                            limits.auth_total_share * 100)
             return False
         self.checked_this_turn = True
         # An unknown user costs as much as a known one, so timing tells no user names.
@@ -268,12 +295,36 @@ class _BasicAuth:
         started = time.monotonic()
         ok = webauth.verify_password(hash_line, password) and user in self.users
         if not ok:
-            self._budget -= time.monotonic() - started
+            spent = time.monotonic() - started
+            bucket.level -= spent
+            self._total.level -= spent
             return False
         self._good[key] = None
         if len(self._good) > limits.auth_cache_size:
             del self._good[next(iter(self._good))]
         return True
+
+    def _bucket(self, address: str, now: float) -> _Bucket:
+        bucket = self._clients.get(address)
+        if bucket is not None:
+            return bucket
+        if len(self._clients) >= self.limits.auth_clients:
+            self._forget_clients(now)
+        bucket = self._clients[address] = _Bucket(self.limits.auth_failure_burst, now)
+        return bucket
+
+    def _forget_clients(self, now: float) -> None:
+        """Make room: drop the buckets that refilled (they are as good as new), else the
+        oldest half (a flood of addresses is bounded by the total bucket instead)."""
+        limits = self.limits
+        full = [a for a, b in self._clients.items()
+                if b.refill(limits.auth_failure_share, limits.auth_failure_burst, now)
+                >= limits.auth_failure_burst]
+        for address in full:
+            del self._clients[address]
+        if len(self._clients) >= limits.auth_clients:
+            for address in list(self._clients)[:len(self._clients) // 2 + 1]:
+                del self._clients[address]
 
     @staticmethod
     def _credentials(header: str | None) -> tuple[str, str] | None:
@@ -397,7 +448,7 @@ class _Client(Connection):
         self.phase = QUEUED
 
     def _answer(self) -> bool:
-        response = self.server.handle(self.request)
+        response = self.server.handle(self.request, self.peer.rpartition(":")[0])
         if response is None:
             # No budget left this turn. A connected socket is writable at once, so
             # waiting for that brings us back next turn without a timer.
@@ -534,7 +585,7 @@ class HttpServer(Listener):
 
     # --- answering -------------------------------------------------------
 
-    def handle(self, request: Request) -> Response | None:
+    def handle(self, request: Request, address: str = "") -> Response | None:
         """Method and auth checks, then the app; None when this turn's budget is spent."""
         if self._handled >= self.limits.app_calls_per_turn:
             return None
@@ -543,7 +594,8 @@ class HttpServer(Listener):
             return _Refused(405, f"{request.method} (use GET or HEAD)",
                             (("Allow", "GET, HEAD"),)).response
         if self._auth is not None:
-            verdict = self._auth.check(request.headers.get("authorization"), time.monotonic())
+            verdict = self._auth.check(request.headers.get("authorization"), time.monotonic(),
+                                       address)
             if verdict is None:
                 return None
             if not verdict:

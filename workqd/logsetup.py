@@ -142,7 +142,8 @@ def _journal_stderr() -> bool:
     return value == f"{st.st_dev}:{st.st_ino}"
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f)}
+# C0, DEL and C1 (U+0080..U+009F: CSI, U+009B, starts an escape sequence too).
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
 _CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 
 

@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import selectors
 import shutil
 import signal
 import site
@@ -23,6 +24,16 @@ log = logging.getLogger("workqd.worker")
 
 # Lines of handler output kept in the log per stream and task; the rest is counted.
 MAX_LOGGED_LINES = 200
+# A command's output is read as it comes and mostly thrown away: a handler
+# writing gigabytes must not make its worker hold them. Per stream and task the
+# worker keeps the first MAX_KEPT_OUTPUT bytes (what is logged) and the last
+# TAIL_BYTES (the last line names the failure); the rest is only counted.
+MAX_KEPT_OUTPUT = 64 << 10
+TAIL_BYTES = 4 << 10
+MAX_LOGGED_LINE = 2000    # characters of one logged line; longer ones are cut
+# After SIGKILL of the handler's group: how long its pipes may stay open (a
+# child that left the group holds them) before the worker stops reading.
+KILLED_DRAIN = 5.0
 # util-linux's setpriv sets the parent-death signal and then execs the handler.
 # Doing that in a preexec_fn is unsafe in a process with threads (the worker has
 # its handler thread), which Python's documentation warns about.
@@ -199,21 +210,25 @@ class _CommandRunner:
             raise HandlerFailed(f"cannot run {self.argv[0]}{where}: {e.strerror}") from None
         finally:
             os.close(meta)
+        output = _Output(proc, body)
+        deadline = time.monotonic() + self.timeout
         try:
-            out, err = proc.communicate(body, timeout=self.timeout)
+            output.pump(deadline)
+            proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            out, err, how = self._stop(proc)
-            _log_output(task.message_id, out, err)
+            how = self._stop(proc, output)
+            _log_output(task.message_id, output)
             raise HandlerTimedOut(f"{self.argv[0]} ran past {self.timeout:g}s and {how}") from None
         finally:
             if proc.poll() is None:
                 _kill_group(proc.pid)
                 proc.wait()
-        _log_output(task.message_id, out, err)
+            output.close()
+        _log_output(task.message_id, output)
         if proc.returncode != 0:
             how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
                    else f"exit status {proc.returncode}")
-            last = (err or out).strip().splitlines()[-1:] or [b""]
+            last = (output.err.last() or output.out.last()).strip().splitlines()[-1:] or [b""]
             detail = last[0].decode("utf-8", "replace")[:300]
             line = f"{self.argv[0]}: {how}" + (f": {detail}" if detail else "")
             if proc.returncode == vocab.EXIT_REJECT:
@@ -222,24 +237,110 @@ class _CommandRunner:
                 raise HandlerDeferred(line)
             raise HandlerFailed(line)
 
-
-    def _stop(self, proc: subprocess.Popen) -> tuple[bytes, bytes, str]:
+    def _stop(self, proc: subprocess.Popen, output: "_Output") -> str:
         """SIGTERM to the whole process group (the handler may have children of its own),
-        SIGKILL after the grace; returns the output and how it ended."""
+        SIGKILL after the grace; returns how it ended."""
         how = "was killed"
         if self.grace > 0:
             _kill_group(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.grace
             try:
-                out, err = proc.communicate(timeout=self.grace)
+                output.pump(deadline)
+                proc.wait(max(0.0, deadline - time.monotonic()))
                 how = f"stopped on SIGTERM within its grace of {self.grace:g}s"
             except subprocess.TimeoutExpired:
                 how = f"was killed after a grace of {self.grace:g}s"
             else:
                 _kill_group(proc.pid)   # whatever it left behind in its group
-                return out, err, how
+                return how
         _kill_group(proc.pid)
-        out, err = proc.communicate()
-        return out, err, how
+        try:
+            output.pump(time.monotonic() + KILLED_DRAIN)
+        except subprocess.TimeoutExpired:
+            log.warning("%s: its pipes stayed open %gs after SIGKILL (a child outside its "
+                        "process group?); not read further", self.argv[0], KILLED_DRAIN)
+        proc.wait()
+        return how
+
+
+class _Stream:
+    """What a command wrote to one pipe: the head (logged) and the tail (its last line)."""
+
+    def __init__(self):
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0       # bytes beyond the head (the tail is among them)
+
+    def add(self, data: bytes) -> None:
+        room = MAX_KEPT_OUTPUT - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.dropped += len(data)
+            self.tail += data
+            del self.tail[:-TAIL_BYTES]
+
+    def last(self) -> bytes:
+        """The end of the output, where its last line is."""
+        return bytes(self.tail if self.dropped else self.head)
+
+
+class _Output:
+    """Feeds the body to a command's stdin and reads its stdout and stderr, in the
+    handler thread, as subprocess.communicate does but keeping only _Stream's share."""
+
+    def __init__(self, proc: subprocess.Popen, body: bytes):
+        self.out, self.err = _Stream(), _Stream()
+        self._body = memoryview(body)
+        self._sel = selectors.DefaultSelector()
+        self._files = [proc.stdin, proc.stdout, proc.stderr]
+        if body:
+            os.set_blocking(proc.stdin.fileno(), False)
+            self._sel.register(proc.stdin, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        self._sel.register(proc.stdout, selectors.EVENT_READ, self.out)
+        self._sel.register(proc.stderr, selectors.EVENT_READ, self.err)
+
+    def pump(self, deadline: float) -> None:
+        """Until both output pipes are at EOF; subprocess.TimeoutExpired at ``deadline``."""
+        while self._sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired("handler", 0)
+            for key, _ in self._sel.select(left):
+                if key.data is None:
+                    self._write(key.fileobj)
+                else:
+                    self._read(key.fileobj, key.data)
+
+    def _write(self, f) -> None:
+        try:
+            sent = os.write(f.fileno(), self._body[:1 << 16])
+        except BlockingIOError:
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            sent = len(self._body)     # the command stopped reading: the rest is not wanted
+        self._body = self._body[sent:]
+        if not self._body:
+            self._sel.unregister(f)
+            f.close()
+
+    def _read(self, f, stream: _Stream) -> None:
+        data = os.read(f.fileno(), 1 << 16)
+        if data:
+            stream.add(data)
+        else:
+            self._sel.unregister(f)
+
+    def close(self) -> None:
+        self._sel.close()
+        for f in self._files:
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 def _kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
@@ -249,13 +350,19 @@ def _kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def _log_output(message_id: str, out: bytes, err: bytes) -> None:
-    for name, data, level in (("stdout", out, logging.INFO), ("stderr", err, logging.WARNING)):
-        if not data:
+def _log_output(message_id: str, output: _Output) -> None:
+    for name, stream, level in (("stdout", output.out, logging.INFO),
+                                ("stderr", output.err, logging.WARNING)):
+        if not stream.head:
             continue
-        lines = data.decode("utf-8", "replace").splitlines()
+        lines = stream.head.decode("utf-8", "replace").splitlines()
         for line in lines[:MAX_LOGGED_LINES]:
+            if len(line) > MAX_LOGGED_LINE:
+                line = f"{line[:MAX_LOGGED_LINE]}... ({len(line) - MAX_LOGGED_LINE} more characters)"
             log.log(level, "task %s %s: %s", message_id, name, line)
         if len(lines) > MAX_LOGGED_LINES:
             log.log(level, "task %s %s: (%d more lines not logged)", message_id, name,
                     len(lines) - MAX_LOGGED_LINES)
+        if stream.dropped:
+            log.log(level, "task %s %s: ... %d more bytes dropped", message_id, name,
+                    stream.dropped)

@@ -681,14 +681,17 @@ class Submitter:
         mid = reply.get("message_id")
         secs = reply.get("seconds", 0)
         secs = secs if isinstance(secs, (int, float)) else 0
+        # The reply's id, outcome and error text come from the queue: a control
+        # character (C0 or C1, such as CSI) is printed escaped, not to the terminal.
+        show = config_mod.escape
         if reply.get("outcome") not in FINAL_OUTCOMES and not reply.get("final"):
-            print(f"{mid} {reply.get('outcome')} {secs:.3f}s (will be retried)", flush=True)
+            print(show(f"{mid} {reply.get('outcome')} {secs:.3f}s (will be retried)"), flush=True)
             return
         if mid in self.outcomes:
             return
         self.outcomes[mid] = reply
-        print(f"{mid} {reply.get('outcome')} {secs:.3f}s"
-              + (f" {reply['error']}" if reply.get("error") else ""), flush=True)
+        print(show(f"{mid} {reply.get('outcome')} {secs:.3f}s"
+                   + (f" {reply['error']}" if reply.get("error") else "")), flush=True)
         self._maybe_finish()
 
     def _on_wait_timeout(self) -> None:

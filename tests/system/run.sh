@@ -1,5 +1,5 @@
 #!/bin/bash
-# The system test of issues 4 and 11: the Debian package under a real systemd,
+# The system test: the Debian package under a real systemd,
 # on Debian 12 bookworm (systemd 252) and Debian 13 trixie (systemd 257).
 #
 #   tests/system/run.sh [--suite bookworm|trixie]... [--debs DIR]
@@ -315,19 +315,42 @@ check_template() {
     n=$(metric --port 9465 workqd_workers state=idle)
     status=$(unit_prop workqd@second StatusText)
     dirs="$(ct stat -c '%n %a %U:%G' /run/workqd /run/workqd-second 2>&1 | tr '\n' ' ')"
+    # workqctl finds each daemon's socket from its config file alone.
+    local ctl_main ctl_inst ctl_after
+    ctl_main=$(ct workqctl status 2>&1 </dev/null | head -n1)
+    ctl_inst=$(ct workqctl -c /etc/workqd/second.yaml status 2>&1 </dev/null | head -n1)
     # Each unit's runtime directory is its own: stopping the main unit
     # leaves the instance's (where its control socket lives) alone.
     ct systemctl stop workqd
     kept=$(ct stat -c '%n' /run/workqd-second 2>/dev/null)
-    local inst_active
+    ctl_after=$(ct workqctl -c /etc/workqd/second.yaml status 2>&1 </dev/null | head -n1)
+    local inst_active inst_pid
     inst_active=$(unit_prop workqd@second ActiveState)
+    inst_pid=$(unit_prop workqd@second MainPID)
     ct systemctl start workqd || { DETAIL="restarting workqd failed"; return 1; }
     ct systemctl stop workqd@second
     ct rm -f /etc/workqd/second.yaml
-    DETAIL="workqd@second runs /etc/workqd/second.yaml: $n worker on port 9465, status \"$status\"; runtime directories $dirs; after stopping workqd: workqd@second $inst_active, ${kept:-/run/workqd-second GONE}"
+    DETAIL="workqd@second runs /etc/workqd/second.yaml: $n worker on port 9465, status \"$status\"; runtime directories $dirs; workqctl status: \"$ctl_main\"; workqctl -c /etc/workqd/second.yaml status: \"$ctl_inst\"; after stopping workqd: workqd@second $inst_active, ${kept:-/run/workqd-second GONE}, workqctl -c second.yaml: \"$ctl_after\""
     [ "$n" = 1 ] && [[ $status == 1/1\ workers* ]] \
         && [ "$dirs" = "/run/workqd 750 workqd:workqd /run/workqd-second 750 workqd:workqd " ] \
+        && [[ $ctl_main == "workqd "*" (pid "*"): "* ]] && [[ $ctl_main != *"(pid $inst_pid)"* ]] \
+        && [[ $ctl_inst == "workqd "*" (pid $inst_pid): "* ]] \
+        && [[ $ctl_after == "workqd "*" (pid $inst_pid): "* ]] \
         && [ "$kept" = /run/workqd-second ] && [ "$inst_active" = active ]
+}
+
+# The control socket under the shipped unit: workqctl reaches it, the socket
+# keeps group workqd without a chown (the unit's syscall filter refuses chown),
+# and no core dump could write the master's memory (the broker password) out.
+check_control() {
+    local out mode warned cores
+    out=$(ct workqctl status 2>&1 </dev/null | head -n1)
+    mode=$(ct stat -c '%a %U:%G' /run/workqd/control.sock 2>&1)
+    warned=$(ct journalctl -u 'workqd*' --no-pager -o cat | grep -c 'cannot give')
+    cores=$(ct awk '/^Max core file size/ { print $5, $6 }' "/proc/$(main_pid)/limits")
+    DETAIL="workqctl status: \"$out\"; /run/workqd/control.sock $mode; \"cannot give ... to group\" lines in the journal since install: $warned; core file size (soft hard): $cores"
+    [[ $out == "workqd "*" (pid $(main_pid)): "* ]] && [ "$mode" = "660 workqd:workqd" ] \
+        && [ "$warned" = 0 ] && [ "$cores" = "0 0" ]
 }
 
 # A handler module whose import takes SLOW_IMPORT seconds: the new workers of a
@@ -582,6 +605,7 @@ run_suite() {  # run_suite SUITE: boot its container, run every check, power it 
         check "1 start waits for READY" check_start_ready
         check "2 tasks ($([ "$NET" = host ] && echo from the host || echo inside))" check_tasks
         check "  journal fields QUEUE, WORKQ_MESSAGE_ID" check_journal_fields
+        check "  control socket (workqctl)" check_control
         check "  template unit workqd@" check_template
         check "3 reload with 2 workers" check_reload
         check "3 broken config refused" check_reload_refused

@@ -189,3 +189,17 @@ def test_a_refused_reply_reopens_only_the_reply_channel():
     second = FakeChannel()
     conn.on_open(second)
     assert second.published == ["b"] and first.published == ["a"] and p.idle
+
+
+def test_replies_waiting_for_their_connection_are_bounded(caplog):
+    p, r = _publisher(allow=True)
+    r._connection, r._channel, r._connecting = None, None, True   # (re)connecting
+    with caplog.at_level(logging.WARNING, logger="workqd.worker"):
+        for n in range(r.BACKLOG_MAX + 5):
+            _reply(p, f"q{n}")
+    assert len(r._backlog) == r.BACKLOG_MAX and r._backlog[0].routing_key == "q5"
+    assert len(caplog.records) == 1 and "dropping the oldest" in caplog.records[0].getMessage()
+    channel = FakeChannel()
+    r._connection = FakeConnection()
+    r._on_channel_open(channel)
+    assert len(channel.published) == r.BACKLOG_MAX and p.idle and not r._dropping

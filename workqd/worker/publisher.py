@@ -284,6 +284,24 @@ class _Replies(_Link):
 
     confirms = False
     what = "reply"
+    # Replies wait while this connection is down; nothing else bounds them (their tasks
+    # are acked), so the oldest go first past this many.
+    BACKLOG_MAX = 1000
+    _dropping = False   # the oldest waiting replies are being dropped (said once)
+
+    def publish(self, routing_key: str, body: bytes, props, mandatory: bool,
+                done: Callable[[str], None] | None, wanted: Callable[[], bool]) -> None:
+        if len(self._backlog) >= self.BACKLOG_MAX:
+            del self._backlog[0]
+            if not self._dropping:
+                self._dropping = True
+                log.warning("%d replies wait for the reply connection: dropping the oldest "
+                            "until it is back", self.BACKLOG_MAX)
+        super().publish(routing_key, body, props, mandatory, done, wanted)
+
+    def _ready(self, channel) -> None:
+        self._dropping = False
+        super()._ready(channel)
 
     def _on_channel_closed(self, channel, reason) -> None:
         # Only the channel went: another one on the same connection when a reply waits.
@@ -291,15 +309,16 @@ class _Replies(_Link):
         self._connecting = False
         if self._closing or self._connection is None or not self._connection.is_open:
             return
-        log.warning("the broker closed the reply channel (%s); replies sent on it since may be "
+        log.warning("the broker closed the reply channel (%s): replies it had not taken are "
                     "lost; retry and dead-letter copies are not affected", reason)
         if self._backlog:
             self._connect()
 
     def _on_closed(self, connection, reason) -> None:
         if not self._closing:
-            log.warning("reply connection lost (%r); replies sent on it since may be lost; retry "
-                        "and dead-letter copies are not affected", reason)
+            log.warning("reply connection lost (%r): replies the broker had not taken are lost "
+                        "(a reply_to it refuses closes it); retry and dead-letter copies are not "
+                        "affected", reason)
         super()._on_closed(connection, reason)
 
     def _set_blocked(self, blocked: bool) -> None:

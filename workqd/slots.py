@@ -81,13 +81,13 @@ CRASH_WORDS = C_DIGEST + DIGEST_BYTES // 8
 CRASH_ENTRIES = 1024
 
 _WORDS = struct.Struct("@2q")   # a digest as the two native words it is stored in
+_blake2b = hashlib.blake2b
 
 
 def message_digest(message_id: str) -> bytes:
     """What identifies a message id in the slots and the crash table: a digest of all of
     its UTF-8 (surrogatepass: every str encodes, and no two to the same bytes)."""
-    return hashlib.blake2b(message_id.encode("utf-8", "surrogatepass"),
-                           digest_size=DIGEST_BYTES).digest()
+    return _blake2b(message_id.encode("utf-8", "surrogatepass"), digest_size=DIGEST_BYTES).digest()
 
 
 class SlotTable:
@@ -200,9 +200,10 @@ class Slot:
         running anything (handler thread)."""
         b = self._base
         raw = message_id.encode("utf-8", "surrogatepass")
-        q = self._q
-        q[b + W_MSGID_DIGEST], q[b + W_MSGID_DIGEST + 1] = _WORDS.unpack(
-            hashlib.blake2b(raw, digest_size=DIGEST_BYTES).digest())   # message_digest, inline
+        mm = self._mm
+        off = (b + W_MSGID_DIGEST) * 8
+        # message_digest(), inline: this runs once per task.
+        mm[off:off + DIGEST_BYTES] = _blake2b(raw, digest_size=DIGEST_BYTES).digest()
         cut = 0
         if len(raw) > MSGID_BYTES:
             shown = MSGID_BYTES
@@ -210,7 +211,8 @@ class Slot:
                 shown -= 1
             cut, raw = len(raw) - shown, raw[:shown]
         off = (b + W_MSGID) * 8
-        self._mm[off:off + len(raw)] = raw
+        mm[off:off + len(raw)] = raw
+        q = self._q
         q[b + W_MSGID_LEN] = len(raw)
         q[b + W_MSGID_CUT] = cut
         self._d[b + W_BUSY_SINCE] = started   # CLOCK_MONOTONIC: one clock for all processes

@@ -53,7 +53,7 @@ def test_ids_sharing_a_long_prefix_never_share_a_count():
     assert table.crashes(POOL, "x" * 200, me=0) == 0
 
 
-def test_the_empty_id_and_ids_no_encoder_accepts_count():
+def test_the_empty_id_and_ids_strict_utf8_cannot_encode_count():
     table = SlotTable(8)
     for mid in ("", "\udcc3\udca9", "é", "\ud800"):
         _die(table, mid, 1001)

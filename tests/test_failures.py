@@ -108,6 +108,27 @@ def test_poison_task_is_dead_lettered_after_max_redeliveries(daemon, amqp, qname
     assert "it is poison" in d.log()
 
 
+def test_poison_with_a_long_non_ascii_id_is_counted_by_its_whole_id(daemon, amqp, qname):
+    """Deaths count by a digest of the whole id: a long id with a character across the
+    bytes a slot shows, and a sibling whose id shares those bytes, count apart."""
+    head = "p" * 119 + "é"                       # 'é' is bytes 119 and 120
+    poison = head + "ü" * 61 + "-poison"         # 250 bytes: AMQP's message_id holds 255
+    sibling = head + "ü" * 61 + "-healthy"
+    assert len(poison.encode()) == 250
+    d = daemon([queue_config(qname, workers=2, type="classic", max_redeliveries=3)])
+    amqp.publish(qname, "die=1", message_id=poison)
+    amqp.publish(qname, "n=1", message_id=sibling)
+    wait_for(lambda: amqp.count(f"{qname}.dead") == 1, 30, what="poison dead-lettered")
+    wait_for(lambda: sibling in d.ledger.ended_ids(), 10, what="the sibling task done")
+    runs = [e for e in d.ledger.events("start") if e["id"] == poison]
+    assert len(runs) == 3, runs   # three deaths, then dead-lettered unrun
+    (props, body), = amqp.get_all(f"{qname}.dead")
+    assert (props.message_id, body) == (poison, b"die=1")
+    assert props.headers["x-workq-reason"] == "poison"
+    assert d.metric("workqd_worker_restarts_total", queue=qname, reason="crash") == 3
+    assert "p" * 119 + "…" in d.log()   # the dead holder is named by the prefix it showed
+
+
 def _tree_alive(pid_file: Path) -> list[int]:
     if not pid_file.exists():
         return []

@@ -54,6 +54,9 @@ class FakePublisher:
         if done is not None:
             self.waiting.append(done)
 
+    def reply(self, reply_to, body, props):
+        self.publish(reply_to, body, props, False, None, None)
+
 
 class FakeLoop:
     """Timers run only when the test says so."""

@@ -297,7 +297,7 @@ class Pool:
                 and ex.code not in _PLANNED_EXITS):
             # Recorded before the slot is freed: a sibling that receives the
             # redelivery meanwhile counts this death exactly once (slots.crashes).
-            crashes = self.slots.record_crash(self.pool_id, ex.held, proc.pid)
+            crashes = self.slots.record_crash(self.pool_id, slot.message_digest(), proc.pid)
         self.totals.fold(self.pool_id, slot.counters())
         tasks_taken = slot.consumed
         slot.release()

@@ -23,7 +23,9 @@ the master never sees that worker as leaving while it holds a task not begun.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import mmap
+import struct
 import time
 
 from .vocab import OUTCOMES
@@ -49,9 +51,13 @@ W_BUSY_SINCE = W_BLOCKED + 1        # monotonic time the running task started (h
 W_PAUSED = W_BUSY_SINCE + 1          # 1: take no tasks (master writes, worker I/O thread reads)
 W_WAIT_SUM = W_PAUSED + 1            # queue wait histogram: sum (handler thread)
 W_WAIT_BUCKETS = W_WAIT_SUM + 1      # len(BUCKETS) + 1 words (handler thread)
-W_MSGID_LEN = W_WAIT_BUCKETS + len(BUCKETS) + 1
-W_MSGID = W_MSGID_LEN + 1            # MSGID_BYTES bytes
+# The held message: its digest identifies it (poison counting), a prefix shows it.
+W_MSGID_DIGEST = W_WAIT_BUCKETS + len(BUCKETS) + 1   # DIGEST_BYTES bytes (handler thread)
+W_MSGID_LEN = W_MSGID_DIGEST + 2     # bytes of the shown prefix
+W_MSGID_CUT = W_MSGID_LEN + 1        # bytes of the id left out of the prefix
+W_MSGID = W_MSGID_CUT + 1            # MSGID_BYTES bytes: the id's UTF-8, cut on a character
 MSGID_BYTES = 120
+DIGEST_BYTES = 16
 SLOT_WORDS = 96
 SLOT_BYTES = SLOT_WORDS * 8
 assert W_MSGID * 8 + MSGID_BYTES <= SLOT_BYTES
@@ -68,11 +74,20 @@ FLOAT_WORDS = {W_TICK, W_DURATION_SUM, W_BUSY_SINCE, W_WAIT_SUM}
 
 # Crash table entries, in 8-byte words: how often a message was held by a worker
 # that died, for poison detection on classic queues (quorum queues also have the
-# broker's x-delivery-count).
-C_POOL, C_COUNT, C_LAST_PID, C_STAMP, C_LEN = range(5)
-C_MSGID = 5
-CRASH_WORDS = C_MSGID + MSGID_BYTES // 8
+# broker's x-delivery-count). A message is known by the digest of its whole id, so
+# ids of any length count apart, and what a slot shows of an id plays no part.
+C_POOL, C_COUNT, C_LAST_PID, C_STAMP, C_DIGEST = range(5)   # C_DIGEST: DIGEST_BYTES bytes
+CRASH_WORDS = C_DIGEST + DIGEST_BYTES // 8
 CRASH_ENTRIES = 1024
+
+_WORDS = struct.Struct("@2q")   # a digest as the two native words it is stored in
+_blake2b = hashlib.blake2b
+
+
+def message_digest(message_id: str) -> bytes:
+    """What identifies a message id in the slots and the crash table: a digest of all of
+    its UTF-8 (surrogatepass: every str encodes, and no two to the same bytes)."""
+    return _blake2b(message_id.encode("utf-8", "surrogatepass"), digest_size=DIGEST_BYTES).digest()
 
 
 class SlotTable:
@@ -91,31 +106,30 @@ class SlotTable:
 
     # --- crash table -----------------------------------------------------
 
-    def _crash_entry(self, pool_id: int, raw: bytes) -> int | None:
-        q, mm = self._q, self._mm
+    def _crash_entry(self, pool_id: int, digest: bytes) -> int | None:
+        q = self._q
+        d0, d1 = _WORDS.unpack(digest)
         for i in range(CRASH_ENTRIES):
             b = self._crash_base + i * CRASH_WORDS
-            if q[b + C_POOL] == pool_id and q[b + C_LEN] == len(raw):
-                off = (b + C_MSGID) * 8
-                if mm[off:off + len(raw)] == raw:
-                    return b
+            if q[b + C_DIGEST] == d0 and q[b + C_DIGEST + 1] == d1 and q[b + C_POOL] == pool_id:
+                return b
         return None
 
-    def record_crash(self, pool_id: int, message_id: str, pid: int) -> int:
-        """Master only: ``pid`` died holding ``message_id``; returns the crash count."""
-        raw = message_id.encode("utf-8", "replace")[:MSGID_BYTES]
+    def record_crash(self, pool_id: int, digest: bytes, pid: int) -> int:
+        """Master only: ``pid`` died holding the message whose ``message_digest`` is
+        ``digest`` (``Slot.message_digest()``); returns the crash count."""
         q = self._q
-        b = self._crash_entry(pool_id, raw)
+        b = self._crash_entry(pool_id, digest)
         self._stamp += 1
         if b is None:
             # Reuse the least recently recorded entry: old crashes age out.
             b = min((self._crash_base + i * CRASH_WORDS for i in range(CRASH_ENTRIES)),
                     key=lambda base: q[base + C_STAMP])
+            # Pool 0 first: a worker looking meanwhile never takes the old count for
+            # the new message.
+            q[b + C_POOL] = 0
             q[b + C_COUNT] = 0
-            q[b + C_LEN] = 0
-            off = (b + C_MSGID) * 8
-            self._mm[off:off + len(raw)] = raw
-            q[b + C_LEN] = len(raw)
+            q[b + C_DIGEST], q[b + C_DIGEST + 1] = _WORDS.unpack(digest)
             q[b + C_POOL] = pool_id
         q[b + C_LAST_PID] = pid
         q[b + C_COUNT] += 1
@@ -125,7 +139,8 @@ class SlotTable:
     def crashes(self, pool_id: int, message_id: str, me: int) -> int:
         """How many workers died holding ``message_id``, counting one whose death the
         master has not recorded yet (its slot still says busy with it)."""
-        raw = message_id.encode("utf-8", "replace")[:MSGID_BYTES]
+        digest = message_digest(message_id)
+        d0, d1 = _WORDS.unpack(digest)
         # Slots first, then the table: the master records a crash before it frees
         # the slot, and the entry's last pid says whether this death is in it.
         dead_holder = 0
@@ -133,12 +148,11 @@ class SlotTable:
         for i in range(self.capacity):
             base = i * SLOT_WORDS
             if (q[base + W_STATE] != FREE and q[base + W_BUSY] and q[base + W_POOL] == pool_id
-                    and q[base + W_PID] != me and q[base + W_MSGID_LEN] == len(raw)):
-                off = (base + W_MSGID) * 8
-                if self._mm[off:off + len(raw)] == raw and _is_dead(q[base + W_PID]):
-                    dead_holder = q[base + W_PID]
-                    break
-        b = self._crash_entry(pool_id, raw)
+                    and q[base + W_PID] != me and q[base + W_MSGID_DIGEST] == d0
+                    and q[base + W_MSGID_DIGEST + 1] == d1 and _is_dead(q[base + W_PID])):
+                dead_holder = q[base + W_PID]
+                break
+        b = self._crash_entry(pool_id, digest)
         count = q[b + C_COUNT] if b is not None else 0
         if dead_holder and (b is None or q[b + C_LAST_PID] != dead_holder):
             count += 1
@@ -185,11 +199,22 @@ class Slot:
         """A task starts (``started``: its time.monotonic()): remember what we hold, before
         running anything (handler thread)."""
         b = self._base
-        raw = message_id.encode("utf-8", "replace")[:MSGID_BYTES]
+        raw = message_id.encode("utf-8", "surrogatepass")
+        mm = self._mm
+        off = (b + W_MSGID_DIGEST) * 8
+        # message_digest(), inline: this runs once per task.
+        mm[off:off + DIGEST_BYTES] = _blake2b(raw, digest_size=DIGEST_BYTES).digest()
+        cut = 0
+        if len(raw) > MSGID_BYTES:
+            shown = MSGID_BYTES
+            while raw[shown] & 0xC0 == 0x80:   # never split a character
+                shown -= 1
+            cut, raw = len(raw) - shown, raw[:shown]
         off = (b + W_MSGID) * 8
-        self._mm[off:off + len(raw)] = raw
+        mm[off:off + len(raw)] = raw
         q = self._q
         q[b + W_MSGID_LEN] = len(raw)
+        q[b + W_MSGID_CUT] = cut
         self._d[b + W_BUSY_SINCE] = started   # CLOCK_MONOTONIC: one clock for all processes
         q[b + W_CONSUMED] += 1
         if redelivered:
@@ -288,13 +313,22 @@ class Slot:
         return self._q[self._base + W_CONSUMED]
 
     def message_id(self) -> str | None:
-        """The message the worker holds, or None when idle."""
+        """The message the worker holds, for logs and status (its first MSGID_BYTES
+        bytes at most, then "…"), or None when idle."""
         b = self._base
         if not self._q[b + W_BUSY]:
             return None
         n = self._q[b + W_MSGID_LEN]
         off = (b + W_MSGID) * 8
-        return bytes(self._mm[off:off + n]).decode("utf-8", "replace") or None
+        shown = bytes(self._mm[off:off + n]).decode("utf-8", "replace")
+        return (shown + "…" if self._q[b + W_MSGID_CUT] else shown) or None
+
+    def message_digest(self) -> bytes | None:
+        """``message_digest`` of the whole id the worker holds, or None when idle."""
+        b = self._base
+        if not self._q[b + W_BUSY]:
+            return None
+        return _WORDS.pack(self._q[b + W_MSGID_DIGEST], self._q[b + W_MSGID_DIGEST + 1])
 
     def counters(self) -> dict[int, float]:
         b = self._base

@@ -79,8 +79,8 @@ class Worker:
             return exitcodes.WORKER_BOOT_ERROR
         self._ioloop = IOLoop()
         self._publisher = Publisher(self.broker, self.broker.urls,
-                                    f"workqd {self.name} pid {self.pid} (publishing)", self._ioloop,
-                                    self._on_blocked)
+                                    f"workqd {self.name} pid {self.pid}", self._ioloop,
+                                    self._on_blocked, self.queue.allow_reply_queues)
         self._handler = HandlerThread(run, self.slot, self.queue.timeout, self._wake_master)
         self._ioloop.add_handler(self._handler.wake_fd, self._on_results, IOLoop.READ)
         self._install_signals()

@@ -1,12 +1,21 @@
-"""The worker's publishing connection: retry and dead-letter copies, --wait replies.
+"""The worker's publishing connections: retry and dead-letter copies, and replies.
 
 RabbitMQ blocks every connection that publishes while a memory or disk alarm
 lasts. Publishing on the consuming connection would block its acks too, and
 pika would tear it down after ``blocked_connection_timeout``, so every unacked
-task would run again. Copies and replies therefore go out on a second
-connection, opened when first needed; the consuming connection never
-publishes and keeps acking successes through an alarm, while a copy simply
-waits for its confirm. Everything here runs on the worker's I/O thread.
+task would run again. Copies therefore go out on a second connection, opened
+when first needed; the consuming connection never publishes and keeps acking
+successes through an alarm, while a copy simply waits for its confirm.
+
+Replies (the outcome sent to a task's ``reply_to``) go out on a third
+connection of their own. Their target is chosen by whoever published the task,
+and a reply the broker refuses can take down the channel or the whole
+connection it was sent on (RabbitMQ 3.10 closes the connection on a malformed
+direct reply-to name): on the copies' connection that would lose every confirm
+still awaited, and the originals would run again. By default only direct
+reply-to names (``amq.rabbitmq.reply-to.*``, what ``workq-submit --wait``
+consumes) are replied to; a queue's ``allow_reply_queues`` allows named queues.
+Everything here runs on the worker's I/O thread.
 """
 
 from __future__ import annotations
@@ -25,6 +34,17 @@ log = logging.getLogger("workqd.worker")
 # Results passed to a publish's callback.
 CONFIRMED, REFUSED, RETURNED, LOST = "confirmed", "refused", "unroutable", "lost"
 
+# The broker gives a consumer of the pseudo-queue amq.rabbitmq.reply-to a name
+# under this prefix; only that consumer can receive what is published to it.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to."
+
+
+def reply_allowed(reply_to: str, allow_reply_queues: bool) -> bool:
+    """Whether a task's outcome may be published to ``reply_to``: a direct reply-to
+    name always, any other queue only when its queue's config says so."""
+    return allow_reply_queues or (reply_to.startswith(DIRECT_REPLY_TO)
+                                  and len(reply_to) > len(DIRECT_REPLY_TO))
+
 
 class _Message(NamedTuple):
     routing_key: str
@@ -35,7 +55,13 @@ class _Message(NamedTuple):
     wanted: Callable[[], bool]            # False: drop it unsent (its original went back)
 
 
-class Publisher:
+class _Link:
+    """One publishing connection and its channel: opened when something is to be
+    sent, opened again after a loss while something still waits."""
+
+    confirms = True          # the channel is in confirm mode and mandatory returns are tracked
+    what = "publishing"      # names the connection in log lines
+
     def __init__(self, broker: Broker, urls, name: str, ioloop,
                  on_blocked: Callable[[bool], None]):
         self._broker = broker
@@ -86,6 +112,10 @@ class Publisher:
         if self._connecting or self._closing:
             return
         self._connecting = True
+        if self._connection is not None and self._connection.is_open:
+            # Its channel went, the connection did not (a reply the broker refused).
+            self._connection.channel(on_open_callback=self._on_channel_open)
+            return
         url = self._failover.current
         try:
             params = connection_parameters(self._broker, url, self._name)
@@ -105,21 +135,25 @@ class Publisher:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel) -> None:
-        channel.add_on_return_callback(self._on_return)
         channel.add_on_close_callback(self._on_channel_closed)
+        if not self.confirms:
+            self._ready(channel)
+            return
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._ready(channel))
 
-        def confirming(_frame):
-            self._channel, self._connecting = channel, False
-            self._failover.succeeded()
-            backlog, self._backlog = self._backlog, []
-            for msg in backlog:
-                if msg.wanted():
-                    self._send(msg)
-        channel.confirm_delivery(self._on_confirm, callback=confirming)
+    def _ready(self, channel) -> None:
+        self._channel, self._connecting = channel, False
+        self._failover.succeeded()
+        backlog, self._backlog = self._backlog, []
+        for msg in backlog:
+            if msg.wanted():
+                self._send(msg)
 
     def _on_open_error(self, connection, error) -> None:
         self._connection, self._connecting = None, False
-        self._retry(f"cannot connect to {redact(self._failover.current)} to publish: {error!r}")
+        self._retry(f"cannot connect to {redact(self._failover.current)} to publish "
+                    f"{self.what}: {error!r}")
 
     def _on_channel_closed(self, channel, reason) -> None:
         if self._connection is not None and self._connection.is_open:
@@ -136,7 +170,7 @@ class Publisher:
             if msg.done is not None:
                 msg.done(LOST)
         if not self._closing:
-            self._retry(f"publishing connection lost: {reason!r}")
+            self._retry(f"{self.what} connection lost: {reason!r}")
 
     def _retry(self, why: str) -> None:
         self._backlog = [m for m in self._backlog if m.wanted()]
@@ -159,6 +193,8 @@ class Publisher:
     def _send(self, msg: _Message) -> None:
         self._channel.basic_publish("", msg.routing_key, msg.body, msg.props,
                                     mandatory=msg.mandatory)
+        if not self.confirms:
+            return
         self._seq += 1   # in confirm mode every publish on the channel takes a tag
         if msg.done is not None:
             self._unconfirmed[self._seq] = msg
@@ -200,3 +236,95 @@ class Publisher:
         else:
             log.info("the broker accepts publishing again")
         self._on_blocked(blocked)
+
+
+class Publisher(_Link):
+    """Copies on this connection, where the originals' acks wait for their confirms;
+    replies on a second one (``_Replies``), so no reply can cost a confirm."""
+
+    def __init__(self, broker: Broker, urls, name: str, ioloop,
+                 on_blocked: Callable[[bool], None], allow_reply_queues: bool = False):
+        """``name``: the worker's, to which each connection's role is added."""
+        super().__init__(broker, urls, f"{name} (publishing)", ioloop, on_blocked)
+        self._replies = _Replies(broker, urls, f"{name} (replies)", ioloop, None)
+        self._allow_reply_queues = allow_reply_queues
+        self._warned_reply_queue = False   # one warning per worker life, not one per task
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits to be sent or confirmed, copies and replies alike."""
+        return super().idle and self._replies.idle
+
+    def prefer(self, url: str) -> None:
+        super().prefer(url)
+        self._replies.prefer(url)
+
+    def close(self) -> None:
+        super().close()
+        self._replies.close()
+
+    def reply(self, reply_to: str, body: bytes, props) -> bool:
+        """Send a task's outcome to its ``reply_to``, unless that is a named queue this
+        queue's config does not allow; never mandatory, never confirmed."""
+        if not reply_allowed(reply_to, self._allow_reply_queues):
+            if not self._warned_reply_queue:
+                self._warned_reply_queue = True
+                log.warning("task %s asks for its outcome in queue %r (reply_to); no reply sent: "
+                            "outcomes go only to direct reply-to names (%s*) unless the queue "
+                            "sets allow_reply_queues: true (said once per worker)",
+                            props.correlation_id, reply_to, DIRECT_REPLY_TO)
+            return False
+        self._replies.publish(reply_to, body, props, False, done=None, wanted=_always)
+        return True
+
+
+class _Replies(_Link):
+    """The reply connection: no confirms (nobody waits for them), and a refusal, whether
+    it closes the channel or the connection, loses at most replies sent on it."""
+
+    confirms = False
+    what = "reply"
+    # Replies wait while this connection is down; nothing else bounds them (their tasks
+    # are acked), so the oldest go first past this many.
+    BACKLOG_MAX = 1000
+    _dropping = False   # the oldest waiting replies are being dropped (said once)
+
+    def publish(self, routing_key: str, body: bytes, props, mandatory: bool,
+                done: Callable[[str], None] | None, wanted: Callable[[], bool]) -> None:
+        if len(self._backlog) >= self.BACKLOG_MAX:
+            del self._backlog[0]
+            if not self._dropping:
+                self._dropping = True
+                log.warning("%d replies wait for the reply connection: dropping the oldest "
+                            "until it is back", self.BACKLOG_MAX)
+        super().publish(routing_key, body, props, mandatory, done, wanted)
+
+    def _ready(self, channel) -> None:
+        self._dropping = False
+        super()._ready(channel)
+
+    def _on_channel_closed(self, channel, reason) -> None:
+        # Only the channel went: another one on the same connection when a reply waits.
+        self._channel = None
+        self._connecting = False
+        if self._closing or self._connection is None or not self._connection.is_open:
+            return
+        log.warning("the broker closed the reply channel (%s): replies it had not taken are "
+                    "lost; retry and dead-letter copies are not affected", reason)
+        if self._backlog:
+            self._connect()
+
+    def _on_closed(self, connection, reason) -> None:
+        if not self._closing:
+            log.warning("reply connection lost (%r): replies the broker had not taken are lost "
+                        "(a reply_to it refuses closes it); retry and dead-letter copies are not "
+                        "affected", reason)
+        super()._on_closed(connection, reason)
+
+    def _set_blocked(self, blocked: bool) -> None:
+        # The copies' connection reports an alarm; a reply simply waits it out.
+        self.blocked = blocked
+
+
+def _always() -> bool:
+    return True

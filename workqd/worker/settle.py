@@ -5,7 +5,7 @@ Delivery tags, pending acks and the copies it waits for live on it and die with
 it: after a channel is lost the broker has already requeued every unacked
 delivery, so whatever finishes later is reported as a lost ack, never acked with
 a stale tag on a newer channel. The liveness check lives here and nowhere else
-(``usable``). Copies and replies go out on the worker's publishing connection
+(``usable``). Copies and replies go out on the worker's publishing connections
 (publisher.py); the original is acked here once its copy is confirmed.
 
 Every method runs on the worker's I/O thread.
@@ -127,16 +127,16 @@ class Settler:
         return True
 
     def reply(self, d: Delivery, outcome: str, final: bool) -> None:
-        """Tell a waiting ``workq-submit --wait`` what became of its task."""
+        """Tell a waiting ``workq-submit --wait`` (or an allowed reply queue) what became
+        of its task."""
         reply_to = d.props.reply_to
         if not reply_to or not isinstance(reply_to, str) or not self.usable:
             return
         body = json.dumps({"message_id": d.task.message_id, "outcome": outcome, "final": final,
                            "seconds": round(d.duration, 3),
                            "error": None if outcome == "success" else d.error})
-        self._publisher.publish(reply_to, body.encode(), pika.BasicProperties(
-            correlation_id=d.task.message_id, content_type="application/json"), False,
-            done=None, wanted=lambda: True)
+        self._publisher.reply(reply_to, body.encode(), pika.BasicProperties(
+            correlation_id=d.task.message_id, content_type="application/json"))
 
     # --- coalesced acks -------------------------------------------------------
 

@@ -837,7 +837,11 @@ def requeue_dead(nodes: list[Node], queue: str, confirm_timeout: float,
     """Move dead-lettered tasks back, each acked on the dead queue only once its copy is
     confirmed on the work queue, so a failure half-way loses nothing. ``select`` picks
     which (workqctl dead requeue --reason/--id); the others stay, in their order."""
+    from . import frames
     from .broker import H_ATTEMPT, H_DEAD_AT, H_ERROR, H_QUEUE, H_REASON
+    # A dead letter from a foreign producer may hold a header pika cannot decode: it
+    # must not abort this connection, and its copy must be one pika can encode.
+    frames.install()
     dead = f"{queue}.dead"
     conn, node, errors = connect_first(nodes, confirm_timeout)
     if conn is None:
@@ -862,7 +866,7 @@ def requeue_dead(nodes: list[Node], queue: str, confirm_timeout: float,
                 # (a return on close, not a nack: no "failed delivery" on RabbitMQ 4).
                 skipped.append(method.delivery_tag)
                 continue
-            headers = {k: v for k, v in (props.headers or {}).items()
+            headers = {k: v for k, v in frames.safe_headers(props.headers).items()
                        if k not in (H_ATTEMPT, H_DEAD_AT, H_ERROR, H_QUEUE, H_REASON,
                                     "x-delivery-count", "x-death")}
             # A fresh first try: its time in the queue starts now.

@@ -108,6 +108,24 @@ def test_an_undecodable_header_on_a_quorum_queue(daemon, amqp, qname):
     assert d.stop() == 0
 
 
+def test_a_header_intake_chokes_on_is_dead_lettered_not_a_crash(daemon, amqp, qname):
+    d = daemon([queue_config(qname, workers=1, handler={"python": "chokefns:work"})])
+    bad = amqp.publish(qname, "n=bad sleep=0", headers={"x-test-choke": 1, "x-keep": "k"})
+    healthy = amqp.publish(qname, "n=healthy sleep=0")
+    wait_for(lambda: healthy in d.ledger.ended_ids(), 20, what="the healthy task done")
+    wait_for(lambda: amqp.count(f"{qname}.dead") == 1, 10, what="the bad one dead-lettered")
+    wait_for(lambda: d.metric(OUTCOME, queue=qname, outcome="dead_letter") == 1, 10,
+             what="the dead letter counted")
+    assert d.metric("workqd_worker_restarts_total", queue=qname) == 0 and reconnects(d) == 0
+    assert "internal error" not in d.log()
+    (props, _), = amqp.get_all(f"{qname}.dead")
+    assert props.message_id == bad and props.headers["x-keep"] == "k"
+    assert props.headers["x-workq-reason"] == "malformed"
+    assert props.headers["x-workq-error"] == ("headers cannot be read (ValueError: a header "
+                                              "value intake did not foresee)")
+    assert d.stop() == 0
+
+
 def test_a_decimal_at_the_edge_of_the_format_is_not_malformed(daemon, amqp, qname):
     # pika decodes every decimal the format can carry (scale 0-255): such a task runs.
     d = daemon([queue_config(qname, workers=1)])

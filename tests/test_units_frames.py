@@ -132,6 +132,13 @@ def test_every_decimal_pika_can_decode_round_trips():
             assert round_trip(props).headers == props.headers
 
 
+def test_many_bad_values_make_one_bounded_line():
+    props = decoded(r.table({f"x-{i}": r.v_timestamp(MS_AS_SECONDS) for i in range(300)}))
+    assert len(frames.problems(props)) == 300
+    _, problem = intake.read_task("q", False, props, b"")
+    assert problem.count("timestamp") == 5 and problem.endswith("; and 295 more")
+
+
 def test_install_is_idempotent():
     wrapped = spec.BasicProperties.decode
     frames.install()

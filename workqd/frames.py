@@ -94,9 +94,10 @@ def problems(props) -> list:
     return getattr(props, ATTR, None) or []
 
 
-def describe(found: list) -> str:
-    """One line for x-workq-error and the log."""
-    return "; ".join(f"{path}: {why}" for path, why in found)
+def describe(found: list, most: int = 5) -> str:
+    """One line for x-workq-error and the log: the first ``most`` problems, then a count."""
+    text = "; ".join(f"{path}: {why}" for path, why in found[:most])
+    return text + (f"; and {len(found) - most} more" if len(found) > most else "")
 
 
 def salvage(props, encoded: bytes, offset: int = 0) -> None:

@@ -5,7 +5,9 @@ workq-submit does, with its connection code) so dead letters can be handled
 while workqd is stopped. ``list`` and ``show`` take every message unacked and
 give them all back by closing the connection; ``requeue`` is
 workq-submit's --requeue-dead with a selection: each copy is confirmed on QUEUE
-before its dead letter is acked.
+before its dead letter is acked. A dead letter with a header pika cannot decode
+(put there by a foreign producer) is read through the decode guard (frames.py)
+and listed as ``malformed``, the header named in its error.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pika
 import pika.exceptions
 
 from . import config as config_mod
-from . import exitcodes, submit, vocab
+from . import exitcodes, frames, submit, vocab
 
 CONFIRM_TIMEOUT = 30.0
 ERROR_WIDTH = 60
@@ -41,15 +43,29 @@ def add_parser(sub) -> None:
 
 
 def _header(props, name: str):
-    value = (props.headers or {}).get(name)
+    headers = props.headers if isinstance(props.headers, dict) else {}
+    value = headers.get(name)
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def reason_of(props):
+    """x-workq-reason; ``malformed`` for a letter pika could not decode in full."""
+    return vocab.REASON_MALFORMED if frames.problems(props) else _header(props, vocab.H_REASON)
+
+
+def error_of(props):
+    """x-workq-error, after what could not be decoded, if anything."""
+    error, found = _header(props, vocab.H_ERROR), frames.problems(props)
+    if not found:
+        return error
+    return f"undecodable: {frames.describe(found)}" + (f"; {error}" if error else "")
 
 
 def describe(props, body: bytes) -> dict:
     """One dead letter as plain data."""
-    return {"id": props.message_id, "reason": _header(props, vocab.H_REASON),
+    return {"id": props.message_id, "reason": reason_of(props),
             "attempt": _header(props, vocab.H_ATTEMPT), "dead_at": _header(props, vocab.H_DEAD_AT),
-            "queue": _header(props, vocab.H_QUEUE), "error": _header(props, vocab.H_ERROR),
+            "queue": _header(props, vocab.H_QUEUE), "error": error_of(props),
             "bytes": len(body)}
 
 
@@ -129,12 +145,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"workqctl: purge deletes every task in {dead} for good: add --yes",
               file=sys.stderr)
         return exitcodes.CTL_USAGE
+    # Before connecting: a dead letter pika cannot decode must not abort the connection.
+    frames.install()
     cfg = submit.load_config(args.config)
     nodes = submit.nodes_for(list(cfg.broker.urls), cfg.broker, args.config, CONFIRM_TIMEOUT)
     if args.action == "list":
         items = [describe(p, b) for p, b in peek(nodes, dead)]
         if args.json:
-            print(json.dumps(items, indent=2))
+            print(json.dumps(items, indent=2, default=str))
             return exitcodes.CTL_OK
         rows = [("ID", "REASON", "ATTEMPT", "DEAD AT", "ERROR")]
         rows += [(_short(i["id"], 40), _short(i["reason"], 12), _short(i["attempt"], 8),
@@ -156,7 +174,10 @@ def _run(args: argparse.Namespace) -> int:
                     value = getattr(props, name)
                     if value is not None:
                         print(show(f"{name.replace('_', ' ')}: {value}"))
-                for k, v in sorted((props.headers or {}).items()):
+                for path, why in frames.problems(props):
+                    print(show(f"undecodable: {path}: {why}"))
+                headers = props.headers if isinstance(props.headers, dict) else {}
+                for k, v in sorted(headers.items(), key=lambda kv: str(kv[0])):
                     v = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
                     print(show(f"header {k}: {v}"))
                 print(f"body ({len(body)} bytes):")
@@ -174,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
 
         def select(props) -> bool:
             return ((not ids or props.message_id in ids)
-                    and (reason is None or _header(props, vocab.H_REASON) == reason))
+                    and (reason is None or reason_of(props) == reason))
         code = submit.requeue_dead(nodes, args.queue, CONFIRM_TIMEOUT,
                                    select if ids or reason else None, prog="workqctl")
         return {exitcodes.SUBMIT_OK: exitcodes.CTL_OK,

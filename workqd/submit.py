@@ -811,7 +811,11 @@ def requeue_dead(nodes: list[Node], queue: str, confirm_timeout: float,
     """Move dead-lettered tasks back, each acked on the dead queue only once its copy is
     confirmed on the work queue, so a failure half-way loses nothing. ``select`` picks
     which (workqctl dead requeue --reason/--id); the others stay, in their order."""
+    from . import frames
     from .vocab import H_ATTEMPT, H_DEAD_AT, H_ERROR, H_QUEUE, H_REASON, dead_letter_queue
+    # A dead letter from a foreign producer may hold a header pika cannot decode: it
+    # must not abort this connection, and its copy must be one pika can encode.
+    frames.install()
     dead = dead_letter_queue(queue)
     conn, node, errors = connect_first(nodes, confirm_timeout)
     if conn is None:
@@ -836,7 +840,7 @@ def requeue_dead(nodes: list[Node], queue: str, confirm_timeout: float,
                 # (a return on close, not a nack: no "failed delivery" on RabbitMQ 4).
                 skipped.append(method.delivery_tag)
                 continue
-            headers = {k: v for k, v in (props.headers or {}).items()
+            headers = {k: v for k, v in frames.safe_headers(props.headers).items()
                        if k not in (H_ATTEMPT, H_DEAD_AT, H_ERROR, H_QUEUE, H_REASON,
                                     "x-delivery-count", "x-death")}
             # A fresh first try: its time in the queue starts now.

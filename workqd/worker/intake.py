@@ -4,14 +4,15 @@ Any header a publisher can set is checked for type and range here, before the
 worker acts on it. What cannot be read is either ignored with a documented
 fallback (``x-delivery-count``: the broker's own counter, only trusted as a
 whole number) or makes the task ``malformed``: dead-lettered unrun, with the
-header named, instead of a loop of connection aborts.
+header named, instead of a loop of connection aborts. A value pika itself could
+not decode arrives here as a marker (frames.py) and makes the task malformed too.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from .. import vocab
+from .. import frames, vocab
 from ..task import Task, text as _text
 
 MAX_ATTEMPT = 1_000_000
@@ -81,22 +82,48 @@ def read_task(queue: str, redelivered: bool, props, body: bytes, routing_key="",
     if type(exchange) is not str:
         exchange = _text(exchange)
     headers = props.headers
+    # Values the decode guard replaced: the task cannot be run as its producer meant it.
+    undecodable = getattr(props, frames.ATTR, None)
     if not headers or not isinstance(headers, dict):
         return Task(mid, queue, {}, bool(redelivered), 0, 1, 0.0, routing_key, exchange,
-                    props), None
+                    props), (frames.describe(undecodable) if undecodable else None)
     count = headers.get(vocab.H_DELIVERY_COUNT, 0)
     if not _whole(count) or count < 0:
         count = 0  # not the broker's: a publisher's header on a classic queue means nothing
-    problem = None
+    problem = frames.describe(undecodable) if undecodable else None
     attempt = headers.get(vocab.H_ATTEMPT, 1)
-    if isinstance(attempt, (str, bytes)) and attempt.strip().isdigit():
-        attempt = int(attempt)
+    if isinstance(attempt, (str, bytes)):
+        attempt = _number(attempt)
     if not _whole(attempt) or not 1 <= attempt <= MAX_ATTEMPT:
-        problem = (f"header {vocab.H_ATTEMPT} must be a whole number from 1 to {MAX_ATTEMPT}, "
-                   f"got {_show(attempt)}")
+        problem = problem or (f"header {vocab.H_ATTEMPT} must be a whole number from 1 to "
+                              f"{MAX_ATTEMPT}, got {_show(attempt)}")
         attempt = 1
     return Task(mid, queue, headers, bool(redelivered), count, attempt, 0.0, routing_key,
                 exchange, props), problem
+
+
+def unreadable_task(queue: str, redelivered: bool, props, body: bytes,
+                    error: Exception) -> tuple[Task, str]:
+    """The task of a delivery ``read_task`` choked on: headers pika decoded but this
+    code could not read. Malformed, with headers pika can encode on its copy."""
+    try:
+        mid = message_id_of(props, body)
+    except Exception:
+        mid = "sha1:" + hashlib.sha1(body).hexdigest()[:20]
+    headers = frames.safe_headers(getattr(props, "headers", None))
+    text = str(error)
+    text = text if len(text) <= 200 else text[:197] + "..."
+    problem = f"headers cannot be read ({type(error).__name__}: {text})"
+    return Task(mid, queue, headers, bool(redelivered), 0, 1, 0.0, "", "", props), problem
+
+
+def _number(text):
+    """A whole number written as text ("3"), else ``text`` unchanged. int() alone would
+    raise on digits it does not take ("²" passes str.isdigit)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def size_problem(body: bytes, max_body: int) -> str | None:

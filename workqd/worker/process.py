@@ -19,11 +19,13 @@ import dataclasses
 import logging
 import os
 import signal
+import struct
 import time
 
+import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from .. import exitcodes, logsetup, runner, vocab
+from .. import exitcodes, frames, logsetup, runner, vocab
 from ..broker import Failover, redact
 from ..config import Broker, Queue
 from ..slots import CONNECTING, PAUSED, Slot
@@ -77,6 +79,9 @@ class Worker:
         except runner.BootError as e:
             log.error("%s", e)
             return exitcodes.WORKER_BOOT_ERROR
+        # Before any connection: a header pika cannot decode must reach intake as a
+        # malformed task, not abort the connection and come back for ever (frames.py).
+        frames.install()
         self._ioloop = IOLoop()
         self._publisher = Publisher(self.broker, self.broker.urls,
                                     f"workqd {self.name} pid {self.pid}", self._ioloop,
@@ -239,15 +244,21 @@ class Worker:
     # --- intake ------------------------------------------------------------------
 
     def _on_message(self, channel, method, props, body: bytes) -> None:
-        """pika's consumer callback, once per delivery: the hot path of the I/O thread
-        (issue 9). It guards itself, as ``_guard`` does, without that wrapper's frames."""
+        """pika's consumer callback, once per delivery: the hot path of the I/O thread.
+        It guards itself, as ``_guard`` does, without that wrapper's frames."""
         session = self._session
         if session is None or channel is not session.channel:
             return   # a channel of an earlier session: the broker requeued its deliveries
         try:   # zero-cost until something raises (Python 3.11)
             settler = session.settler
-            task, problem = intake.read_task(self.queue.name, method.redelivered, props, body,
-                                             method.routing_key, method.exchange)
+            try:
+                task, problem = intake.read_task(self.queue.name, method.redelivered, props,
+                                                 body, method.routing_key, method.exchange)
+            except Exception as e:
+                # Someone else's header that intake cannot read: the message is at fault,
+                # not this worker. Stopping would only have it redelivered to the next one.
+                task, problem = intake.unreadable_task(self.queue.name, method.redelivered,
+                                                       props, body, e)
             d = settler.receive(method.delivery_tag, body, props, task)
             if self._stopping:
                 settler.requeue(d)
@@ -330,6 +341,9 @@ class Worker:
     def _refuse(self, d: Delivery, reason: str, problem: str) -> None:
         """Dead-letter a task unrun."""
         d.error = problem
+        if reason == vocab.REASON_MALFORMED:
+            # Only headers pika can encode go on the copy: what it decoded is not always.
+            d.task.headers = frames.safe_headers(d.task.headers)
         self._settle(d, vocab.DEAD_LETTER, reason)
 
     def _settle(self, d: Delivery, outcome: int, reason: str | None = None) -> None:
@@ -368,7 +382,8 @@ class Worker:
                          d.task.attempt + 1, q.retry.attempts, s.delay)
             try:
                 published = settler.publish_copy(d, s)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, struct.error, pika.exceptions.ProtocolSyntaxError,
+                    pika.exceptions.ShortStringTooLong) as e:
                 # pika could not encode a header it decoded: keep only workqd's own.
                 log.warning("task %s: cannot copy its headers (%s); the copy keeps workqd's "
                             "headers only", d.task.message_id, e)

@@ -18,35 +18,6 @@ BOOKWORM_PINS=(pika==1.2.0 prometheus-client==0.16.0 sdnotify==0.3.1 PyYAML==6.0
 
 log() { printf '== %s\n' "$*" >&2; }
 
-install_debian_packages() {
-    local missing=()
-    for p in "${DEB_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    [ ${#missing[@]} -eq 0 ] && return 0
-    if [ "$(id -u)" != 0 ]; then
-        log "missing Debian packages (run as root to install): ${missing[*]}"
-        return 0
-    fi
-    log "installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
-
-ensure_broker() {
-    if timeout 30 rabbitmqctl -q status >/dev/null 2>&1; then
-        return 0
-    fi
-    log "RabbitMQ is not running; starting it"
-    rabbitmq-server -detached
-    # -detached returns at once; wait for the node, then for the app (bounded).
-    local deadline=$((SECONDS + 120))
-    until timeout 30 rabbitmqctl -q await_startup >/dev/null 2>&1; do
-        [ $SECONDS -lt $deadline ] || { log "RabbitMQ did not start within 120 s"; return 1; }
-        sleep 1
-    done
-}
-
 make_venv() {  # make_venv DIR PIP-ARGS...
     local dir=$1; shift
     if [ ! -x "$dir/bin/python" ]; then
@@ -69,9 +40,11 @@ prebuild_roots() {
     done
 }
 
-install_debian_packages
-ensure_broker
-prebuild_roots
+# The packages, and a broker on 127.0.0.1:5672 (installed and started when
+# missing, as `make run` does it).
+bash tools/local-setup.sh "${DEB_PACKAGES[@]}"
+# A pytest selection needs no roots; the full suite does.
+[ $# -gt 0 ] || prebuild_roots
 
 log "venv with bookworm's versions: ${BOOKWORM_PINS[*]}"
 make_venv .venv-bookworm "${BOOKWORM_PINS[@]}"

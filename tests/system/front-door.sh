@@ -46,12 +46,17 @@ cleanup() {
     WORK=
 }
 
+# pip in the container trusts the certificates the host trusts: a network
+# that inspects TLS on its way to PyPI is trusted there as it is here.
+HOST_CA=/etc/ssl/certs/ca-certificates.crt
+CT_CA=/usr/local/share/front-door-host-ca.crt
+
 # inside COMMAND...: a root shell in the container, with the proxy in its environment.
 inside() {
     nsenter -t "$CT_PID" -a env -i PATH="$CT_PATH" HOME=/root LANG=C.UTF-8 \
         SYSTEMD_PAGER=cat SYSTEMD_COLORS=0 DEBIAN_FRONTEND=noninteractive \
         http_proxy="http://127.0.0.1:$PROXY_PORT" https_proxy="http://127.0.0.1:$PROXY_PORT" \
-        "$@" </dev/null
+        ${HOST_CA_COPIED:+PIP_CERT=$CT_CA} "$@" </dev/null
 }
 
 # The pid of workqd's master: the first bin/workqd process, breadth first,
@@ -83,6 +88,10 @@ one_suite() {
     (cd "$top" && git ls-files -z -co --exclude-standard | tar -c --null -T - -f -) \
         | tar -x -C "$CT_ROOT$SRC" || fail "cannot copy the tree" || return 1
 
+    HOST_CA_COPIED=
+    if [ -r "$HOST_CA" ]; then
+        mkdir -p "$CT_ROOT${CT_CA%/*}" && cp "$HOST_CA" "$CT_ROOT$CT_CA" && HOST_CA_COPIED=1
+    fi
     t0=$(now)
     ct_boot "workqd-front-$SUITE" "$WORK/nspawn.log" --private-network \
         || { tail -n 20 "$WORK/nspawn.log" >&2; fail "the container did not boot"; return 1; }

@@ -1,4 +1,5 @@
-# The operator's and developer's entry points; README.md explains each.
+# The operator's and developer's entry points: README.md explains run, test and deb,
+# docs/development.md the others.
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= etc/workqd/workqd.yaml

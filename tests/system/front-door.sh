@@ -133,6 +133,14 @@ one_suite() {
     [ $status = 0 ] && [[ $out == *" success "* ]] \
         || fail "workq-submit --wait exited $status: $out" || return 1
     say "workq-submit --wait hello...: $out"
+    out=$(ct "$SRC/.venv/bin/workqctl" -c "$SRC/etc/workqd/workqd.yaml" status 2>&1) \
+        || fail "workqctl status: $out" || return 1
+    say "workqctl status: $(echo "$out" | head -n1)"
+    out=$(ct "$SRC/.venv/bin/python" -c 'import urllib.request
+print(urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=10).read().decode())' 2>&1 \
+        | grep '^workqd_tasks_processed_total{.*success') || true
+    [[ $out == *" 1.0" ]] || fail "/metrics does not count the task: $out" || return 1
+    say "/metrics: $out"
     pid=$(master_pid) || true
     [ -n "$pid" ] || fail "cannot find workqd's master under make run" || return 1
     kill -TERM "$pid"

@@ -56,6 +56,7 @@ inside() {
     nsenter -t "$CT_PID" -a env -i PATH="$CT_PATH" HOME=/root LANG=C.UTF-8 \
         SYSTEMD_PAGER=cat SYSTEMD_COLORS=0 DEBIAN_FRONTEND=noninteractive \
         http_proxy="http://127.0.0.1:$PROXY_PORT" https_proxy="http://127.0.0.1:$PROXY_PORT" \
+        no_proxy=127.0.0.1,localhost,::1 \
         ${HOST_CA_COPIED:+PIP_CERT=$CT_CA} "$@" </dev/null
 }
 

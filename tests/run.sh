@@ -15,6 +15,13 @@ DEB_PACKAGES=(python3-venv rabbitmq-server prometheus systemd-container debootst
 # Bookworm's versions: python3-pika 1.2.0, python3-prometheus-client 0.16.0,
 # python3-sdnotify 0.3.1, python3-yaml 6.0.
 BOOKWORM_PINS=(pika==1.2.0 prometheus-client==0.16.0 sdnotify==0.3.1 PyYAML==6.0)
+# On trixie, trixie's: bookworm's PyYAML 6.0 does not build on Python 3.13.
+TRIXIE_PINS=(pika==1.3.2 prometheus-client==0.21.1 sdnotify==0.3.2 PyYAML==6.0.2)
+RELEASE=$(. /etc/os-release 2>/dev/null; echo "${VERSION_CODENAME:-bookworm}")
+case $RELEASE in
+    trixie) PINS=("${TRIXIE_PINS[@]}") ;;
+    *) RELEASE=bookworm PINS=("${BOOKWORM_PINS[@]}") ;;
+esac
 
 log() { printf '== %s\n' "$*" >&2; }
 
@@ -46,14 +53,14 @@ bash tools/local-setup.sh "${DEB_PACKAGES[@]}"
 # A pytest selection needs no roots; the full suite does.
 [ $# -gt 0 ] || prebuild_roots
 
-log "venv with bookworm's versions: ${BOOKWORM_PINS[*]}"
-make_venv .venv-bookworm "${BOOKWORM_PINS[@]}"
+log "venv with $RELEASE's versions: ${PINS[*]}"
+make_venv ".venv-$RELEASE" "${PINS[@]}"
 log "venv with current PyPI releases"
 make_venv .venv-latest --upgrade pika prometheus-client sdnotify PyYAML
 
 status=0
-log "pytest on bookworm's versions (full suite, with the system tests on bookworm and trixie)"
-.venv-bookworm/bin/python -m pytest "$@" || status=$?
+log "pytest on $RELEASE's versions (full suite, with the system tests on bookworm and trixie)"
+".venv-$RELEASE/bin/python" -m pytest "$@" || status=$?
 log "pytest on current PyPI releases (without the system test, which uses Debian's packages)"
 .venv-latest/bin/python -m pytest -m "not system and not cluster" "$@" || status=$?
 exit $status

@@ -152,7 +152,7 @@ print(urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=10).read()
     status=$?
     RUN=
     [ $status = 0 ] || { tail -n 20 "$WORK/make-run.log" >&2; fail "make run exited $status after TERM"; return 1; }
-    say "TERM to workqd (pid $pid in the container): make run exited 0"
+    say "TERM to workqd's master (host pid $pid): make run exited 0"
 
     # make test's set-up, with the broker stopped first: it must start it.
     ct systemctl stop rabbitmq-server || fail "cannot stop the container's broker" || return 1

@@ -64,7 +64,7 @@ start_broker() {
 install_packages "$@"
 broker_answers && exit 0
 if ! installed rabbitmq-server; then
-    die "no broker answers on 127.0.0.1:$PORT and rabbitmq-server is not installed: run as root to install and start it (sudo make run), or apt-get install rabbitmq-server"
+    die "no broker answers on 127.0.0.1:$PORT and rabbitmq-server is not installed: run this as root to install and start it, or apt-get install rabbitmq-server"
 fi
 is_root || die "no broker answers on 127.0.0.1:$PORT: start it (sudo systemctl start rabbitmq-server), or run as root to start it"
 start_broker

@@ -3,6 +3,7 @@
 # debootstrap's minbase and systemd give, nothing of workqd's) with a private
 # network, so its broker never meets the host's, copies the source tree in,
 # and as root there:
+#   0. not root, tools/local-setup.sh installs nothing and fails with one line;
 #   1. apt-get install make (the one step the README asks for first);
 #   2. `make run` in the background: proves it installed and started
 #      rabbitmq-server, that workqd logged "ready", and that a task submitted
@@ -107,6 +108,12 @@ one_suite() {
     done
     ct_private_network || fail "the container reaches the host's broker" || return 1
     say "fresh: no rabbitmq-server, python3 or make; the host's broker unreachable"
+    out=$(ct setpriv --reuid=65534 --regid=65534 --clear-groups \
+              bash "$SRC/tools/local-setup.sh" python3-venv 2>&1 </dev/null)
+    status=$?
+    [ $status = 1 ] && [[ $out == *"rabbitmq-server is not installed"* ]] \
+        || fail "not root, local-setup.sh exited $status: $out" || return 1
+    say "not root: local-setup.sh installs nothing, exit 1: ${out##*$'\n'}"
 
     t0=$(now)
     inside sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends make >/dev/null' \

@@ -108,8 +108,9 @@ one_suite() {
     done
     ct_private_network || fail "the container reaches the host's broker" || return 1
     say "fresh: no rabbitmq-server, python3 or make; the host's broker unreachable"
+    # The script on stdin: nobody cannot read below /root.
     out=$(ct setpriv --reuid=65534 --regid=65534 --clear-groups \
-              bash "$SRC/tools/local-setup.sh" python3-venv 2>&1 </dev/null)
+              bash -s -- python3-venv 2>&1 <"$top/tools/local-setup.sh")
     status=$?
     [ $status = 1 ] && [[ $out == *"rabbitmq-server is not installed"* ]] \
         || fail "not root, local-setup.sh exited $status: $out" || return 1

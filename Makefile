@@ -1,15 +1,21 @@
-# The operator's and developer's entry points; README.md explains each.
+# The operator's and developer's entry points: README.md explains run, test and deb,
+# docs/development.md the others.
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= etc/workqd/workqd.yaml
 
-.PHONY: run test config-docs deb bench bench-smoke system-test system-test-bookworm system-test-trixie trixie-suite clean
+.PHONY: run local-setup test config-docs deb bench bench-smoke system-test system-test-bookworm system-test-trixie trixie-suite clean
 
-# Runs the daemon in the foreground on the default config against the local RabbitMQ.
-run: $(VENV)/.installed
+# Runs the daemon in the foreground on the default config. As root on a fresh
+# Debian machine it first installs python3-venv and rabbitmq-server and starts
+# the broker (tools/local-setup.sh; a running broker is left as it is).
+run: local-setup $(VENV)/.installed
 	$(VENV)/bin/workqd -c $(CONFIG)
 
-$(VENV)/.installed: pyproject.toml
+local-setup:
+	bash tools/local-setup.sh python3-venv
+
+$(VENV)/.installed: pyproject.toml | local-setup
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e .

@@ -15,37 +15,15 @@ DEB_PACKAGES=(python3-venv rabbitmq-server prometheus systemd-container debootst
 # Bookworm's versions: python3-pika 1.2.0, python3-prometheus-client 0.16.0,
 # python3-sdnotify 0.3.1, python3-yaml 6.0.
 BOOKWORM_PINS=(pika==1.2.0 prometheus-client==0.16.0 sdnotify==0.3.1 PyYAML==6.0)
+# On trixie, trixie's: bookworm's PyYAML 6.0 does not build on Python 3.13.
+TRIXIE_PINS=(pika==1.3.2 prometheus-client==0.21.1 sdnotify==0.3.2 PyYAML==6.0.2)
+RELEASE=$(. /etc/os-release 2>/dev/null; echo "${VERSION_CODENAME:-bookworm}")
+case $RELEASE in
+    trixie) PINS=("${TRIXIE_PINS[@]}") ;;
+    *) RELEASE=bookworm PINS=("${BOOKWORM_PINS[@]}") ;;
+esac
 
 log() { printf '== %s\n' "$*" >&2; }
-
-install_debian_packages() {
-    local missing=()
-    for p in "${DEB_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    [ ${#missing[@]} -eq 0 ] && return 0
-    if [ "$(id -u)" != 0 ]; then
-        log "missing Debian packages (run as root to install): ${missing[*]}"
-        return 0
-    fi
-    log "installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
-
-ensure_broker() {
-    if timeout 30 rabbitmqctl -q status >/dev/null 2>&1; then
-        return 0
-    fi
-    log "RabbitMQ is not running; starting it"
-    rabbitmq-server -detached
-    # -detached returns at once; wait for the node, then for the app (bounded).
-    local deadline=$((SECONDS + 120))
-    until timeout 30 rabbitmqctl -q await_startup >/dev/null 2>&1; do
-        [ $SECONDS -lt $deadline ] || { log "RabbitMQ did not start within 120 s"; return 1; }
-        sleep 1
-    done
-}
 
 make_venv() {  # make_venv DIR PIP-ARGS...
     local dir=$1; shift
@@ -69,18 +47,20 @@ prebuild_roots() {
     done
 }
 
-install_debian_packages
-ensure_broker
-prebuild_roots
+# The packages, and a broker on 127.0.0.1:5672 (installed and started when
+# missing, as `make run` does it).
+bash tools/local-setup.sh "${DEB_PACKAGES[@]}"
+# A pytest selection needs no roots; the full suite does.
+[ $# -gt 0 ] || prebuild_roots
 
-log "venv with bookworm's versions: ${BOOKWORM_PINS[*]}"
-make_venv .venv-bookworm "${BOOKWORM_PINS[@]}"
+log "venv with $RELEASE's versions: ${PINS[*]}"
+make_venv ".venv-$RELEASE" "${PINS[@]}"
 log "venv with current PyPI releases"
 make_venv .venv-latest --upgrade pika prometheus-client sdnotify PyYAML
 
 status=0
-log "pytest on bookworm's versions (full suite, with the system tests on bookworm and trixie)"
-.venv-bookworm/bin/python -m pytest "$@" || status=$?
+log "pytest on $RELEASE's versions (full suite, with the system tests on bookworm and trixie)"
+".venv-$RELEASE/bin/python" -m pytest "$@" || status=$?
 log "pytest on current PyPI releases (without the system test, which uses Debian's packages)"
 .venv-latest/bin/python -m pytest -m "not system and not cluster" "$@" || status=$?
 exit $status

@@ -587,10 +587,8 @@ class Master:
         pool = self.pools[name]
         mine = max(n, pool.queue.autoscale.max) if pool.queue.autoscale else n
         if total + mine > config_mod.MAX_TOTAL_WORKERS:
-            grows = (f" (queue {name} autoscales up to {pool.queue.autoscale.max})"
-                     if mine > n else "")
             raise ProtocolError(f"at most {config_mod.MAX_TOTAL_WORKERS} workers in all; "
-                                f"the other queues may have {total}{grows}")
+                                f"the other queues may have {total}")
         old, pool.size = pool.size, n
         retired = pool.shrink()
         log.info("control: queue %s scaled from %d to %d workers (%d asked to leave; "

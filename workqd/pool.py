@@ -171,7 +171,8 @@ class Pool:
     # ``worker.run``), ``kill(pid, sig)`` signals.
     spawn: Callable[[Worker], int] | None = None
     kill: Callable[[int, int], None] = os.kill
-    hung_after: float = HUNG_AFTER   # seconds without a tick before a worker counts as hung
+    # Seconds without a tick before a worker counts as hung (read at creation).
+    hung_after: float = field(default_factory=lambda: HUNG_AFTER)
     state: str = RUNNING
     fatal_reason: str = ""
     boot_failures: int = 0

@@ -516,6 +516,8 @@ def test_the_import_budget_and_the_hang_clock_are_apart():
     assert proc.state == poolmod.IMPORTING and proc.pid in fake.alive
     fake.now += 1.5                       # past the import budget: killed, a boot failure
     m.turn(fake.now, [])
+    assert proc.state == poolmod.KILLED
+    m.turn(fake.now, [])                  # reaped
     assert proc.pid not in pool.procs and pool.state == poolmod.BACKOFF
     assert pool.boot_failures == 1 and pool.restarts["crash"] == 1
 

@@ -535,3 +535,28 @@ def test_the_last_net_stops_every_child_and_exits_internal_error(caplog):
     assert code == exitcodes.INTERNAL_ERROR == 1
     assert not fake.alive and not fake.zombies
     assert caplog.text.count("Traceback") == 1 and "ZeroDivisionError: boom" in caplog.text
+
+
+# --- a reload as a plan ---------------------------------------------------------------
+
+def test_plan_reload_adds_removes_readds_and_updates_without_touching_anything():
+    from workqd import reloadplan as rp
+    old = _cfg([{"name": "a", "workers": 2}, {"name": "b", "workers": 1},
+                {"name": "c", "workers": 1}])
+    new = config.parse({"queues": [{"name": "a", "workers": 3, "handler": {"python": "m:f"}},
+                                   {"name": "c", "workers": 1, "handler": {"python": "m:f"}},
+                                   {"name": "d", "workers": 1, "handler": {"python": "m:f"}}],
+                        "metrics": {"listen": "127.0.0.1:9999"},
+                        "control": {"socket": "/tmp/other.sock"}}, "t.yaml")
+    pools = {"a": rp.PoolView("a", 5, False), "b": rp.PoolView("b", 1, False),
+             "c": rp.PoolView("c", 1, True)}
+    plan = rp.plan_reload(old, new, pools)
+    assert [(s.kind, s.name, s.was) for s in plan.steps] == [
+        (rp.REMOVE, "b", 0), (rp.UPDATE, "a", 5), (rp.READD, "c", 0), (rp.ADD, "d", 0)]
+    assert plan.kept_metrics and plan.kept_control_socket
+    assert plan.config.metrics_listen == old.metrics_listen
+    assert plan.config.control_socket == old.control_socket
+    assert [q.name for q in plan.config.queues] == ["a", "c", "d"]
+    same = rp.plan_reload(old, old, {n: rp.PoolView(n, 1, False) for n in ("a", "b", "c")})
+    assert not same.kept_metrics and not same.kept_control_socket
+    assert {s.kind for s in same.steps} == {rp.UPDATE}

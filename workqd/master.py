@@ -11,7 +11,6 @@ blocks (the broker) lives in the poller process; whatever is slow or hostile
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import selectors
@@ -19,7 +18,8 @@ import signal
 import time
 from typing import Callable
 
-from . import __version__, commands, control, exitcodes, logsetup, phases, service, state
+from . import __version__, commands, control, exitcodes, logsetup, phases, reloadplan, service
+from . import state
 from . import config as config_mod
 from .control import ControlServer, ProtocolError
 from .httpd import HttpServer, Request, Response
@@ -273,30 +273,31 @@ class Master:
     def do_reload(self, event: str, sig: int = signal.SIGHUP) -> None:
         """Up and serving: new workers start, old ones leave as they take over."""
         self.notifier.reloading()
-        new = self.read_new_config()
-        if new is None:
+        plan = self.read_new_config()
+        if plan is None:
             self.notifier.ready(self.status_text(self.snapshot()))
             return
-        self.apply_config(new, at_once=False)
+        self.apply_plan(plan, at_once=False)
         self.enter(state.RELOADING)
         self.reload_started = self.clock()
-        log.info("reload: new config from %s applied; replacing workers gradually", new.path)
+        log.info("reload: new config from %s applied; replacing workers gradually",
+                 plan.config.path)
 
     def do_reload_at_start(self, event: str, sig: int = signal.SIGHUP) -> None:
         """Still starting: apply the new config and replace the starting workers at once
         (why: phases.TABLE). systemd has not heard READY, so it hears no RELOADING."""
-        new = self.read_new_config()
-        if new is None:
+        plan = self.read_new_config()
+        if plan is None:
             return
-        self.apply_config(new, at_once=True)
+        self.apply_plan(plan, at_once=True)
         log.info("reload during start: new config from %s applied; the starting workers "
-                 "are replaced at once, ready once the new ones consume", new.path)
+                 "are replaced at once, ready once the new ones consume", plan.config.path)
 
     def reload(self) -> None:
         self.dispatch(phases.SIG_HUP, sig=signal.SIGHUP)
 
-    def read_new_config(self) -> config_mod.Config | None:
-        """The file's config with what cannot change on reload kept; None when refused."""
+    def read_new_config(self) -> reloadplan.Plan | None:
+        """The plan for the file's config; None when the file is refused."""
         try:
             new = self.load_config(self.cfg.path)
         except config_mod.ConfigError as e:
@@ -309,48 +310,47 @@ class Master:
             return None
         for warning in new.warnings:
             log.warning("%s", warning)
-        if (new.metrics_listen, new.metrics_tls, new.metrics_basic_auth) != (
-                self.cfg.metrics_listen, self.cfg.metrics_tls, self.cfg.metrics_basic_auth):
-            # The listening socket is bound once; the new workers do get new broker settings.
+        views = {name: reloadplan.PoolView(name, pool.size, pool.removed)
+                 for name, pool in self.pools.items()}
+        plan = reloadplan.plan_reload(self.cfg, new, views)
+        if plan.kept_metrics:
             log.warning("reload: metrics settings change only on restart; keeping %s:%d",
                         *self.cfg.metrics_listen)
-            new = dataclasses.replace(new, metrics_listen=self.cfg.metrics_listen,
-                                      metrics_tls=self.cfg.metrics_tls,
-                                      metrics_basic_auth=self.cfg.metrics_basic_auth)
-        if new.control_socket != self.cfg.control_socket:
+        if plan.kept_control_socket:
             log.warning("reload: control.socket changes only on restart; keeping %s",
                         self.control.path if self.control else self.cfg.control_socket)
-            new = dataclasses.replace(new, control_socket=self.cfg.control_socket)
-        return new
+        return plan
 
-    def apply_config(self, new: config_mod.Config, at_once: bool) -> None:
-        """Pools follow ``new``; ``at_once``: the old workers get TERM now instead of
+    def apply_plan(self, plan: reloadplan.Plan, at_once: bool) -> None:
+        """Pools follow the plan; ``at_once``: the old workers get TERM now instead of
         leaving one by one as their replacements consume."""
-        names = {q.name for q in new.queues}
-        for name, pool in self.pools.items():
-            if name not in names and not pool.removed:
-                log.info("reload: queue %s removed; its workers finish their tasks and leave", name)
+        new = plan.config
+        for step in plan.steps:
+            if step.kind == reloadplan.REMOVE:
+                log.info("reload: queue %s removed; its workers finish their tasks and leave",
+                         step.name)
+                pool = self.pools[step.name]
                 pool.removed = True
                 pool.retire_workers("removed")
-        for queue in new.queues:
-            pool = self.pools.get(queue.name)
-            if pool is None or pool.removed:
-                if pool is not None:
-                    del self.pools[queue.name]  # re-added: let the old one's workers drain apart
-                    self._orphans.append(pool)
-                self.add_pool(queue, new)
-                log.info("reload: queue %s added with %d workers", queue.name, queue.workers)
+            elif step.kind in (reloadplan.ADD, reloadplan.READD):
+                if step.kind == reloadplan.READD:
+                    # Re-added while the old one's workers drain: let them drain apart.
+                    self._orphans.append(self.pools.pop(step.name))
+                self.add_pool(step.queue, new)
+                log.info("reload: queue %s added with %d workers", step.name,
+                         step.queue.workers)
             else:
+                pool = self.pools[step.name]
                 if at_once:
                     pool.retire_workers("reload")
                 else:
                     for proc in list(pool.procs.values()):
                         pool.retire(proc, "reload")
-                pool.queue, pool.broker, pool.log_level = queue, new.broker, new.log_level
-                if pool.size != queue.workers:
+                pool.queue, pool.broker, pool.log_level = step.queue, new.broker, new.log_level
+                if step.was != step.queue.workers:
                     log.info("reload: queue %s back to the config's %d workers (was scaled to "
-                             "%d)", queue.name, queue.workers, pool.size)
-                pool.size = queue.workers   # a pause survives the reload, a scale does not;
+                             "%d)", step.name, step.queue.workers, step.was)
+                pool.size = step.queue.workers   # a pause survives the reload, a scale does not;
                 # an autoscaled pool starts again from its min
         self.cfg = new
         self.configure_logging(new.log_level, f"master (pid {self.pid})", new.log_format)

@@ -28,7 +28,7 @@ from .notify import Notifier
 from .poller import PollerProcess
 from .pool import FATAL, Pool
 from .signals import SignalQueue, signame
-from .slots import CONSUMING, OUTCOME_WORDS, PAUSED, W_REDELIVERED, SlotTable, Totals
+from .slots import OUTCOME_WORDS, W_REDELIVERED, SlotTable, Totals
 from .vocab import RESTART_REASONS
 
 log = logging.getLogger("workqd.master")
@@ -481,35 +481,10 @@ class Master:
     def snapshot(self) -> state.Snapshot:
         """Everything the endpoints and STATUS report, consistent within itself."""
         now = self.clock()
-        views: dict[str, state.QueueView] = {}
-        merged: dict[str, list[Pool]] = {}
-        for pool in [*self.pools.values(), *self._orphans]:
-            if not pool.removed or pool.procs:
-                merged.setdefault(pool.name, []).append(pool)
-        for name, pools in merged.items():
-            live = [p for p in pools if not p.removed]
-            # Pools of one queue share a pool id, so the folded totals count once.
-            counters = pools[0].counters()
-            for extra in pools[1:]:
-                for proc in extra.procs.values():
-                    for w, v in proc.slot.counters().items():
-                        counters[w] += v
-            workers = tuple(_worker_view(proc, now) for p in pools for proc in p.procs.values())
-            if not live:
-                continue   # removed by a reload: its leaving workers are not a queue to report
-            views[name] = state.QueueView(
-                name=name, size=live[0].size, pool_state=live[0].state,
-                paused=live[0].paused, configured=live[0].queue.workers,
-                min_workers=live[0].queue.workers, max_workers=live[0].queue.most_workers,
-                state=self._queue_state(live[0]),
-                counters=state.frozen(counters), restarts=state.frozen(pools[0].restarts),
-                workers=workers, consuming=sum(p.consuming() for p in live),
-                depth=self.poller.depth.get(name),
-                blocked=sum(1 for p in pools for proc in p.procs.values() if proc.slot.blocked),
-                unserved=self._unserved_sign(name))
-        return state.Snapshot(phase=self.phase, queues=tuple(views.values()),
-                              broker_connected=self.poller.connected,
-                              loop_age=self.clock() - self.last_loop, version=__version__)
+        return state.take_snapshot(
+            self.phase, [*self.pools.values(), *self._orphans], self.poller.depth,
+            self._unserved_sign, self._queue_state, self.poller.connected,
+            now - self.last_loop, __version__, now)
 
     def _unserved_sign(self, name: str) -> str:
         _, judge = self._service.get(name, (None, None))
@@ -690,25 +665,6 @@ def _service_sample(pool: Pool, depth) -> service.Sample | None:
         ready=depth[0], broker_consumers=depth[1], consuming=len(procs),
         idle=sum(1 for p in procs if not p.slot.busy),
         progress=frozenset((p.pid, p.slot.tasks_done, p.slot.busy) for p in pool.procs.values()))
-
-
-def _worker_view(proc, now: float) -> state.WorkerView:
-    slot = proc.slot
-    busy_for = None
-    if slot.busy:
-        st = state.W_BUSY
-    elif slot.draining:
-        st = state.W_DRAINING
-    elif slot.state == CONSUMING:
-        st = state.W_IDLE
-    elif slot.state == PAUSED:
-        st = state.W_PAUSED
-    else:
-        st = state.W_STARTING
-    if st == state.W_BUSY:
-        busy_for = max(0.0, now - slot.busy_since)
-    return state.WorkerView(proc.number, proc.pid, st, slot.message_id(), busy_for,
-                            slot.tasks_done)
 
 
 def _most_workers(pool: Pool) -> int:

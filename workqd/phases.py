@@ -38,7 +38,7 @@ PHASE_ORDER = (STARTING, READY, RELOADING, STOPPING)
 TABLE: dict[str, tuple[str, str, str, str]] = {
     # event            starting          ready             reloading         stopping
     SIG_STOP:       ("stop",           "stop",           "stop",           "stop_now"),
-    SIG_QUIT:       ("quit",           "quit",           "quit",           "stop_now"),
+    SIG_QUIT:       ("quit",           "quit",           "quit",           "quit"),
     # A reload during start applies at once and restarts the start with the new
     # config: waiting until every worker consumes could wait forever when the
     # old config is what keeps them from consuming (a wrong broker URL), and

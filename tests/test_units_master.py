@@ -64,6 +64,7 @@ class FakeOS:
         self.expected: dict[int, float] = {}   # pool id -> outcome counts written by workers
         self.forks = 0
         self.obey_term = False
+        self.fork_fails = False   # True: fork() fails with EAGAIN (a process limit)
         self.workers: set[int] = set()    # True: a TERM ends the child at once
 
     def clock(self) -> float:
@@ -72,6 +73,8 @@ class FakeOS:
     def spawn(self, worker) -> int:
         # The master forks from a single thread, always.
         assert threading.active_count() == 1, threading.enumerate()
+        if self.fork_fails:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
         self.forks += 1
         self.next_pid += 1
         self.alive[self.next_pid] = worker.slot
@@ -156,6 +159,7 @@ class MasterMachine(RuleBasedStateMachine):
     sequences = 0   # state machines run
     steps = 0       # rules applied (each one event, then the invariants)
     turns = 0       # turns of the master's loop
+    cells: set = set()   # (phase, event) pairs of phases.TABLE the runs went through
 
     def __init__(self) -> None:
         super().__init__()
@@ -167,6 +171,12 @@ class MasterMachine(RuleBasedStateMachine):
                              spawn=self.fake.spawn, kill=self.fake.kill,
                              poller=FakePoller(self.fake), load_config=self.load)
         self.master.configure_logging = lambda *a: None
+        dispatch = self.master.dispatch
+
+        def dispatch_and_count(event, **data):
+            type(self).cells.add((self.master.phase, event))
+            return dispatch(event, **data)
+        self.master.dispatch = dispatch_and_count
         for queue in CONFIGS[0].queues:
             self.master.add_pool(queue)
         self.done = False
@@ -298,6 +308,11 @@ class MasterMachine(RuleBasedStateMachine):
         poller.rounds += 1
         self.turn()
 
+    @rule(fails=st.booleans())
+    def the_process_limit(self, fails):
+        self.fake.fork_fails = fails
+        self.turn()
+
     @rule(dt=st.sampled_from([0.05, 0.6, 2.0, 6.0, 31.0, 130.0]))
     def time_passes(self, dt):
         self.fake.now += dt
@@ -310,6 +325,7 @@ class MasterMachine(RuleBasedStateMachine):
         is full, and the master is ready (unless it is stopping)."""
         # Long enough for the longest backoff before FATAL (0.5+1+2+4 s) and a
         # reload's one-by-one takeover.
+        self.fake.fork_fails = False
         for _ in range(12):
             for pid, slot in list(self.fake.alive.items()):
                 if slot is None:
@@ -399,7 +415,8 @@ def freed_slots_are_reused(monkeypatch):
 
 def test_the_master_as_a_state_machine(freed_slots_are_reused):
     MasterMachine.sequences = MasterMachine.steps = MasterMachine.turns = 0
-    examples = int(os.environ.get("WORKQ_MASTER_EXAMPLES", "1000"))
+    MasterMachine.cells = set()
+    examples = int(os.environ.get("WORKQ_MASTER_EXAMPLES", "1500"))
     started = time.monotonic()
     run_state_machine_as_test(MasterMachine, settings=settings(
         max_examples=examples,
@@ -408,6 +425,16 @@ def test_the_master_as_a_state_machine(freed_slots_are_reused):
     took = time.monotonic() - started
     print(f"\nmaster state machine: {MasterMachine.sequences} sequences, "
           f"{MasterMachine.steps} steps, {MasterMachine.turns} loop turns, {took:.1f}s")
+    # The random runs reach every cell of the table but those no sequence can:
+    # workers are all up before READY, and a pool fails only while it runs.
+    unreachable = {(state.READY, phases.ALL_CONSUMING), (state.STOPPING, phases.SLOTS_FULL),
+                   (state.STOPPING, phases.FORK_FAILED), (state.STOPPING, phases.POOL_FATAL),
+                   (state.STOPPING, phases.ALL_CONSUMING), (state.STARTING, phases.RELOAD_OVERDUE),
+                   (state.READY, phases.RELOAD_OVERDUE), (state.STOPPING, phases.RELOAD_OVERDUE)}
+    every = {(ph, ev) for ev in phases.TABLE for ph in phases.PHASE_ORDER}
+    missed = every - unreachable - MasterMachine.cells
+    print(f"table cells visited: {len(MasterMachine.cells)} of {len(every)}; missed: {missed}")
+    assert not missed or examples < 1000
     assert MasterMachine.sequences >= examples and MasterMachine.steps >= 20 * MasterMachine.sequences
 
 

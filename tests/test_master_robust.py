@@ -135,3 +135,21 @@ def test_scale_beyond_the_cap_counts_autoscaled_queues_at_their_max(daemon, qnam
     r = ctl(d, "scale", f"{qname}.b", "7")
     assert r.returncode == 1 and "the other queues may have 250" in r.stderr
     assert d.proc.poll() is None
+
+
+def test_a_full_slot_table_defers_the_spawn_and_the_reload_completes(daemon, amqp, qname,
+                                                                     monkeypatch):
+    """3 slots, 2 workers, one busy: a reload needs a fourth slot for a while."""
+    monkeypatch.setenv("WORKQ_SLOTS", "3")
+    d = daemon([queue_config(qname, workers=2)], start=False)
+    d.start(module="smalltable")
+    mid = amqp.publish(qname, "sleep=4")
+    wait_for(lambda: d.ledger.events("start"), 10, what="the task started")
+    d.send(signal.SIGHUP)
+    wait_for(lambda: "reload complete" in d.log(), 30, what=f"reload complete; log:\n{d.log()}")
+    log = d.log()
+    assert log.count("cannot start a worker: no free worker slot (3 in use)") == 1, log
+    assert "workers can be started again" in log
+    wait_for(lambda: mid in d.ledger.ended_ids(), 15, what="the busy worker's task done")
+    assert d.proc.poll() is None and "Traceback" not in d.log()
+    assert d.stop() == 0

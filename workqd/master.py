@@ -28,7 +28,7 @@ from .notify import Notifier
 from .poller import PollerProcess
 from .pool import FATAL, Pool
 from .signals import SignalQueue, signame
-from .slots import OUTCOME_WORDS, W_REDELIVERED, SlotTable, Totals
+from .slots import OUTCOME_WORDS, W_REDELIVERED, NoFreeSlot, SlotTable, Totals
 from .vocab import RESTART_REASONS
 
 log = logging.getLogger("workqd.master")
@@ -421,11 +421,13 @@ class Master:
                 return
             depth = self.poller.depth.get(name)
             pool.autoscale(now, depth[0] if depth else None)
-            why = pool.spawn_workers(now)
-            if why:
-                blocked = why
-                self.dispatch(phases.SLOTS_FULL if why.startswith("no free worker slot")
-                              else phases.FORK_FAILED, name=name, why=why)
+            trouble = pool.spawn_workers(now)
+            if isinstance(trouble, NoFreeSlot):
+                blocked = str(trouble)
+                self.dispatch(phases.SLOTS_FULL, name=name, why=blocked)
+            elif trouble is not None:
+                blocked = f"fork failed: {trouble.strerror or trouble}"
+                self.dispatch(phases.FORK_FAILED, name=name, why=blocked)
             pool.retire_surplus()
             pool.follow_workers(now)
             if pool.removed and not pool.procs:

@@ -281,7 +281,7 @@ class Pool:
         order = sorted(cur, key=lambda p: (p.slot.busy, -p.number))
         for proc in order[:surplus]:
             proc.retiring = "scale"
-            self.signal_worker(proc, signal.SIGTERM)   # -> SIGNALED
+            self.signal_worker(proc, signal.SIGTERM)
         return surplus
 
     # --- spawning --------------------------------------------------------
@@ -317,9 +317,9 @@ class Pool:
                 os._exit(code)
         return pid
 
-    def spawn_workers(self, now: float) -> str | None:
-        """Top the pool up to its size, unless a backoff delay is running. Returns why
-        some could not be started (no free slot, fork failed), None when all were:
+    def spawn_workers(self, now: float) -> OSError | NoFreeSlot | None:
+        """Top the pool up to its size, unless a backoff delay is running. Returns what
+        kept some from starting (no free slot, a failed fork), None when all started:
         the master decides what that means; the next turn tries again."""
         if self.state == FATAL or self.removed or now < self.next_spawn:
             return None
@@ -329,10 +329,8 @@ class Pool:
             number = next(n for n in range(1, len(used) + 2) if n not in used)
             try:
                 self.spawn_worker(number, now)
-            except NoFreeSlot as e:
-                return str(e)
-            except OSError as e:
-                return f"fork failed: {e.strerror or e}"
+            except (NoFreeSlot, OSError) as e:
+                return e
             used.add(number)
         return None
 

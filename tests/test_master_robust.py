@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -66,7 +67,12 @@ def test_a_bug_in_the_loop_stops_the_workers_in_order_and_exits_1(daemon, amqp, 
                                                                   tmp_path, monkeypatch):
     trigger = tmp_path / "plant-the-bug"
     monkeypatch.setenv("WORKQ_BUG_TRIGGER", str(trigger))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.setblocking(False)
     d = daemon([queue_config(qname, workers=2)], start=False, shutdown_timeout=10)
+    env = d.env()
+    d.env = lambda: {**env, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
     d.start(module="netcheck")
     workers = d.worker_pids()
     assert len(workers) == 2
@@ -81,6 +87,14 @@ def test_a_bug_in_the_loop_stops_the_workers_in_order_and_exits_1(daemon, amqp, 
     assert log.count("stopping: finishing the running task") == 2, log
     assert mid in d.ledger.ended_ids()
     wait_for(lambda: all(_gone(p) for p in workers), 10, what="no worker left behind")
+    messages = []
+    while True:
+        try:
+            messages.append(notify.recv(4096).decode())
+        except BlockingIOError:
+            break
+    notify.close()
+    assert any("STOPPING=1" in m for m in messages), messages
 
 
 def _slow_module(tmp_path: Path, seconds: float) -> dict:

@@ -59,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.OK
     logsetup.configure(cfg.log_level, f"master (pid {os.getpid()})", cfg.log_format)
     from .master import Master  # imports pika and prometheus_client: not needed for --check
-    master = Master(cfg)
     try:
-        return master.run()
+        # Master.run handles whatever goes wrong once its loop runs (its last net
+        # stops the workers in order); what arrives here failed before the loop.
+        return Master(cfg).run()
     except OSError as e:
         host, port = cfg.metrics_listen
         if e.errno == errno.EADDRINUSE:
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.POOL_FAILED
     except KeyboardInterrupt:  # only before the signal queue is installed
         return exitcodes.OK
+    except Exception:
+        log.exception("cannot start (a workqd bug, please report it)")
+        return exitcodes.INTERNAL_ERROR
 
 
 def _read_password() -> str:

@@ -4,6 +4,7 @@
 OK = 0             # clean stop on TERM/INT
 POOL_FAILED = 1    # a pool could not stay up (boot error, crash loop, refused credentials)
 CONFIG = 2         # bad command line or configuration; nothing was started
+INTERNAL_ERROR = 1  # a bug in the master's loop: logged with its traceback, workers stopped in order
 
 # workers, read by the master to decide between "respawn" and "give up"
 WORKER_OK = 0              # graceful stop

@@ -13,7 +13,10 @@ A worker that had been consuming and then died (kill -9, OOM, segfault) is a
 crash: it is replaced at once, without backoff, so a pool under chaos stays
 full. A worker killed by a signal before it consumed (someone's kill -9 while
 the broker is down) is a crash too, replaced after a short pause: only a
-worker that exits on its own before consuming says its start-up is broken.
+worker that exits on its own before consuming says its start-up is broken,
+and so does one killed because its handler's import overran ``import_timeout``.
+
+Each worker has one state of its own (WorkerProc.state, WORKER_STATES below).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 from . import exitcodes
+from . import slots as slotmod
 from .config import Broker, Queue
-from .slots import PAUSED, Slot, SlotTable, Totals
+from .signals import signame
+from .slots import NoFreeSlot, Slot, SlotTable, Totals
 from .vocab import dead_letter_queue
 from .worker import Worker
 
@@ -46,8 +51,50 @@ RECYCLED = "recycle"           # max_tasks_per_worker / max_memory_per_worker
 TIMED_OUT = "timeout"          # left after a Python task ran past its timeout
 TOOK_TOO_LONG = "consumer_timeout"  # the broker's consumer_timeout took its task back
 CRASHED = "crash"              # died after consuming, or killed by a signal
-BOOT_FAILED = "boot_failure"   # exited on its own before it ever consumed
+BOOT_FAILED = "boot_failure"   # exited on its own before it ever consumed, or overran its import
 _PLANNED_EXITS = (exitcodes.WORKER_OK, exitcodes.WORKER_RECYCLE, exitcodes.WORKER_TIMEOUT)
+
+# A worker's life as the master sees it: exactly one state at a time
+# (WorkerProc.state), moved only by WorkerProc.change_state along these edges.
+# Whether it is connecting, consuming or paused is the worker's own word in its
+# slot; these states are what the master did to it and which clock applies.
+FORKED = "forked"          # forked, has not reported yet
+IMPORTING = "importing"    # loading its handler: the import budget runs, not the hang clock
+UP = "up"                  # handler loaded: connecting, consuming or paused; the hang clock runs
+RETIRING = "retiring"      # asked to leave; its TERM waits until a replacement takes over
+SIGNALED = "signaled"      # TERM sent: it finishes its running task, then exits
+KILLED = "killed"          # KILL sent: gone by the next reap
+WORKER_STATES = {
+    FORKED: {
+        IMPORTING,   # FORKED -> IMPORTING: its slot says it loads its handler
+        UP,          # FORKED -> UP: it loaded its handler between two turns of the loop
+        RETIRING,    # FORKED -> RETIRING: a reload; it leaves once its replacement consumes
+        SIGNALED,    # FORKED -> SIGNALED: stop, scale down or queue removed
+        KILLED,      # FORKED -> KILLED: its import budget ran out, or stop at once
+    },
+    IMPORTING: {
+        UP,          # IMPORTING -> UP: the handler is loaded
+        RETIRING,    # IMPORTING -> RETIRING: a reload while it imports
+        SIGNALED,    # IMPORTING -> SIGNALED: stop or scale down while it imports
+        KILLED,      # IMPORTING -> KILLED: import_timeout ran out, or stop at once
+    },
+    UP: {
+        RETIRING,    # UP -> RETIRING: a reload; TERM once the replacement consumes
+        SIGNALED,    # UP -> SIGNALED: stop, scale down, queue removed
+        KILLED,      # UP -> KILLED: hung (no tick for hung_after), or stop at once
+    },
+    RETIRING: {
+        SIGNALED,    # RETIRING -> SIGNALED: its replacement consumes, or workqd stops
+        KILLED,      # RETIRING -> KILLED: stop at once, or hung while waiting
+    },
+    SIGNALED: {
+        KILLED,      # SIGNALED -> KILLED: shutdown_timeout ran out, a second TERM, or hung
+    },
+    KILLED: set(),   # only the reap ends it
+}
+LEAVING = (RETIRING, SIGNALED, KILLED)
+KILLED_FOR_IMPORT = "import_timeout"   # WorkerProc.killed_for
+KILLED_AS_HUNG = "hung"
 
 
 @dataclass
@@ -56,9 +103,22 @@ class WorkerProc:
     pid: int
     number: int
     slot: Slot
-    retiring: str | None = None   # why it was asked to leave: "reload", "shutdown", "removed"
-    signaled: bool = False        # TERM already sent
-    killed: bool = False          # KILL already sent
+    retiring: str | None = None   # why it was asked to leave: "reload", "shutdown", "removed", "scale"
+    state: str = FORKED
+    spawned: float = 0.0          # monotonic time of the fork: the import budget counts from it
+    killed_for: str | None = None  # why the master killed it on its own: hung, import_timeout
+
+    def change_state(self, new: str) -> bool:
+        """Move along WORKER_STATES; an edge not in the table is a bug, logged and refused
+        (the master keeps running: the process is still reaped and accounted for)."""
+        if new == self.state:
+            return True
+        if new not in WORKER_STATES[self.state]:
+            log.error("worker #%d (pid %d): no move %s -> %s (a workqd bug); it stays %s",
+                      self.number, self.pid, self.state, new, self.state)
+            return False
+        self.state = new
+        return True
 
 
 class Exit(NamedTuple):
@@ -71,12 +131,15 @@ class Exit(NamedTuple):
 def classify(proc: WorkerProc, status: int, held: str | None, ever_consumed: bool) -> Exit:
     """What a wait status means for the pool; pure, so the table is unit-tested."""
     if os.WIFSIGNALED(status):
-        code, how = None, f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        # Any number: a real-time signal has no signal.Signals member.
+        code, how = None, f"killed by {signame(os.WTERMSIG(status))}"
     else:
         code = os.WEXITSTATUS(status)
         how = f"exited with status {code}"
     if proc.retiring:
         kind = RETIRED
+    elif proc.killed_for == KILLED_FOR_IMPORT:
+        kind = BOOT_FAILED   # its start-up is what is broken, however it ended
     elif code in exitcodes.FATAL_WORKER_EXITS:
         kind = GAVE_UP
     elif code == exitcodes.WORKER_RECYCLE:
@@ -103,6 +166,13 @@ class Pool:
     wake_fd: int
     log_level: str
     child_init: Callable[[], None]   # closes the master's resources in a forked child
+    # The seams to the operating system, so the decisions run under test without
+    # processes: ``spawn(worker) -> pid`` forks (default: a real fork running
+    # ``worker.run``), ``kill(pid, sig)`` signals.
+    spawn: Callable[[Worker], int] | None = None
+    kill: Callable[[int, int], None] = os.kill
+    # Seconds without a tick before a worker counts as hung (read at creation).
+    hung_after: float = field(default_factory=lambda: HUNG_AFTER)
     state: str = RUNNING
     fatal_reason: str = ""
     boot_failures: int = 0
@@ -156,11 +226,11 @@ class Pool:
         return len(cur) >= self.size and all(self._in_place(p) for p in cur)
 
     def _in_place(self, proc: WorkerProc) -> bool:
-        return proc.slot.state == PAUSED if self.paused else proc.slot.consuming
+        return proc.slot.state == slotmod.PAUSED if self.paused else proc.slot.consuming
 
     def holding(self) -> int:
         """Workers connected but not consuming because the pool is paused."""
-        return sum(1 for p in self.procs.values() if p.slot.state == PAUSED)
+        return sum(1 for p in self.procs.values() if p.slot.state == slotmod.PAUSED)
 
     # --- autoscale ----------------------------------------------------------
 
@@ -216,10 +286,24 @@ class Pool:
 
     # --- spawning --------------------------------------------------------
 
-    def spawn_worker(self, number: int) -> WorkerProc:
+    def spawn_worker(self, number: int, now: float = 0.0) -> WorkerProc:
+        """Fork one worker. Raises NoFreeSlot (every slot held) or OSError (the fork
+        failed), with nothing left allocated."""
         slot = self.slots.allocate(self.pool_id)
         slot.set_paused(self.paused)   # before the fork: the worker starts as the pool is
         worker = Worker(number, self.queue, self.broker, slot, self.wake_fd, self.log_level)
+        try:
+            pid = (self.spawn or self._fork)(worker)
+        except BaseException:
+            slot.release()
+            raise
+        slot.set_pid(pid)
+        proc = WorkerProc(pid, number, slot, spawned=now)
+        self.procs[pid] = proc
+        log.debug("spawned worker %s#%d (pid %d)", self.name, number, pid)
+        return proc
+
+    def _fork(self, worker: Worker) -> int:
         pid = os.fork()
         if pid == 0:  # the child never returns from here
             code = exitcodes.WORKER_CRASH
@@ -231,45 +315,53 @@ class Pool:
             finally:
                 logging.shutdown()
                 os._exit(code)
-        slot.set_pid(pid)
-        proc = WorkerProc(pid, number, slot)
-        self.procs[pid] = proc
-        log.debug("spawned worker %s#%d (pid %d)", self.name, number, pid)
-        return proc
+        return pid
 
-    def spawn_workers(self, now: float) -> None:
-        """Top the pool up to its size, unless a backoff delay is running."""
+    def spawn_workers(self, now: float) -> OSError | NoFreeSlot | None:
+        """Top the pool up to its size, unless a backoff delay is running. Returns what
+        kept some from starting (no free slot, a failed fork), None when all started:
+        the master decides what that means; the next turn tries again."""
         if self.state == FATAL or self.removed or now < self.next_spawn:
-            return
+            return None
         cur = self.current()
         used = {p.number for p in cur}
         for _ in range(self.size - len(cur)):
             number = next(n for n in range(1, len(used) + 2) if n not in used)
+            try:
+                self.spawn_worker(number, now)
+            except (NoFreeSlot, OSError) as e:
+                return e
             used.add(number)
-            self.spawn_worker(number)
+        return None
 
     # --- stopping --------------------------------------------------------
 
     def signal_worker(self, proc: WorkerProc, sig: int) -> None:
+        """TERM moves it to SIGNALED, KILL to KILLED; a TERM to a killed one is moot."""
+        if proc.state == KILLED and sig != signal.SIGKILL:
+            return
         try:
-            os.kill(proc.pid, sig)
+            self.kill(proc.pid, sig)
         except ProcessLookupError:
             return
-        if sig == signal.SIGKILL:
-            proc.killed = True
-        else:
-            proc.signaled = True
+        proc.change_state(KILLED if sig == signal.SIGKILL else SIGNALED)
+
+    def retire(self, proc: WorkerProc, reason: str) -> None:
+        """Ask it to leave later (retire_surplus sends the TERM); the first reason stays."""
+        proc.retiring = proc.retiring or reason
+        if proc.state not in LEAVING:
+            proc.change_state(RETIRING)
 
     def retire_workers(self, reason: str, sig: int = signal.SIGTERM) -> None:
         """Ask every worker to leave (TERM: after its task; KILL: now)."""
         for proc in list(self.procs.values()):
             proc.retiring = proc.retiring or reason
-            if sig == signal.SIGKILL or not proc.signaled:
+            if sig == signal.SIGKILL or proc.state not in (SIGNALED, KILLED):
                 self.signal_worker(proc, sig)
 
     def retire_surplus(self) -> None:
         """After a reload: stop old workers only as new ones take over, so capacity never dips."""
-        waiting = [p for p in self.procs.values() if p.retiring and not p.signaled]
+        waiting = [p for p in self.procs.values() if p.state == RETIRING]
         new_consuming = sum(1 for p in self.current() if self._in_place(p))
         while waiting and new_consuming + len(waiting) - 1 >= self.size:
             self.signal_worker(waiting.pop(0), signal.SIGTERM)
@@ -277,12 +369,34 @@ class Pool:
             for p in waiting:
                 self.signal_worker(p, signal.SIGTERM)
 
-    def kill_hung_workers(self, now: float) -> None:
-        for proc in self.procs.values():
+    def follow_workers(self, now: float) -> None:
+        """One tick of every worker's state machine: follow what its slot says, then
+        apply the clock its state calls for (the import budget or the hang clock)."""
+        for proc in list(self.procs.values()):
+            word = proc.slot.state
+            importing = word in (slotmod.STARTING, slotmod.IMPORTING)
+            if proc.state == FORKED and word == slotmod.IMPORTING:
+                proc.change_state(IMPORTING)      # FORKED -> IMPORTING
+            elif proc.state in (FORKED, IMPORTING) and not importing:
+                proc.change_state(UP)             # FORKED/IMPORTING -> UP
+            if proc.state == KILLED:
+                continue
+            if importing:
+                # Two clocks, kept apart: an import runs no I/O loop, so it cannot
+                # tick; it has its own budget, counted from the fork.
+                took = now - proc.spawned
+                if took > self.queue.import_timeout:
+                    log.error("worker %s#%d (pid %d) has not loaded its handler after %.0fs "
+                              "(import_timeout %gs); killing it", self.name, proc.number,
+                              proc.pid, took, self.queue.import_timeout)
+                    proc.killed_for = KILLED_FOR_IMPORT
+                    self.signal_worker(proc, signal.SIGKILL)
+                continue
             tick = proc.slot.last_tick
-            if not proc.killed and tick and now - tick > HUNG_AFTER:
+            if tick and now - tick > self.hung_after:
                 log.error("worker %s#%d (pid %d) is hung: no sign of life for %.0fs; killing it",
                           self.name, proc.number, proc.pid, now - tick)
+                proc.killed_for = KILLED_AS_HUNG
                 self.signal_worker(proc, signal.SIGKILL)
 
     # --- reaping ---------------------------------------------------------
@@ -340,10 +454,15 @@ class Pool:
             if self.state == BACKOFF:
                 self.next_spawn = now + BACKOFF_BASE  # not a boot failure, but keep pacing
             return
-        # Exited on its own before it ever consumed: its start-up path is broken.
+        # Exited on its own before it ever consumed, or overran its import budget:
+        # its start-up path is broken.
         self.boot_failures += 1
         if self.boot_failures >= MAX_BOOT_FAILURES:
-            self.transition(FATAL, f"{self.boot_failures} workers in a row died before consuming")
+            why = f"{self.boot_failures} workers in a row died before consuming"
+            if proc.killed_for == KILLED_FOR_IMPORT:
+                why += (f" (the last one's handler import ran past import_timeout "
+                        f"{self.queue.import_timeout:g}s)")
+            self.transition(FATAL, why)
             log.error("pool %s: %s; giving up", self.name, self.fatal_reason)
             return
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.boot_failures - 1))

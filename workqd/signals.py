@@ -54,6 +54,20 @@ class SignalQueue:
             os.close(fd)
 
 
+def signame(sig: int) -> str:
+    """A name for any signal number, for log lines: "SIGTERM", "SIGRTMIN+1", "signal 99".
+
+    ``signal.Signals`` has no members for the real-time signals (``systemctl kill
+    -s SIGRTMIN+1`` sends one), so looking a number up there can raise."""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        pass
+    if signal.SIGRTMIN <= sig <= signal.SIGRTMAX:
+        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
+    return f"signal {sig}"
+
+
 def _enqueue_only(signum, frame) -> None:
     """Deliberately empty: the number is already in the wakeup pipe."""
 

@@ -34,7 +34,9 @@ from .vocab import OUTCOMES
 # Whether a task runs is the separate busy word (handler thread), and draining
 # (no new tasks, leaving soon) a separate flag, so no word has two writers.
 # PAUSED: connected and declared, consumer cancelled because the master asked (paused word).
-FREE, STARTING, CONNECTING, CONSUMING, PAUSED = range(5)
+# IMPORTING: loading its handler; the master applies the queue's import budget instead
+# of the liveness clock, since an import runs no I/O loop that could tick.
+FREE, STARTING, CONNECTING, CONSUMING, PAUSED, IMPORTING = range(6)
 
 # 10 ms to 4 h: handlers range from no-ops to batch jobs.
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -159,7 +161,10 @@ class SlotTable:
         return count
 
     def allocate(self, pool_id: int) -> "Slot":
-        """A free slot, zeroed, for a worker about to be forked (master only)."""
+        """A free slot, zeroed, for a worker about to be forked (master only).
+
+        Raises NoFreeSlot when every slot is taken (workers still leaving hold
+        theirs until they are reaped): the master defers the spawn, it does not die."""
         for i in range(self.capacity):
             base = i * SLOT_WORDS
             if self._q[base + W_STATE] == FREE:
@@ -167,7 +172,11 @@ class SlotTable:
                 self._q[base + W_STATE] = STARTING
                 self._q[base + W_POOL] = pool_id
                 return Slot(self, i)
-        raise RuntimeError("no free worker slot")
+        raise NoFreeSlot(f"no free worker slot ({self.capacity} in use)")
+
+
+class NoFreeSlot(RuntimeError):
+    """Every slot holds a worker: a spawn has to wait for one to be reaped."""
 
 
 class Slot:

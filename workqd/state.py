@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Callable, Iterable, Mapping
+
+from .slots import CONSUMING, PAUSED
 
 # Master phases, with their allowed transitions (checked by Master.enter).
 STARTING, READY, RELOADING, STOPPING = "starting", "ready", "reloading", "stopping"
@@ -88,3 +91,57 @@ class Snapshot:
 
 def frozen(mapping: dict) -> MappingProxyType:
     return MappingProxyType(dict(mapping))
+
+
+def worker_view(proc, now: float) -> WorkerView:
+    """One worker (a pool.WorkerProc) as reported: busy, draining, idle, paused or starting."""
+    slot = proc.slot
+    busy_for = None
+    if slot.busy:
+        st = W_BUSY
+    elif slot.draining:
+        st = W_DRAINING
+    elif slot.state == CONSUMING:
+        st = W_IDLE
+    elif slot.state == PAUSED:
+        st = W_PAUSED
+    else:
+        st = W_STARTING
+    if st == W_BUSY:
+        busy_for = max(0.0, now - slot.busy_since)
+    return WorkerView(proc.number, proc.pid, st, slot.message_id(), busy_for, slot.tasks_done)
+
+
+def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, int, int]],
+                  unserved: Callable[[str], str], queue_state: Callable[[object], str],
+                  broker_connected: bool, loop_age: float, version: str,
+                  now: float) -> Snapshot:
+    """The picture of ``pools`` (the master's pool.Pool objects, live and draining)."""
+    views: dict[str, QueueView] = {}
+    merged: dict[str, list] = {}
+    for pool in pools:
+        if not pool.removed or pool.procs:
+            merged.setdefault(pool.name, []).append(pool)
+    for name, group in merged.items():
+        live = [p for p in group if not p.removed]
+        # Pools of one queue share a pool id, so the folded totals count once.
+        counters = group[0].counters()
+        for extra in group[1:]:
+            for proc in extra.procs.values():
+                for w, v in proc.slot.counters().items():
+                    counters[w] += v
+        workers = tuple(worker_view(proc, now) for p in group for proc in p.procs.values())
+        if not live:
+            continue   # removed by a reload: its leaving workers are not a queue to report
+        views[name] = QueueView(
+            name=name, size=live[0].size, pool_state=live[0].state,
+            paused=live[0].paused, configured=live[0].queue.workers,
+            min_workers=live[0].queue.workers, max_workers=live[0].queue.most_workers,
+            state=queue_state(live[0]),
+            counters=frozen(counters), restarts=frozen(group[0].restarts),
+            workers=workers, consuming=sum(p.consuming() for p in live),
+            depth=depth.get(name),
+            blocked=sum(1 for p in group for proc in p.procs.values() if proc.slot.blocked),
+            unserved=unserved(name))
+    return Snapshot(phase=phase, queues=tuple(views.values()), broker_connected=broker_connected,
+                    loop_age=loop_age, version=version)

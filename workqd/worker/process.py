@@ -28,7 +28,7 @@ from pika.adapters.select_connection import IOLoop
 from .. import exitcodes, frames, logsetup, runner, vocab
 from ..broker import Failover, redact
 from ..config import Broker, Queue
-from ..slots import CONNECTING, PAUSED, Slot
+from ..slots import CONNECTING, IMPORTING, PAUSED, Slot
 from . import intake
 from .handler import HandlerThread
 from .intake import Delivery
@@ -74,11 +74,16 @@ class Worker:
         logsetup.name_process("workqd-worker")
         self.slot.set_pid(self.pid)
         self.slot.tick()
+        # While importing, the master applies import_timeout, not its hang clock:
+        # an import runs no I/O loop that could tick.
+        self.slot.set_state(IMPORTING)
         try:
             run = runner.load(self.queue.handler, self.queue.timeout, self.queue.timeout_grace)
         except runner.BootError as e:
             log.error("%s", e)
             return exitcodes.WORKER_BOOT_ERROR
+        self.slot.tick()
+        self.slot.set_state(CONNECTING)
         # Before any connection: a header pika cannot decode must reach intake as a
         # malformed task, not abort the connection and come back for ever (frames.py).
         frames.install()

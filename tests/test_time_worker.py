@@ -107,3 +107,20 @@ def test_five_hundred_delayed_tasks_none_early_none_lost(daemon, amqp, qname):
     p50, p99 = lateness[len(lateness) // 2], lateness[int(len(lateness) * 0.99)]
     print(f"[levels] 500 tasks, delays 1..20 s: lateness p50 {p50:.3f} s, p99 {p99:.3f} s, "
           f"max {lateness[-1]:.3f} s")
+
+
+def test_the_poller_counts_the_tasks_waiting_in_the_levels(amqp, qname):
+    import pika
+
+    from workqd.poller import poll_delayed
+    amqp.declare(qname, "classic")
+    with Client(BROKER_URL) as client:
+        client.submit_many([b"a", b"b", b"c"], queue=qname, delay=120)
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    try:
+        # Other tests share the vhost's levels: at least these three wait there.
+        assert poll_delayed(conn) >= 3
+        # A passive declare of something missing closed a channel, not the connection.
+        assert conn.is_open
+    finally:
+        conn.close()

@@ -25,7 +25,7 @@ import time
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from .. import exitcodes, frames, logsetup, runner, vocab
+from .. import delays, exitcodes, frames, logsetup, runner, vocab
 from ..broker import Failover, redact
 from ..config import Broker, Queue
 from ..slots import CONNECTING, PAUSED, Slot
@@ -275,7 +275,8 @@ class Worker:
             if max_body and len(body) > max_body:
                 self._refuse(d, vocab.REASON_TOO_LARGE, intake.size_problem(body, max_body))
                 return
-            if task.headers and not self._on_time(d):
+            h = task.headers
+            if h and (vocab.H_EXPIRES_MS in h or delays.H_DUE_MS in h) and not self._on_time(d):
                 return
             self._received += 1
             if self._recycles and self._last_task_taken():

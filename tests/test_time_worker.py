@@ -124,3 +124,21 @@ def test_the_poller_counts_the_tasks_waiting_in_the_levels(amqp, qname):
         assert conn.is_open
     finally:
         conn.close()
+
+
+def test_a_due_task_reaches_its_own_queue_and_no_other(amqp, qname):
+    # x-match "all" leaves x- headers out: such a binding took every due task of the
+    # vhost. An earlier build made it; preparing a queue removes it.
+    other = f"{qname}.other"
+    try:
+        amqp.declare(qname, "classic")
+        amqp.declare(other, "classic")
+        ch = amqp.channel()
+        delays.bind(ch, delays.stray_delivery_binding(other)._replace(remove=False))
+        delays.prepare(ch, other)
+        with Client(BROKER_URL) as client:
+            client.submit(b"mine", queue=qname, delay=1)
+        wait_for(lambda: amqp.count(qname) == 1, 15, what="the due task in its queue")
+        assert amqp.count(other) == 0
+    finally:
+        amqp.delete(other)

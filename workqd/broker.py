@@ -99,7 +99,8 @@ def _side_queues(queue: Queue) -> list:
     exchanges, levels, binds = delays.topology()
     return [Declaration(vocab.dead_letter_queue(queue.name), dead_letter_arguments(queue),
                         None, ""),
-            *exchanges, *levels, *binds, delays.delivery_binding(queue.name)]
+            *exchanges, *levels, *binds, delays.stray_delivery_binding(queue.name),
+            delays.delivery_binding(queue.name)]
 
 
 class Failover:

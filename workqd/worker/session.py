@@ -288,6 +288,9 @@ class Session:
         elif isinstance(item, delays.Level):
             channel.queue_declare(item.name, durable=True, arguments=item.arguments,
                                   callback=done)
+        elif item.remove:
+            channel.queue_unbind(item.destination, item.source, routing_key=item.routing_key,
+                                 arguments=item.arguments, callback=done)
         elif item.to_exchange:
             channel.exchange_bind(item.destination, item.source, routing_key=item.routing_key,
                                   callback=done)

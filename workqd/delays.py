@@ -25,7 +25,10 @@ Why this shape, and not a delay queue per delay or a plugin:
 
 The destination travels in a header (``x-workq-to``) and the delivery exchange is
 a headers exchange with one binding per work queue: queue names may hold any
-character, which topic patterns would read as wildcards.
+character, which topic patterns would read as wildcards. The bindings match with
+``all-with-x``: plain ``all`` leaves every header starting with ``x-`` out of the
+match, so a binding on ``x-workq-to`` alone would match every message and hand
+each due task to every bound queue.
 
 RabbitMQ drops a message that is dead-lettered into a queue it was dead-lettered
 from before, unless a rejection happened in between (cycle detection). A task
@@ -114,12 +117,15 @@ class Level(NamedTuple):
 
 
 class Bind(NamedTuple):
-    """``destination`` (a queue, or an exchange when ``to_exchange``) bound to ``source``."""
+    """``destination`` (a queue, or an exchange when ``to_exchange``) bound to ``source``;
+    ``remove``: unbound instead (a binding of an earlier shape; unbinding one that does
+    not exist is no error)."""
     source: str
     destination: str
     routing_key: str
     to_exchange: bool
     arguments: dict | None = None
+    remove: bool = False
 
 
 def level_arguments(n: int) -> dict:
@@ -148,7 +154,14 @@ def topology() -> tuple[list[Exchange], list[Level], list[Bind]]:
 def delivery_binding(queue: str) -> Bind:
     """The binding that brings a work queue its due messages."""
     return Bind(DELIVER_EXCHANGE, queue, "", to_exchange=False,
-                arguments={"x-match": "all", H_TO: queue})
+                arguments={"x-match": "all-with-x", H_TO: queue})
+
+
+def stray_delivery_binding(queue: str) -> Bind:
+    """Removes the binding an earlier build made with ``x-match: all``, which matched
+    every due message (x- headers are left out of that match) whatever its queue."""
+    return Bind(DELIVER_EXCHANGE, queue, "", to_exchange=False,
+                arguments={"x-match": "all", H_TO: queue}, remove=True)
 
 
 def declare(channel) -> None:
@@ -163,7 +176,10 @@ def declare(channel) -> None:
 
 
 def bind(channel, b: Bind) -> None:
-    if b.to_exchange:
+    if b.remove:
+        channel.queue_unbind(b.destination, b.source, routing_key=b.routing_key,
+                             arguments=b.arguments)
+    elif b.to_exchange:
         channel.exchange_bind(b.destination, b.source, routing_key=b.routing_key)
     else:
         channel.queue_bind(b.destination, b.source, routing_key=b.routing_key,
@@ -176,6 +192,7 @@ def prepare(channel, queue: str) -> None:
     binding. Raises pika's ChannelClosedByBroker (404) for a missing queue."""
     declare(channel)
     channel.queue_declare(queue, passive=True)
+    bind(channel, stray_delivery_binding(queue))
     bind(channel, delivery_binding(queue))
 
 

@@ -62,6 +62,7 @@ class Snapshot:
     broker_connected: bool
     loop_age: float            # seconds since the master loop last turned
     version: str
+    delayed: int | None = None  # messages in the vhost's delay levels, as last polled
 
     def readiness(self) -> tuple[bool, str]:
         """For /readyz: (ready, one-line reason)."""

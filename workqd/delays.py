@@ -46,6 +46,7 @@ MAX_PASS = 2 ** LEVELS - 1          # seconds one pass through the levels can wa
 MAX_DELAY = 100 * 366 * 86400       # seconds: a century is as far as a task may wait
 PREFIX = "workq.delay"
 DELIVER_EXCHANGE = f"{PREFIX}.deliver"
+UNROUTED = f"{PREFIX}.unrouted"        # due tasks whose work queue no longer exists
 H_TO = "x-workq-to"                 # the work queue a delayed message is for
 H_DUE_MS = "x-workq-due-ms"         # when it is due, ms since the epoch (status, lateness)
 # The broker's dead-lettering history: never carried into the levels (cycle detection).
@@ -109,6 +110,7 @@ def _pattern(n: int, bit: str) -> str:
 class Exchange(NamedTuple):
     name: str
     type: str
+    arguments: dict | None = None
 
 
 class Level(NamedTuple):
@@ -139,8 +141,12 @@ def level_arguments(n: int) -> dict:
 def topology() -> tuple[list[Exchange], list[Level], list[Bind]]:
     """Every exchange, level queue and binding of the vhost's delay levels; declared in
     this order, each binding finds both of its ends in place."""
-    exchanges = [Exchange(DELIVER_EXCHANGE, "headers")]
-    levels, binds = [], []
+    # A due task whose queue is gone (deleted while it waited) would otherwise be kept
+    # by the broker's at-least-once dead-lettering and retried for ever, unseen: the
+    # delivery exchange hands it to a queue of its own, where it waits for an operator.
+    exchanges = [Exchange(UNROUTED, "fanout"),
+                 Exchange(DELIVER_EXCHANGE, "headers", {"alternate-exchange": UNROUTED})]
+    levels, binds = [], [Bind(UNROUTED, UNROUTED, "", to_exchange=False)]
     for n in range(LEVELS):
         name = level_name(n)
         below = level_name(n - 1) if n else DELIVER_EXCHANGE
@@ -148,6 +154,8 @@ def topology() -> tuple[list[Exchange], list[Level], list[Bind]]:
         levels.append(Level(name, level_arguments(n)))
         binds.append(Bind(name, name, _pattern(n, "1"), to_exchange=False))
         binds.append(Bind(name, below, _pattern(n, "0"), to_exchange=True))
+    # Last, so levels[n] is level n; its binding, first, comes after every queue.
+    levels.append(Level(UNROUTED, {"x-queue-type": "quorum"}))
     return exchanges, levels, binds
 
 
@@ -168,7 +176,7 @@ def declare(channel) -> None:
     """Declare the levels on a pika BlockingChannel (idempotent; each call re-asserts)."""
     exchanges, levels, binds = topology()
     for ex in exchanges:
-        channel.exchange_declare(ex.name, ex.type, durable=True)
+        channel.exchange_declare(ex.name, ex.type, durable=True, arguments=ex.arguments)
     for level in levels:
         channel.queue_declare(level.name, durable=True, arguments=level.arguments)
     for b in binds:

@@ -284,7 +284,8 @@ class Session:
             self._declare_next()
         self._declaring_item = (item, False)
         if isinstance(item, delays.Exchange):
-            channel.exchange_declare(item.name, item.type, durable=True, callback=done)
+            channel.exchange_declare(item.name, item.type, durable=True,
+                                     arguments=item.arguments, callback=done)
         elif isinstance(item, delays.Level):
             channel.queue_declare(item.name, durable=True, arguments=item.arguments,
                                   callback=done)

@@ -144,6 +144,9 @@ def render_status(st: dict) -> str:
         rows.append((q["name"], state, size, str(q["consuming"]), str(q["in_flight"]),
                      _dash(q["ready"]), _dash(q["consumers"]), _dash(q["dead_letters"])))
     lines += _table(rows)
+    if st.get("delayed") is not None:
+        lines.append(f"delayed tasks (every queue of the vhost, in the delay levels): "
+                     f"{st['delayed']}")
     for q in st["queues"]:
         lines.append("")
         lines.append(f"{q['name']}:")

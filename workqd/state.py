@@ -116,7 +116,7 @@ def worker_view(proc, now: float) -> WorkerView:
 def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, int, int]],
                   unserved: Callable[[str], str], queue_state: Callable[[object], str],
                   broker_connected: bool, loop_age: float, version: str,
-                  now: float) -> Snapshot:
+                  now: float, delayed: int | None = None) -> Snapshot:
     """The picture of ``pools`` (the master's pool.Pool objects, live and draining)."""
     views: dict[str, QueueView] = {}
     merged: dict[str, list] = {}
@@ -145,4 +145,4 @@ def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, in
             blocked=sum(1 for p in group for proc in p.procs.values() if proc.slot.blocked),
             unserved=unserved(name))
     return Snapshot(phase=phase, queues=tuple(views.values()), broker_connected=broker_connected,
-                    loop_age=loop_age, version=version)
+                    loop_age=loop_age, version=version, delayed=delayed)

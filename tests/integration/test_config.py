@@ -14,7 +14,7 @@ import yaml
 from conftest import queue_config, wait_for
 from workqd import config, webauth
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GOOD = {"queues": [{"name": "tasks", "handler": {"python": "workqd.handlers:sleep_dots"}}]}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BROKER_URL, Amqp, queue_config, wait_for
-from test_broker_loss import rabbitmqctl
+from .test_broker_loss import rabbitmqctl
 
 OUTCOME = "workqd_tasks_processed_total"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "tests" / "system" / "run.sh"
 # Cold cache: two package builds and a debootstrap; warm: a minute or two.
 TIMEOUT = 1200

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from test_system import need_root
+from .test_system import need_root
 
-RUN = Path(__file__).resolve().parent / "system" / "trixie-suite.sh"
+RUN = Path(__file__).resolve().parent / "trixie-suite.sh"
 # Cold cache: a debootstrap of trixie with RabbitMQ, then the suite itself.
 TIMEOUT = 1500
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The system test of issues 4 and 11: the Debian package under a real systemd,
+# The system test: the Debian package under a real systemd,
 # on Debian 12 bookworm (systemd 252) and Debian 13 trixie (systemd 257).
 #
 #   tests/system/run.sh [--suite bookworm|trixie]... [--debs DIR]

@@ -1,4 +1,4 @@
-"""The Debian package under a real systemd: runs tests/system/run.sh (issues 4, 11).
+"""The Debian package under a real systemd: runs tests/system/run.sh.
 
 One .deb, built once for the session, is installed in a booted Debian 12
 bookworm container (systemd 252, the host's RabbitMQ 3.10) and in a booted

@@ -14,7 +14,7 @@ from workqd.worker.intake import Delivery
 
 
 def test_a_recycling_worker_never_shows_as_leaving_while_its_last_task_waits_to_begin():
-    # The CI run of stop 15 caught the master's gauges in that window: the I/O thread
+    # A CI run once caught the master's gauges in that window: the I/O thread
     # had raised draining, the handler thread had not yet begun the task, so the worker
     # counted as neither idle nor busy and the pool looked one short.
     slot = SlotTable(capacity=1).allocate(1)

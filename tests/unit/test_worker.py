@@ -23,7 +23,7 @@ CFG = config.parse({"queues": [{"name": "q", "handler": {"python": "m:f"}, "time
                                 "retry": {"attempts": 1}}]}, "t.yaml")
 QUEUE = CFG.queues[0]
 
-# --- the handler thread publishes a task with its start (race 1 of issue 9) -------
+# --- a task's start is published with it: a tick in between must not time it out ---
 
 class _Slot:
     """A slot whose begin() runs a hook, standing in for the I/O thread's tick."""
@@ -122,7 +122,7 @@ def test_python_timeout_settles_once_and_ignores_the_late_result():
     assert len(settler.copies) == 1 and settler.acks == []
 
 
-# --- the delivery callback pika calls directly (issue 9's hot path) -----------------
+# --- the delivery callback pika calls directly (the hot path) -----------------------
 
 def _consuming_worker():
     from workqd.worker.settle import Settler

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= etc/workqd/workqd.yaml
 
-.PHONY: run test deb bench bench-smoke system-test system-test-bookworm system-test-trixie trixie-suite clean
+.PHONY: run test test-unit deb bench bench-smoke system-test system-test-bookworm system-test-trixie trixie-suite clean
 
 # Runs the daemon in the foreground on the default config against the local RabbitMQ.
 run: $(VENV)/.installed
@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 # The whole test suite (what CI runs), against the broker on 127.0.0.1:5672.
 test:
 	bash tests/run.sh
+
+# The loop while editing: one file per module, no broker, under a minute.
+test-unit: $(VENV)/.installed
+	$(VENV)/bin/pip install -q pytest hypothesis
+	$(VENV)/bin/python -m pytest tests/unit -q
 
 # Builds dist/workqd_<version>_all.deb in a temporary copy of the tree.
 deb:

@@ -4,8 +4,15 @@
 # on Debian bookworm's library versions (what the .deb depends on) and on the
 # current PyPI releases. The first run includes the system tests, which boot
 # containers: the .deb under bookworm's and trixie's systemd
-# (tests/test_system.py) and the behaviour suite on trixie's Python 3.13,
-# python3-* packages and RabbitMQ 4.0 (tests/test_trixie.py).
+# (tests/system/test_system.py) and the behaviour suite on trixie's Python 3.13,
+# python3-* packages and RabbitMQ 4.0 (tests/system/test_trixie.py), and the
+# cluster tests on throwaway RabbitMQ nodes (tests/cluster).
+#
+# Tests run in parallel (pytest-xdist, WORKQD_TEST_JOBS workers each run): the
+# containers and the cluster start first and run beside the integration tests;
+# tests/conftest.py keeps the tests that share a throwaway node's fixed port in
+# one worker and lets the tests that stop the machine's broker run alone.
+# Extra arguments go to both pytest runs (e.g. tests/unit, -x, -n 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,7 +60,7 @@ make_venv() {  # make_venv DIR PIP-ARGS...
         python3 -m venv "$dir"
         "$dir/bin/pip" install -q --upgrade pip >/dev/null
     fi
-    "$dir/bin/pip" install -q "$@" pytest hypothesis >/dev/null
+    "$dir/bin/pip" install -q "$@" pytest pytest-xdist hypothesis >/dev/null
     # As a new user would: a regular (not editable) install of this tree.
     "$dir/bin/pip" install -q --force-reinstall --no-deps . >/dev/null
 }
@@ -78,9 +85,16 @@ make_venv .venv-bookworm "${BOOKWORM_PINS[@]}"
 log "venv with current PyPI releases"
 make_venv .venv-latest --upgrade pika prometheus-client sdnotify PyYAML
 
+# Four workers hold the long jobs (two system tests, the trixie suite, the cluster
+# group) while the others take the integration and unit tests; the second run has
+# no long jobs. Keeps --no-loadscope-reorder: collection order (tests/conftest.py)
+# is what starts the long work first. --durations: the 15 slowest, every run.
+PARALLEL=(--dist loadgroup --no-loadscope-reorder --durations=15)
+
 status=0
 log "pytest on bookworm's versions (full suite, with the system tests on bookworm and trixie)"
-.venv-bookworm/bin/python -m pytest "$@" || status=$?
-log "pytest on current PyPI releases (without the system test, which uses Debian's packages)"
-.venv-latest/bin/python -m pytest -m "not system and not cluster" "$@" || status=$?
+.venv-bookworm/bin/python -m pytest -n "${WORKQD_TEST_JOBS:-6}" "${PARALLEL[@]}" "$@" || status=$?
+log "pytest on current PyPI releases (without the system and cluster tests, which use Debian's packages and throwaway nodes)"
+.venv-latest/bin/python -m pytest -n "${WORKQD_TEST_JOBS:-3}" "${PARALLEL[@]}" -m "not system and not cluster" "$@" \
+    || status=$?
 exit $status

@@ -57,9 +57,10 @@ NODE_GROUPS.update(dict.fromkeys(
 # the machine's broker, but as a subprocess: it cannot ask for the broker fixture.
 MACHINE_BROKER_SYSTEM_TESTS = ("test_debian_package_under_systemd[bookworm]",)
 # Collection order, which --dist loadgroup --no-loadscope-reorder keeps: the long
-# container and cluster work starts first, the short unit tests fill the gaps, and
-# the tests that take the machine's broker away from everyone come last.
-ORDER = {"system": 0, "cluster": 1, "integration": 2, "unit": 3}
+# container and cluster work starts first; the unit tests come next, so the few tests
+# xdist queues behind each long job are short ones; the tests that take the machine's
+# broker away from everyone come last.
+ORDER = {"system": 0, "cluster": 1, "unit": 2, "integration": 3}
 OUTAGE_LAST = 4
 
 

@@ -48,9 +48,10 @@ TIER = pytest.StashKey[str]()
 # The throwaway-node fixtures listen on fixed ports (tests/brokers.py: 5681-5689, and
 # test_submit's lone node on 5691) and are session- or module-wide: every test that
 # uses one runs in the same pytest-xdist worker as the others using it (--dist
-# loadgroup), or two workers would start two nodes on one port.
-NODE_GROUPS = {"lone_node": "lone-node"}
-NODE_GROUPS.update(dict.fromkeys(
+# loadgroup), or two workers would start two nodes on one port. The config corpus is
+# a module-wide fixture that runs ~50 CLI processes: once per run, not once per worker.
+FIXTURE_GROUPS = {"lone_node": "lone-node", "corpus": "config-corpus"}
+FIXTURE_GROUPS.update(dict.fromkeys(
     ("cluster", "healed_cluster", "special_node", "plain_node", "tls_node", "mtls_node",
      "expired_tls_node", "timeout_node", "tls_certs"), "cluster-nodes"))
 # The bookworm system test runs the packaged daemon on the host's network against
@@ -81,7 +82,7 @@ def pytest_collection_modifyitems(config, items):
             tier = "unit" if item.path.name.startswith("test_units_") else "integration"
         item.add_marker(getattr(pytest.mark, tier))
         item.stash[TIER] = tier
-        groups = {NODE_GROUPS[f] for f in item.fixturenames if f in NODE_GROUPS}
+        groups = {FIXTURE_GROUPS[f] for f in item.fixturenames if f in FIXTURE_GROUPS}
         if item.get_closest_marker("broker_outage"):
             groups.add("machine-broker-outage")
         for group in sorted(groups)[:1]:
@@ -90,27 +91,63 @@ def pytest_collection_modifyitems(config, items):
                else ORDER[item.stash[TIER]])
 
 
-LOCK_PATH = Path(tempfile.gettempdir()) / "workqd-tests-machine-broker.lock"
+GROUP_IGNORED = pytest.StashKey[bool]()
+
+
+class _GroupCheck:
+    """Fails the grouped tests, before their fixtures start anything, when --dist loadgroup
+    is asked for but has no effect (pytest-xdist 3.8 under pytest 9.2 groups nothing):
+    otherwise two workers would start two nodes on one fixed port."""
+
+    @pytest.hookimpl(trylast=True)   # after pytest-xdist has named each test's group
+    def pytest_collection_modifyitems(self, config, items):
+        if getattr(config.option, "loadgroup", False):
+            for item in items:
+                if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+                    item.stash[GROUP_IGNORED] = True
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item):
+        if item.stash.get(GROUP_IGNORED, False):
+            pytest.fail(f"pytest-xdist {xdist_version()} ignored this test's xdist_group under "
+                        f"pytest {pytest.__version__}: use pytest<9.2 (as tests/run.sh does)",
+                        pytrace=False)
+
+
+def xdist_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("pytest-xdist")
+    except Exception:  # noqa: BLE001 -- only for the message
+        return "?"
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_GroupCheck(), "workqd-xdist-group-check")
+
+
+LOCK_DIR = Path(tempfile.gettempdir())
 OUTAGE_WAIT = 3600    # seconds a broker-outage test waits for the others to finish
 SHARED_WAIT = 900     # seconds a test waits for a broker outage to end
+# Fixtures that talk to the machine's broker during the test, beyond the integration tier.
+MACHINE_BROKER_FIXTURES = {"amqp", "qname", "broker_user"}
 
 
 @contextlib.contextmanager
-def machine_broker(exclusive: bool):
-    """A readers-writer lock on the machine's broker, across pytest processes and xdist
-    workers: tests that use it hold it shared; a test that stops the broker or cuts every
-    connection (marked broker_outage) holds it alone."""
+def machine_lock(name: str, exclusive: bool, wait: float, why: str):
+    """An flock on a file named for ``name`` in the temp dir, shared or exclusive, across
+    pytest processes and xdist workers; fails the test after ``wait`` seconds."""
+    path = LOCK_DIR / f"workqd-tests-{name}.lock"
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-    deadline = time.monotonic() + (OUTAGE_WAIT if exclusive else SHARED_WAIT)
-    with open(LOCK_PATH, "a") as f:
+    deadline = time.monotonic() + wait
+    with open(path, "a") as f:
         while True:
             try:
                 fcntl.flock(f, mode | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"the machine's broker stayed {'in use' if exclusive else 'down'}"
-                                f" past the deadline ({LOCK_PATH} is held)")
+                    pytest.fail(f"{why} after {wait:.0f}s ({path} is held)")
                 time.sleep(0.2)
         try:
             yield
@@ -118,12 +155,22 @@ def machine_broker(exclusive: bool):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def machine_broker(exclusive: bool):
+    """A readers-writer lock on the machine's broker: tests that use it hold it shared; a
+    test that stops the broker or cuts every connection (marked broker_outage) holds it
+    alone, once every other test using the broker, in any pytest process, is done."""
+    if exclusive:
+        return machine_lock("machine-broker", True, OUTAGE_WAIT, "other tests kept the broker")
+    return machine_lock("machine-broker", False, SHARED_WAIT, "the broker outage did not end")
+
+
 @pytest.fixture(autouse=True)
 def _machine_broker_access(request):
     """Set up before, and torn down after, every other function-scoped fixture."""
     item = request.node
     outage = item.get_closest_marker("broker_outage") is not None
-    uses = (outage or "broker" in item.fixturenames or item.stash.get(TIER, None) == "integration"
+    uses = (outage or item.stash.get(TIER, None) == "integration"
+            or MACHINE_BROKER_FIXTURES & set(item.fixturenames)
             or item.name in MACHINE_BROKER_SYSTEM_TESTS)
     if not uses:
         yield

@@ -45,15 +45,18 @@ BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 TIERS = ("unit", "integration", "cluster", "system")
 TIER = pytest.StashKey[str]()
-# The throwaway-node fixtures listen on fixed ports (tests/brokers.py: 5681-5689, and
-# test_submit's lone node on 5691) and are session- or module-wide: every test that
-# uses one runs in the same pytest-xdist worker as the others using it (--dist
-# loadgroup), or two workers would start two nodes on one port. The config corpus is
-# a module-wide fixture that runs ~50 CLI processes: once per run, not once per worker.
-FIXTURE_GROUPS = {"lone_node": "lone-node", "corpus": "config-corpus"}
+# The throwaway-node fixtures listen on fixed ports (tests/brokers.py: the cluster on
+# 5681-5683, the special nodes on 5684-5689; test_submit's lone node on 5691) and are
+# session- or module-wide: every test that uses one runs in the same pytest-xdist worker
+# as the others using it (--dist loadgroup), or two workers would start two nodes on one
+# port. The cluster and the special nodes do not share ports: two groups, two workers.
+# The config corpus is a module-wide fixture that runs ~50 CLI processes: once per run,
+# not once per worker.
+FIXTURE_GROUPS = {"lone_node": "lone-node", "corpus": "config-corpus",
+                  "cluster": "cluster-nodes", "healed_cluster": "cluster-nodes"}
 FIXTURE_GROUPS.update(dict.fromkeys(
-    ("cluster", "healed_cluster", "special_node", "plain_node", "tls_node", "mtls_node",
-     "expired_tls_node", "timeout_node", "tls_certs"), "cluster-nodes"))
+    ("special_node", "plain_node", "tls_node", "mtls_node", "expired_tls_node",
+     "timeout_node", "tls_certs"), "special-nodes"))
 # The bookworm system test runs the packaged daemon on the host's network against
 # the machine's broker, but as a subprocess: it cannot ask for the broker fixture.
 MACHINE_BROKER_SYSTEM_TESTS = ("test_debian_package_under_systemd[bookworm]",)
@@ -85,7 +88,10 @@ def pytest_collection_modifyitems(config, items):
         groups = {FIXTURE_GROUPS[f] for f in item.fixturenames if f in FIXTURE_GROUPS}
         if item.get_closest_marker("broker_outage"):
             groups.add("machine-broker-outage")
-        for group in sorted(groups)[:1]:
+        if len(groups) > 1:
+            raise pytest.UsageError(f"{item.nodeid} needs the workers of {sorted(groups)}: "
+                                    f"one test, one group (tests/conftest.py FIXTURE_GROUPS)")
+        for group in groups:
             item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: OUTAGE_LAST if item.get_closest_marker("broker_outage")
                else ORDER[item.stash[TIER]])

@@ -8,7 +8,8 @@
 # python3-* packages and RabbitMQ 4.0 (tests/system/test_trixie.py), and the
 # cluster tests on throwaway RabbitMQ nodes (tests/cluster).
 #
-# Tests run in parallel (pytest-xdist, WORKQD_TEST_JOBS workers each run): the
+# Tests run in parallel (pytest-xdist: WORKQD_TEST_JOBS workers, 7, on bookworm's
+# versions, WORKQD_TEST_JOBS_LATEST, 2, on the current releases): the
 # containers and the cluster start first and run beside the integration tests;
 # tests/conftest.py keeps the tests that share a throwaway node's fixed port in
 # one worker and lets the tests that stop the machine's broker run alone.
@@ -88,9 +89,9 @@ log "venv with current PyPI releases"
 make_venv .venv-latest --upgrade pika prometheus-client sdnotify PyYAML
 
 # Both runs go at once: the bookworm run's containers and cluster take most of its
-# time, and the other run's tests fill the waits. In the bookworm run four workers hold
-# the long jobs (two system tests, the trixie suite, the cluster group) while the others
-# take the integration and unit tests; --no-loadscope-reorder keeps the collection order
+# time, and the other run's tests fill the waits. In the bookworm run five workers hold
+# the long jobs (two system tests, the trixie suite, the cluster's and the special
+# nodes' groups) while the others take the integration and unit tests; --no-loadscope-reorder keeps the collection order
 # (tests/conftest.py), which starts the long work first. Tests that need the machine's
 # broker to themselves wait for the other run's tests through tests/conftest.py's lock.
 # Each run ends with its 15 slowest tests; the second run's output follows the first's.
@@ -105,7 +106,7 @@ trap 'kill "$latest_pid" 2>/dev/null; rm -rf "$logs"' EXIT
 
 bookworm=0
 log "pytest on bookworm's versions (full suite, with the system tests on bookworm and trixie)"
-.venv-bookworm/bin/python -m pytest -n "${WORKQD_TEST_JOBS:-6}" "${PARALLEL[@]}" "$@" \
+.venv-bookworm/bin/python -m pytest -n "${WORKQD_TEST_JOBS:-7}" "${PARALLEL[@]}" "$@" \
     | tee "$logs/bookworm" || bookworm=$?
 
 latest=0

@@ -102,7 +102,7 @@ log "pytest on current PyPI releases, in the background (without the system and 
 .venv-latest/bin/python -m pytest -n "${WORKQD_TEST_JOBS_LATEST:-2}" "${PARALLEL[@]}" \
     -m "not system and not cluster" "$@" >"$logs/latest" 2>&1 &
 latest_pid=$!
-trap 'kill "$latest_pid" 2>/dev/null; rm -rf "$logs"' EXIT
+trap 'kill "$latest_pid" 2>/dev/null || true; rm -rf "$logs"' EXIT
 
 bookworm=0
 log "pytest on bookworm's versions (full suite, with the system tests on bookworm and trixie)"

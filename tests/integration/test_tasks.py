@@ -1,4 +1,5 @@
-"""The core promises, against the real broker and real processes (issue 2)."""
+"""The core promises, against the real broker and real processes: fair dispatch, nothing
+lost to kill -9, graceful and forced stops, one clear error for a pool that cannot start."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from test_httpd import METRICS, fd_count, get, start_server, wait_for
+from unit.test_httpd import METRICS, fd_count, get, start_server, wait_for
 
 from workqd import httpd
 

@@ -20,7 +20,7 @@ from workqd.worker import timing
 from workqd.worker.policy import decide, postpone
 from workqd.worker.session import classify_channel_close
 
-from test_units_settle import make
+from .test_settle import make
 
 DEATH = {"x-death": [{"queue": "workq.delay.00", "reason": "expired", "count": 3}],
          "x-first-death-queue": "workq.delay.00", "x-last-death-reason": "expired"}

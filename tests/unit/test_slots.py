@@ -1,6 +1,7 @@
-"""The crash table and the held message id in a slot: poison counting by a digest of the
+"""The shared-memory slots (workqd.slots), with no broker and no processes: slot ownership
+across the worker's two threads, and the crash table and the held message id: poison counting by a digest of the
 whole id, so ids of any length and encoding count apart, and what a slot shows of an id
-(a prefix, for logs and status) plays no part in the count. No broker, no processes."""
+(a prefix, for logs and status) plays no part in the count."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from workqd.slots import CRASH_ENTRIES, MSGID_BYTES, SlotTable, message_digest
+from workqd.slots import CONNECTING, CRASH_ENTRIES, MSGID_BYTES, SlotTable, message_digest
 
 POOL = 1
 
@@ -121,3 +122,15 @@ def test_a_shorter_id_after_a_longer_one_shows_only_itself():
     slot.end()
     slot.begin("b", False, time.monotonic())
     assert slot.message_id() == "b" and slot.message_digest() == message_digest("b")
+
+
+def test_task_finishing_during_a_reconnect_does_not_make_the_worker_consuming():
+    slot = SlotTable(capacity=1).allocate(1)
+    slot.subscribed()
+    slot.begin("m1", False, time.monotonic())   # handler thread
+    slot.set_state(CONNECTING)             # I/O thread: connection lost
+    assert not slot.consuming and slot.message_id() == "m1"   # still truthfully held
+    slot.end()                             # handler thread finishes meanwhile
+    assert not slot.consuming and slot.message_id() is None
+    slot.subscribed()
+    assert slot.consuming

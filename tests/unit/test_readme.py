@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-TOP = Path(__file__).resolve().parent.parent
+TOP = Path(__file__).resolve().parents[2]
 README = TOP / "README.md"
 DOCS = sorted((TOP / "docs").glob("*.md"))
 PAGES = [README, *DOCS]

@@ -1,4 +1,4 @@
-"""workqd against broker nodes with special settings: TLS, alarms, consumer_timeout (issue 10).
+"""workqd against broker nodes with special settings: TLS, alarms, consumer_timeout.
 
 Throwaway nodes from tests/brokers.py; the machine's own broker is not touched.
 """

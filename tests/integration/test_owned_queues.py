@@ -1,4 +1,4 @@
-"""Queues owned by others (issue 13): declare: false, declare_side_queues: false,
+"""Queues owned by others: declare: false, declare_side_queues: false,
 arguments:, bindings:. Real broker, real daemon; the queues are made by another client."""
 
 from __future__ import annotations

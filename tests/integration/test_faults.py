@@ -1,4 +1,4 @@
-"""Fault injection: retries, dead letters, poison, timeouts, recycling, chaos (issue 5).
+"""Fault injection: retries, dead letters, poison, timeouts, recycling, chaos.
 
 Every execution lands in the ledger (tests/taskfns.py), so each test can say
 exactly how often what ran, where, and whether it completed.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BROKER_URL, Amqp, queue_config, wait_for
-from test_broker_loss import rabbitmqctl
+from .test_broker_loss import rabbitmqctl
 
 OUTCOME = "workqd_tasks_processed_total"
 
@@ -229,6 +229,7 @@ def test_hostile_messages_never_crash_a_worker(daemon, amqp, qname, tmp_path):
     assert f"task {ok} stdout: (" in d.log()  # output past the logged lines is counted
 
 
+@pytest.mark.broker_outage   # cuts every connection on the machine's broker
 def test_soak_chaos_loses_nothing(daemon, qname, capsys):
     amqp = Amqp()
     n = 5000

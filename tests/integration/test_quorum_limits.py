@@ -1,4 +1,4 @@
-"""Quorum queues and the broker's own delivery limit (issue 11).
+"""Quorum queues and the broker's own delivery limit.
 
 RabbitMQ 4.0 gives every quorum queue a default delivery limit of 20 and drops
 a message past it unless the queue has a dead-letter target. A task must never

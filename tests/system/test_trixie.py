@@ -2,7 +2,7 @@
 
 Python 3.13 and trixie's python3-pika 1.3.2, python3-prometheus-client 0.21,
 python3-sdnotify and python3-yaml, against trixie's RabbitMQ 4.0.5, inside a
-booted trixie container with a private network (issue 11). Needs root; in CI
+booted trixie container with a private network. Needs root; in CI
 it fails rather than skips when it cannot run.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from test_system import need_root
+from .test_system import need_root
 
-RUN = Path(__file__).resolve().parent / "system" / "trixie-suite.sh"
+RUN = Path(__file__).resolve().parent / "trixie-suite.sh"
 # Cold cache: a debootstrap of trixie with RabbitMQ, then the suite itself.
 TIMEOUT = 1500
 

@@ -1,4 +1,4 @@
-"""Metrics and health endpoints, scraped over HTTP from a real daemon (issue 3)."""
+"""Metrics and health endpoints, scraped over HTTP from a real daemon."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Logs for machines (issue 13): log.format: json, and journal fields over the native
+"""Logs for machines: log.format: json, and journal fields over the native
 journal protocol. Real daemon; journald is stood in for by a datagram socket of the
 test's own, mounted at journald's path in a mount namespace of the daemon's."""
 

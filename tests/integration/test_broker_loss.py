@@ -26,6 +26,7 @@ def broker_app_stopped():
         rabbitmqctl("await_startup")
 
 
+@pytest.mark.broker_outage
 @pytest.mark.parametrize("outage", [0, 20], ids=["restart", "down-20s"])
 def test_workers_reconnect_after_broker_outage(daemon, qname, outage):
     amqp = Amqp()

@@ -14,7 +14,7 @@ import yaml
 from conftest import queue_config, wait_for
 from workqd import config, webauth
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GOOD = {"queues": [{"name": "tasks", "handler": {"python": "workqd.handlers:sleep_dots"}}]}
 
 
@@ -326,7 +326,7 @@ def test_defaults_live_only_in_the_dataclasses():
 # --- reload: every file that used to crash or freeze the master is refused ----
 
 def _crashing_files(tmp_path):
-    """(name, how to put it at the config's path) for the files issue 14 found crashing."""
+    """(name, how to put it at the config's path) for files that once crashed the config's loading."""
     bad_pw = tmp_path / "pw-latin1"
     bad_pw.write_bytes(b"caf\xe9\n")
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(

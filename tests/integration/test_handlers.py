@@ -1,4 +1,4 @@
-"""Handlers as deployments need them (issue 13): permanent failures, graceful timeouts,
+"""Handlers as deployments need them: permanent failures, graceful timeouts,
 per-queue environments, message metadata for commands. Real broker, real processes."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from conftest import BROKER_URL, free_port, queue_config, wait_for
-from test_control import ctl, start
+from .test_control import ctl, start
 
 
 def _gone(pid: int) -> bool:

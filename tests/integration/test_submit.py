@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BROKER_URL, Amqp, free_port, queue_config, wait_for
+from conftest import BROKER_URL, Amqp, free_port, machine_lock, queue_config, wait_for
 
 from workqd import config
 from workqd.broker import queue_arguments
@@ -400,12 +400,15 @@ class LoneNode:
 
 @pytest.fixture(scope="module")
 def lone_node():
-    node = LoneNode()
-    try:
-        node.start()
-        yield node
-    finally:
-        node.stop()
+    # Its port and node name are fixed: one lone node on the machine at a time, whichever
+    # pytest process asks (the two runs of tests/run.sh overlap).
+    with machine_lock("lone-node", True, 900, "another test run kept the lone node"):
+        node = LoneNode()
+        try:
+            node.start()
+            yield node
+        finally:
+            node.stop()
 
 
 def _drain(url: str, queue: str) -> list[bytes]:

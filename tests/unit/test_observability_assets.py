@@ -24,7 +24,7 @@ from workqd.metrics import Exposition
 from workqd.slots import COUNTER_WORDS, OUTCOME_WORDS, SlotTable
 from workqd.vocab import DEAD_LETTER, RESTART_REASONS, SUCCESS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "packaging" / "prometheus" / "workqd-rules.yml"
 RULE_TESTS = ROOT / "packaging" / "prometheus" / "workqd-rules.test.yml"
 DASHBOARD = ROOT / "packaging" / "grafana" / "workqd.json"

@@ -1,9 +1,9 @@
 """workqd on a 3-node RabbitMQ cluster: node loss, quorum loss, broker-initiated cancel.
 
-Issue 10, items 1, 2 and 4. Two daemons ("two hosts": own configs, own metrics ports)
-with ``broker.urls`` naming wqa, wqb and wqc, one quorum work queue declared via wqa
-(so its leader starts on wqa), thousands of short tasks; the handler
-``taskfns:work`` writes a ledger line when each run starts and ends.
+Two daemons ("two hosts": own configs, own metrics ports) with ``broker.urls``
+naming wqa, wqb and wqc, one quorum work queue declared via wqa (so its leader
+starts on wqa), thousands of short tasks; the handler ``taskfns:work`` writes a
+ledger line when each run starts and ends.
 
 Node-loss cases: kill -9, stop_app, SIGSTOP of the queue's leader, of the node with the
 most workers (a follower when tied) and of a follower with the fewest workers. Each
@@ -158,6 +158,23 @@ def assert_running(daemons) -> None:
     assert not dead, dead
 
 
+def wait_settled(daemons, quiet: float, timeout: float) -> int:
+    """Wait until every started task has ended and none started for ``quiet`` seconds;
+    returns the number of starts then."""
+    seen = {"count": -1, "since": time.monotonic()}
+
+    def settled():
+        assert_running(daemons)
+        begun = starts(daemons)
+        if len(begun) != seen["count"]:
+            seen["count"], seen["since"] = len(begun), time.monotonic()
+        return ({e["id"] for e in begun} <= ended(daemons)
+                and time.monotonic() - seen["since"] >= quiet)
+
+    wait_for(settled, timeout, interval=0.2, what="the tasks in flight at the loss to settle")
+    return seen["count"]
+
+
 def worker_nodes(cluster, daemons) -> dict[int, tuple[int, str]]:
     """Worker pid -> (daemon index, node of its connection), from list_connections."""
     owner = {pid: i for i, d in enumerate(daemons) for pid in d.worker_pids()}
@@ -223,7 +240,7 @@ LOSSES = {
 }
 
 
-# --- item 1: one node lost -------------------------------------------------------
+# --- one node lost -------------------------------------------------------------
 
 def test_each_daemon_spreads_its_workers_over_the_nodes(healed_cluster, cluster_queue, daemon):
     c = healed_cluster
@@ -290,7 +307,7 @@ def test_node_loss_loses_no_task_and_both_daemons_recover(healed_cluster, cluste
         print(row)
 
 
-# --- item 2: quorum lost ---------------------------------------------------------------
+# --- quorum lost ---------------------------------------------------------------------
 
 def test_quorum_lost_nothing_consumed_nothing_lost_ready_says_why(healed_cluster, cluster_queue,
                                                                    daemon):
@@ -314,13 +331,16 @@ def test_quorum_lost_nothing_consumed_nothing_lost_ready_says_why(healed_cluster
             assert_running(daemons)
             status, reason = d.http("/readyz")
             assert "quorum" in reason.lower(), f"/readyz {status} says {reason!r}"
-        # Give in-flight work a few seconds to settle, then nothing may start for 10 s.
-        time.sleep(5)
-        before = len(starts(daemons))
-        time.sleep(10)
-        started = [e for e in starts(daemons)[before:]]
-        assert not started, f"{len(started)} tasks started without a quorum"
-        assert_running(daemons)
+        # Deliveries a worker held before the loss may still start: wait until every
+        # started task has ended and no start came for 2 s. From then on nothing may
+        # start for 10 s.
+        before = wait_settled(daemons, quiet=2.0, timeout=60)
+        window_end = time.monotonic() + 10
+        while time.monotonic() < window_end:
+            started = starts(daemons)[before:]
+            assert not started, f"{len(started)} tasks started without a quorum"
+            assert_running(daemons)
+            time.sleep(0.5)
     finally:
         t_back = time.time()
         c.start_app("wqb")
@@ -336,7 +356,7 @@ def test_quorum_lost_nothing_consumed_nothing_lost_ready_says_why(healed_cluster
     assert Client(c).count(q) == 0
 
 
-# --- item 4: the broker cancels the consumer ----------------------------------------------
+# --- the broker cancels the consumer ----------------------------------------------------
 
 def test_workers_consume_again_after_the_queue_is_deleted_and_redeclared(healed_cluster,
                                                                         cluster_queue, daemon):

@@ -1,4 +1,4 @@
-"""The Debian package under a real systemd: runs tests/system/run.sh (issues 4, 11).
+"""The Debian package under a real systemd: runs tests/system/run.sh.
 
 One .deb, built once for the session, is installed in a booted Debian 12
 bookworm container (systemd 252, the host's RabbitMQ 3.10) and in a booted
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "tests" / "system" / "run.sh"
 # Cold cache: two package builds and a debootstrap; warm: a minute or two.
 TIMEOUT = 1200

@@ -12,7 +12,7 @@ import pytest
 from workqd import config
 from workqd.config import docgen, schema
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HANDLER = {"python": "workqd.handlers:noop"}
 # Sections where one key can be set alone in an otherwise minimal file.
 SETTABLE = ("", "broker", "metrics", "log", "queues[]", "queues[].retry")

@@ -1,4 +1,4 @@
-"""Someone else's messages: malformed workqd headers never stall a queue (issue 14)."""
+"""Someone else's messages: malformed workqd headers never stall a queue."""
 
 from __future__ import annotations
 

@@ -82,3 +82,35 @@ def test_a_long_delay_waits_in_the_top_level(amqp, qname):
     got = wait_for(lambda: [p for p, _ in amqp.get_all(top) if p.headers.get(delays.H_TO) == qname],
                    5, what="the task in the top level")
     assert len(got) == 1
+
+
+def test_a_long_file_shows_its_progress_on_a_terminal_and_not_in_a_pipe(amqp, qname, tmp_path):
+    import os
+    import pty
+    amqp.declare(qname, "classic")
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("".join(f"task {i}\n" for i in range(30000)))
+    argv = [sys.executable, "-m", "workqd.submit", "--url", BROKER_URL, "-q", qname,
+            "--file", str(tasks)]
+    # A terminal on stderr: the line appears while confirms come in.
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=secondary)
+    os.close(secondary)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:   # the other end closed: the command is done
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(120) == 0
+    os.close(primary)
+    assert b"/30000 confirmed" in seen, seen[-500:]
+    # A pipe: only the closing line, as before.
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    assert r.stderr.strip().splitlines() == [f"workq-submit: 30000 task(s) confirmed on queue "
+                                             f"{qname}"]

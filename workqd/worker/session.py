@@ -124,6 +124,11 @@ def consumer_arguments(queue: Queue) -> dict:
     return {"x-consumer-timeout": int(min(seconds, CONSUMER_TIMEOUT_MAX) * 1000)}
 
 
+def _shared(item) -> bool:
+    """A piece of the vhost's delay levels, or this queue's binding to them."""
+    return isinstance(item, (delays.Exchange, delays.Level, delays.Bind))
+
+
 class Session:
     def __init__(self, queue: Queue, broker: Broker, url: str, connection_name: str, ioloop,
                  ack_batch: int, handler_idle: Callable[[], bool], events, publisher,
@@ -152,6 +157,7 @@ class Session:
         self._declaring = False
         # Declaration, config Binding, or a delay level's delays.Exchange/Level/Bind.
         self._pending: list = []
+        self._after_consume: list = []   # the shared delay levels: declared once consuming
         self._declaring_item: tuple[object, bool] | None = None
         self._verdict: Verdict | None = None   # why the channel went, if the broker said
         self._misses = 0   # consumer checks in a row that found something wrong
@@ -232,9 +238,21 @@ class Session:
         channel.add_on_cancel_callback(self._on_cancelled)
 
     def _declare(self) -> None:
-        self._pending = declarations(self.queue)
+        # The vhost's delay levels (some ninety declarations) are re-asserted after the
+        # consumer is registered, not before: a worker takes tasks as soon as its own
+        # queues are in place, so a recycled worker's replacement is consuming before
+        # the one it replaces has finished its last task.
+        items = declarations(self.queue)
+        self._pending = [i for i in items if not _shared(i)]
+        self._after_consume = [i for i in items if _shared(i)]
         self._declaring = True
         self._declare_next()
+
+    def _declare_shared(self) -> None:
+        if self._after_consume:
+            self._pending, self._after_consume = self._after_consume, []
+            self._declaring = True
+            self._declare_next()
 
     def _declare_next(self, _frame=None, legacy: bool = False) -> None:
         channel = self.channel
@@ -242,7 +260,9 @@ class Session:
             return
         if not self._pending:
             self._declaring = False
-            channel.basic_qos(prefetch_count=self.queue.prefetch, callback=lambda _: self._consume())
+            if not self._can_consume:
+                channel.basic_qos(prefetch_count=self.queue.prefetch,
+                                  callback=lambda _: self._consume())
             return
         item = self._pending[0]
         if isinstance(item, Binding):
@@ -305,11 +325,12 @@ class Session:
         self._can_consume = True
         if self.held:
             self._on_consuming(self)   # the worker sees no consumer_tag: paused
-            return
-        self.consumer_tag = self.channel.basic_consume(
-            self.queue.name, self._on_message, auto_ack=False,
-            arguments=consumer_arguments(self.queue))
-        self._on_consuming(self)
+        else:
+            self.consumer_tag = self.channel.basic_consume(
+                self.queue.name, self._on_message, auto_ack=False,
+                arguments=consumer_arguments(self.queue))
+            self._on_consuming(self)
+        self._declare_shared()
 
     def _on_cancelled(self, frame) -> None:
         # basic.cancel from the broker: the queue was deleted, or its node went down.

@@ -122,6 +122,7 @@ class FakePoller:
         self.depth: dict[str, tuple[int, int, int]] = {}
         self.connected = False
         self.rounds = 0
+        self.cancels_held = None
 
     def manage(self, now: float) -> None:
         if not self.pid:

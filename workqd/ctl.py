@@ -10,7 +10,7 @@ import sys
 import time
 
 from . import config as config_mod
-from . import control, exitcodes
+from . import cancels, control, exitcodes
 
 TIMEOUT = 10.0   # seconds for the whole exchange; the master answers within a loop turn
 
@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("workers", type=int)
     from .deadctl import add_parser as add_dead
     add_dead(sub)
+    from .cancelctl import add_parser as add_cancel
+    add_cancel(sub)
     return p.parse_args(argv)
 
 
@@ -132,6 +134,9 @@ def render_status(st: dict) -> str:
     lines = [f"workqd {st['version']} (pid {st['pid']}): {st['phase']}"
              f"{'' if st['ready'] else '; not ready: ' + st['readiness']}"
              f"{'' if st['broker_connected'] else ', broker not reachable from the master'}"]
+    if st.get("cancels") is not None:
+        lines.append(f"cancels held: {st['cancels']} (workqctl cancel; the log keeps them "
+                     f"{cancels.RETENTION / 86400:g} days)")
     rows = [("QUEUE", "STATE", "WORKERS", "CONSUMING", "IN FLIGHT", "READY", "CONSUMERS",
              "DEAD")]
     for q in st["queues"]:
@@ -171,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "dead":
         from .deadctl import run as run_dead
         return run_dead(args)
+    if args.cmd == "cancel":
+        from .cancelctl import run as run_cancel
+        return run_cancel(args)
     cfg = None if args.socket else load_config(args.config, needed=False)
     path = socket_path(args, cfg)
     req: dict = {"cmd": args.cmd}

@@ -119,6 +119,9 @@ class HandlerThread:
                 outcome, error = SUCCESS, ""
             except runner.HandlerTimedOut as e:
                 outcome, error = vocab.TIMEOUT, str(e)
+            except runner.HandlerCancelled as e:
+                # Stopped on the I/O thread's word: it settles the task as cancelled.
+                outcome, error = vocab.DEAD_LETTER, str(e)
             except Reject as e:
                 # The handler's own verdict: no retry can help this task.
                 outcome, error = vocab.DEAD_LETTER, runner.error_line(e)

@@ -360,8 +360,9 @@ def cancel_entry(props, now_ms: int, retention_ms: int = int(cancels.RETENTION *
         return f"no message id (message_id {mid!r:.80})"
     headers = props.headers if isinstance(props.headers, dict) else {}
     at = headers.get(cancels.H_CANCELLED_MS)
-    if type(at) is not int or at <= 0 or at > now_ms + FUTURE_SLACK_MS:
+    # pika decodes a 64-bit header as its own subclass of int.
+    if not isinstance(at, int) or isinstance(at, bool) or not 0 < at <= now_ms + FUTURE_SLACK_MS:
         return f"message {mid!r:.80}: bad {cancels.H_CANCELLED_MS} {at!r:.40}"
     if at < now_ms - retention_ms:
         return None
-    return mid, at
+    return mid, int(at)

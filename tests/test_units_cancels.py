@@ -182,8 +182,8 @@ def test_a_stop_asked_for_another_task_leaves_this_one_running(tmp_path):
     run, termed = _command(tmp_path, grace=5)
     old, task = _task("old"), _task("new")
     run.cancel(old)       # asked for a task that has ended meanwhile
-    threading.Timer(0.5, run.cancel, args=(task,)).start()
     began = time.monotonic()
+    threading.Timer(0.5, run.cancel, args=(task,)).start()
     with pytest.raises(runner.HandlerCancelled):
         run(b"body", task)
     assert time.monotonic() - began >= 0.45   # ran until its own stop, not the stale one

@@ -21,11 +21,11 @@ from typing import Callable
 from . import __version__, commands, control, exitcodes, logsetup, phases, reloadplan, service
 from . import state
 from . import config as config_mod
+from .cancels import CancelTable
 from .control import ControlServer, ProtocolError
 from .httpd import HttpServer, Request, Response
 from .metrics import Exposition, compress, gzip_accepted
 from .notify import Notifier
-from .cancels import CancelTable
 from .poller import PollerProcess
 from .pool import FATAL, Pool
 from .signals import SignalQueue, signame

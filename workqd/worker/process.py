@@ -505,7 +505,7 @@ class Worker:
         at = self._cancels.cancelled_at(message_digest(d.task.message_id))
         if not at:
             return
-        if hasattr(self._run, "cancel"):
+        if self.queue.handler.command:
             log.warning("task %s cancelled (at %s) while running: stopping its command "
                         "(SIGTERM to its process group, SIGKILL after %gs)",
                         d.task.message_id, _utc(at), self.queue.timeout_grace)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from conftest import BROKER_URL, ROOT, queue_config, wait_for
+from conftest import BROKER_URL, ROOT, queue_config, rabbitmqctl, wait_for
 from workqd import cancels
 from workqd.client import Client
 
@@ -206,6 +206,29 @@ def test_cancelling_an_id_not_seen_yet_holds_for_a_later_publish(daemon, amqp, q
     mid = f"later-{uuid.uuid4().hex}"
     cancel(d, mid)
     wait_for(lambda: read_by(d, mid), 10, what="read")
+    amqp.publish(qname, "n=1", message_id=mid)
+    wait_for(lambda: amqp.count(f"{qname}.dead") == 1, 20, what="refused")
+    assert mid not in {e["id"] for e in d.ledger.events("start")}
+
+
+def test_the_poller_reads_the_log_again_on_a_new_connection(daemon, amqp, qname, tmp_path,
+                                                             broker_user, client):
+    user, password = broker_user
+    d = start(daemon, tmp_path, [queue_config(qname, workers=1)], start=False)
+    d.config["broker"] = {"url": f"amqp://{user}:{password}@127.0.0.1:5672/%2F"}
+    d.write_config()
+    d.start()
+    wait_for(lambda: "cancel log workq.cancel read" in d.log(), 10, what="the log read")
+    names = [line.rpartition("\t")[0] for line in rabbitmqctl("list_connections", "pid", "user")
+             .splitlines() if line.rpartition("\t")[2] == user]
+    assert len(names) >= 2, names   # the poller's and the worker's
+    for name in names:
+        rabbitmqctl("close_connection", name, "cancel reader test")
+    wait_for(lambda: "broker not reachable" in d.log() or "reconnecting" in d.log(), 15,
+             what="the connections cut")
+    mid = f"after-cut-{uuid.uuid4().hex}"
+    client.cancel(mid)
+    wait_for(lambda: read_by(d, mid), 20, what="read on the new connection")
     amqp.publish(qname, "n=1", message_id=mid)
     wait_for(lambda: amqp.count(f"{qname}.dead") == 1, 20, what="refused")
     assert mid not in {e["id"] for e in d.ledger.events("start")}

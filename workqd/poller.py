@@ -237,6 +237,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
                     conn.process_data_events(time_limit=min(left, IO_EVERY))
                 except (pika.exceptions.AMQPError, OSError):
                     conn = None
+                    break   # connect again now: cancels must not wait for the round
                 wait = 0.0
             else:
                 wait = min(left, 1.0)

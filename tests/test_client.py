@@ -150,3 +150,13 @@ def test_a_cancel_is_appended_to_the_vhost_cancel_log(client, amqp):
         amqp.conn.process_data_events(time_limit=0.2)
     ch.basic_cancel(tag)
     assert mid in seen
+
+
+def test_a_due_task_whose_queue_was_deleted_waits_in_the_unrouted_queue(client, amqp, qname):
+    amqp.declare(qname)
+    mid = client.submit(b"orphan", queue=qname, delay=1)
+    amqp.delete(qname)
+
+    def landed():
+        return [p for p, _ in amqp.get_all(delays.UNROUTED) if p.message_id == mid]
+    assert wait_for(landed, 15, what="the orphaned task in workq.delay.unrouted")

@@ -55,7 +55,7 @@ def _snapshot() -> state.Snapshot:
                         workers=(state.WorkerView(1, 4242, state.W_BUSY, "m-1"),), consuming=1,
                         depth=(5, 1, 2))
     return state.Snapshot(phase=state.READY, queues=(q,), broker_connected=True, loop_age=0.0,
-                          version="0.0-test")
+                          version="0.0-test", delayed=7)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ def _matches(pattern: str, key: str) -> bool:
 def walk(seconds: int) -> tuple[list[int], int]:
     """The level queues a message published for ``seconds`` waits in, and its total wait."""
     exchanges, levels, binds = delays.topology()
-    ttl = {lv.name: lv.arguments["x-message-ttl"] // 1000 for lv in levels}
-    dead_letter_to = {lv.name: lv.arguments["x-dead-letter-exchange"] for lv in levels}
+    timed = [lv for lv in levels if lv.name != delays.UNROUTED]
+    ttl = {lv.name: lv.arguments["x-message-ttl"] // 1000 for lv in timed}
+    dead_letter_to = {lv.name: lv.arguments["x-dead-letter-exchange"] for lv in timed}
     key = delays.routing_key(seconds)
     exchange, visited, waited = delays.entry_exchange(seconds), [], 0
     for _ in range(2 * delays.LEVELS + 2):
@@ -59,8 +60,19 @@ def test_a_year_takes_more_than_one_pass():
 
 def test_every_level_ttl_is_one_the_broker_accepts():
     # RabbitMQ refuses an x-message-ttl above 2**32 - 1 ms.
-    for level in delays.topology()[1]:
+    levels = delays.topology()[1]
+    assert [lv.name for lv in levels[:delays.LEVELS]] == [delays.level_name(n)
+                                                           for n in range(delays.LEVELS)]
+    for level in levels[:delays.LEVELS]:
         assert 0 < level.arguments["x-message-ttl"] <= 2 ** 32 - 1
+
+
+def test_a_due_task_whose_queue_is_gone_has_a_queue_to_go_to():
+    exchanges, levels, binds = delays.topology()
+    deliver = next(e for e in exchanges if e.name == delays.DELIVER_EXCHANGE)
+    assert deliver.arguments == {"alternate-exchange": delays.UNROUTED}
+    assert delays.UNROUTED in {e.name for e in exchanges} & {lv.name for lv in levels}
+    assert any(b.source == b.destination == delays.UNROUTED for b in binds)
 
 
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), 101 * 366 * 86400])

@@ -121,6 +121,7 @@ class FakePoller:
         self.pid = fake.new_pid()
         self.depth: dict[str, tuple[int, int, int]] = {}
         self.connected = False
+        self.delayed: int | None = None
         self.rounds = 0
         self.cancels_held = None
 

@@ -47,8 +47,10 @@ class FakePublisher:
     def __init__(self, channel):
         self.channel = channel
         self.waiting = []   # done callbacks, in publish order
+        self.exchanges = []   # the exchange of each publish, in order
 
-    def publish(self, routing_key, body, props, mandatory, done, wanted):
+    def publish(self, routing_key, body, props, mandatory, done, wanted, exchange=""):
+        self.exchanges.append(exchange)
         self.channel.frames.append(("publish", routing_key, props.message_id or props.correlation_id,
                                     mandatory))
         if done is not None:
@@ -227,7 +229,7 @@ NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
 
 def test_policy_retry_then_dead_letter():
     first = decide(QUEUE, 1, {"x-delivery-count": 2, "k": "v"}, vocab.RETRY, "boom", now=NOW)
-    assert (first.target, first.metric, first.final) == ("q.delay.5s", vocab.RETRY, False)
+    assert (first.target, first.metric, first.final, first.delay) == ("q", vocab.RETRY, False, 5)
     assert first.headers == {"k": "v", vocab.H_ATTEMPT: 2, vocab.H_ERROR: "boom"}
     last = decide(QUEUE, 2, {}, vocab.RETRY, "boom", now=NOW)
     assert (last.target, last.metric, last.final) == ("q.dead", vocab.DEAD_LETTER, True)
@@ -276,7 +278,7 @@ def test_publisher_reports_each_confirm_once_and_spots_returns():
     results = []
     for mid in ("a", "b", "c"):
         _publish(p, mid, results)
-    p._on_return(p._channel, types.SimpleNamespace(routing_key="q.dead"),
+    p._on_return(p._channel, types.SimpleNamespace(routing_key="q.dead", exchange=""),
                  pika.BasicProperties(message_id="b"), b"x")
     p._on_confirm(_frame(pika.spec.Basic.Ack(3, True)))
     assert results == [pub.CONFIRMED, pub.RETURNED, pub.CONFIRMED] and p.idle
@@ -309,7 +311,7 @@ def test_policy_a_deferral_keeps_the_try_and_is_bounded():
                                   "retry": {"attempts": 2, "backoff": [5, 30],
                                             "max_deferrals": 2}}]}, "t.yaml").queues[0]
     s = decide(q, 1, {"k": "v", "x-delivery-count": 1}, vocab.DEFERRED, "db down", now=NOW)
-    assert (s.target, s.metric, s.final, s.delay) == ("q.delay.5s", vocab.DEFERRED, False, 5)
+    assert (s.target, s.metric, s.final, s.delay) == ("q", vocab.DEFERRED, False, 5)
     assert s.headers == {"k": "v", vocab.H_ATTEMPT: 1, vocab.H_DEFERRALS: 1,
                          vocab.H_ERROR: "db down"}
     s = decide(q, 1, s.headers, vocab.DEFERRED, "db down", now=NOW)
@@ -317,11 +319,11 @@ def test_policy_a_deferral_keeps_the_try_and_is_bounded():
         vocab.DEFERRED, 1, 2)
     # Out of deferrals: a failed try like any other (try 2 next), still counting 2.
     s = decide(q, 1, s.headers, vocab.DEFERRED, "db down", now=NOW)
-    assert (s.target, s.metric, s.headers[vocab.H_ATTEMPT]) == ("q.delay.5s", vocab.RETRY, 2)
+    assert (s.target, s.metric, s.headers[vocab.H_ATTEMPT], s.delay) == ("q", vocab.RETRY, 2, 5)
     assert "deferred 2 time(s)" in s.headers[vocab.H_ERROR]
     # A deferral of the last try waits the delay after it, then the last try runs again.
     s = decide(q, 2, {vocab.H_DEFERRALS: 0}, vocab.DEFERRED, "db down", now=NOW)
-    assert (s.target, s.headers[vocab.H_ATTEMPT]) == ("q.delay.30s", 2)
+    assert (s.target, s.headers[vocab.H_ATTEMPT], s.delay) == ("q", 2, 30)
     s = decide(q, 2, {vocab.H_DEFERRALS: 2}, vocab.DEFERRED, "db down", now=NOW)
     assert (s.target, s.metric, s.headers[vocab.H_REASON]) == ("q.dead", vocab.DEAD_LETTER,
                                                               "failed")

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import pika
 
-from . import vocab
+from . import delays, vocab
 from .config import Binding, Broker, Invalid, Queue, read_password, redact  # noqa: F401 (redact: re-exported)
 
 log = logging.getLogger("workqd.broker")
@@ -49,28 +49,6 @@ def dead_letter_arguments(queue: Queue) -> dict:
     return {"x-queue-type": queue.type}
 
 
-def delay_queue_name(queue: Queue, delay: float) -> str:
-    return vocab.delay_queue(queue.name, delay)
-
-
-def delay_queue_arguments(queue: Queue, delay: float) -> dict:
-    # A message waits out the TTL, then the broker dead-letters it back to the
-    # work queue through the default exchange. Every message of a delay queue has
-    # the same TTL, so expiry from the head is exact on either type. A quorum work
-    # queue gets a quorum delay queue: a retry must survive the loss of a node.
-    args = {"x-queue-type": queue.type, "x-message-ttl": int(delay * 1000),
-            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue.name}
-    if queue.type == "quorum":
-        args.update(_quorum_dead_lettering(queue, queue.name))
-    return args
-
-
-def legacy_delay_queue_arguments(queue: Queue, delay: float) -> dict:
-    """workqd before 0.2: classic delay queues for every work queue type."""
-    return {"x-queue-type": "classic", "x-message-ttl": int(delay * 1000),
-            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue.name}
-
-
 def _quorum_dead_lettering(queue: Queue, target: str) -> dict:
     # At-least-once dead-lettering (RabbitMQ >= 3.10) keeps a message on its
     # queue until the target confirmed it; it requires reject-publish overflow.
@@ -86,9 +64,12 @@ class Declaration(NamedTuple):
     passive: bool = False  # only check that it exists (declare: false), as it is
 
 
-def declarations(queue: Queue) -> list[Declaration | Binding]:
-    """Every queue a worker declares, work queue first, then its bindings: each exchange
-    checked passively (workqd never creates or changes exchanges) and the queue bound."""
+def declarations(queue: Queue) -> list:
+    """Every queue a worker declares, work queue first; with side queues, its dead-letter
+    queue, the vhost's delay levels (delays.py: exchanges, queues and their bindings,
+    idempotent) and the queue's delivery binding; then its configured bindings: each
+    exchange checked passively (workqd never creates or changes those) and the queue
+    bound."""
     name = queue.name
     if not queue.declare:
         out = [Declaration(name, {}, None, "", passive=True)]
@@ -110,17 +91,16 @@ def _work_queue(queue: Queue) -> list[Declaration]:
                         f"give it a dead-letter target with: {policy}")]
 
 
-def _side_queues(queue: Queue) -> list[Declaration]:
-    name = queue.name
-    out = [Declaration(vocab.dead_letter_queue(name), dead_letter_arguments(queue), None, "")]
-    for d in queue.retry.delays():
-        if d > 0:
-            out.append(Declaration(
-                delay_queue_name(queue, d), delay_queue_arguments(queue, d),
-                legacy_delay_queue_arguments(queue, d) if queue.type == "quorum" else None,
-                "delete it once it is empty (rabbitmqctl delete_queue --if-empty) and workqd "
-                "declares it as a quorum queue"))
-    return out
+def _side_queues(queue: Queue) -> list:
+    # Retries and deferrals wait in the shared delay levels, whatever their delay: no
+    # queue per delay. The per-queue delay queues of earlier versions are no longer
+    # declared; what they hold still dead-letters into the work queue (workqd.8,
+    # "Upgrading", removes them once empty).
+    exchanges, levels, binds = delays.topology()
+    return [Declaration(vocab.dead_letter_queue(queue.name), dead_letter_arguments(queue),
+                        None, ""),
+            *exchanges, *levels, *binds, delays.stray_delivery_binding(queue.name),
+            delays.delivery_binding(queue.name)]
 
 
 class Failover:

@@ -134,9 +134,6 @@ def render_status(st: dict) -> str:
     lines = [f"workqd {st['version']} (pid {st['pid']}): {st['phase']}"
              f"{'' if st['ready'] else '; not ready: ' + st['readiness']}"
              f"{'' if st['broker_connected'] else ', broker not reachable from the master'}"]
-    if st.get("cancels") is not None:
-        lines.append(f"cancels held: {st['cancels']} (workqctl cancel; the log keeps them "
-                     f"{cancels.RETENTION / 86400:g} days)")
     rows = [("QUEUE", "STATE", "WORKERS", "CONSUMING", "IN FLIGHT", "READY", "CONSUMERS",
              "DEAD")]
     for q in st["queues"]:
@@ -149,6 +146,12 @@ def render_status(st: dict) -> str:
         rows.append((q["name"], state, size, str(q["consuming"]), str(q["in_flight"]),
                      _dash(q["ready"]), _dash(q["consumers"]), _dash(q["dead_letters"])))
     lines += _table(rows)
+    if st.get("delayed") is not None:
+        lines.append(f"delayed tasks (every queue of the vhost, in the delay levels): "
+                     f"{st['delayed']}")
+    if st.get("cancels") is not None:
+        lines.append(f"cancels held: {st['cancels']} (workqctl cancel; the log keeps them "
+                     f"{cancels.RETENTION / 86400:g} days)")
     for q in st["queues"]:
         lines.append("")
         lines.append(f"{q['name']}:")

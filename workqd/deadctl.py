@@ -22,9 +22,6 @@ from . import config as config_mod
 from . import exitcodes, frames, submit, vocab
 
 CONFIRM_TIMEOUT = 30.0
-# workqctl cancel's reason too, until vocab lists it among the dead-letter reasons.
-_REASONS = tuple(dict.fromkeys((*vocab.DEAD_LETTER_REASONS,
-                                getattr(vocab, "REASON_CANCELLED", "cancelled"))))
 ERROR_WIDTH = 60
 
 
@@ -37,7 +34,7 @@ def add_parser(sub) -> None:
     s = acts.add_parser("show", help="one dead letter: properties, headers and body")
     s.add_argument("id", help="its message id")
     s = acts.add_parser("requeue", help="move dead letters back to QUEUE, each confirmed")
-    s.add_argument("--reason", choices=_REASONS,
+    s.add_argument("--reason", choices=vocab.DEAD_LETTER_REASONS,
                    help="only those dead-lettered for this reason")
     s.add_argument("--id", action="append", default=[], dest="ids", metavar="ID",
                    help="only this message id (repeatable)")

@@ -25,7 +25,10 @@ Why this shape, and not a delay queue per delay or a plugin:
 
 The destination travels in a header (``x-workq-to``) and the delivery exchange is
 a headers exchange with one binding per work queue: queue names may hold any
-character, which topic patterns would read as wildcards.
+character, which topic patterns would read as wildcards. The bindings match with
+``all-with-x``: plain ``all`` leaves every header starting with ``x-`` out of the
+match, so a binding on ``x-workq-to`` alone would match every message and hand
+each due task to every bound queue.
 
 RabbitMQ drops a message that is dead-lettered into a queue it was dead-lettered
 from before, unless a rejection happened in between (cycle detection). A task
@@ -43,6 +46,7 @@ MAX_PASS = 2 ** LEVELS - 1          # seconds one pass through the levels can wa
 MAX_DELAY = 100 * 366 * 86400       # seconds: a century is as far as a task may wait
 PREFIX = "workq.delay"
 DELIVER_EXCHANGE = f"{PREFIX}.deliver"
+UNROUTED = f"{PREFIX}.unrouted"        # due tasks whose work queue no longer exists
 H_TO = "x-workq-to"                 # the work queue a delayed message is for
 H_DUE_MS = "x-workq-due-ms"         # when it is due, ms since the epoch (status, lateness)
 # The broker's dead-lettering history: never carried into the levels (cycle detection).
@@ -106,6 +110,7 @@ def _pattern(n: int, bit: str) -> str:
 class Exchange(NamedTuple):
     name: str
     type: str
+    arguments: dict | None = None
 
 
 class Level(NamedTuple):
@@ -114,12 +119,15 @@ class Level(NamedTuple):
 
 
 class Bind(NamedTuple):
-    """``destination`` (a queue, or an exchange when ``to_exchange``) bound to ``source``."""
+    """``destination`` (a queue, or an exchange when ``to_exchange``) bound to ``source``;
+    ``remove``: unbound instead (a binding of an earlier shape; unbinding one that does
+    not exist is no error)."""
     source: str
     destination: str
     routing_key: str
     to_exchange: bool
     arguments: dict | None = None
+    remove: bool = False
 
 
 def level_arguments(n: int) -> dict:
@@ -133,8 +141,12 @@ def level_arguments(n: int) -> dict:
 def topology() -> tuple[list[Exchange], list[Level], list[Bind]]:
     """Every exchange, level queue and binding of the vhost's delay levels; declared in
     this order, each binding finds both of its ends in place."""
-    exchanges = [Exchange(DELIVER_EXCHANGE, "headers")]
-    levels, binds = [], []
+    # A due task whose queue is gone (deleted while it waited) would otherwise be kept
+    # by the broker's at-least-once dead-lettering and retried for ever, unseen: the
+    # delivery exchange hands it to a queue of its own, where it waits for an operator.
+    exchanges = [Exchange(UNROUTED, "fanout"),
+                 Exchange(DELIVER_EXCHANGE, "headers", {"alternate-exchange": UNROUTED})]
+    levels, binds = [], [Bind(UNROUTED, UNROUTED, "", to_exchange=False)]
     for n in range(LEVELS):
         name = level_name(n)
         below = level_name(n - 1) if n else DELIVER_EXCHANGE
@@ -142,20 +154,29 @@ def topology() -> tuple[list[Exchange], list[Level], list[Bind]]:
         levels.append(Level(name, level_arguments(n)))
         binds.append(Bind(name, name, _pattern(n, "1"), to_exchange=False))
         binds.append(Bind(name, below, _pattern(n, "0"), to_exchange=True))
+    # Last, so levels[n] is level n; its binding, first, comes after every queue.
+    levels.append(Level(UNROUTED, {"x-queue-type": "quorum"}))
     return exchanges, levels, binds
 
 
 def delivery_binding(queue: str) -> Bind:
     """The binding that brings a work queue its due messages."""
     return Bind(DELIVER_EXCHANGE, queue, "", to_exchange=False,
-                arguments={"x-match": "all", H_TO: queue})
+                arguments={"x-match": "all-with-x", H_TO: queue})
+
+
+def stray_delivery_binding(queue: str) -> Bind:
+    """Removes the binding an earlier build made with ``x-match: all``, which matched
+    every due message (x- headers are left out of that match) whatever its queue."""
+    return Bind(DELIVER_EXCHANGE, queue, "", to_exchange=False,
+                arguments={"x-match": "all", H_TO: queue}, remove=True)
 
 
 def declare(channel) -> None:
     """Declare the levels on a pika BlockingChannel (idempotent; each call re-asserts)."""
     exchanges, levels, binds = topology()
     for ex in exchanges:
-        channel.exchange_declare(ex.name, ex.type, durable=True)
+        channel.exchange_declare(ex.name, ex.type, durable=True, arguments=ex.arguments)
     for level in levels:
         channel.queue_declare(level.name, durable=True, arguments=level.arguments)
     for b in binds:
@@ -163,7 +184,10 @@ def declare(channel) -> None:
 
 
 def bind(channel, b: Bind) -> None:
-    if b.to_exchange:
+    if b.remove:
+        channel.queue_unbind(b.destination, b.source, routing_key=b.routing_key,
+                             arguments=b.arguments)
+    elif b.to_exchange:
         channel.exchange_bind(b.destination, b.source, routing_key=b.routing_key)
     else:
         channel.queue_bind(b.destination, b.source, routing_key=b.routing_key,
@@ -176,6 +200,7 @@ def prepare(channel, queue: str) -> None:
     binding. Raises pika's ChannelClosedByBroker (404) for a missing queue."""
     declare(channel)
     channel.queue_declare(queue, passive=True)
+    bind(channel, stray_delivery_binding(queue))
     bind(channel, delivery_binding(queue))
 
 

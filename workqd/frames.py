@@ -150,17 +150,25 @@ def _shortstr(buf: bytes, offset: int, limit: int) -> tuple:
     return data.decode_short_string(buf, offset)
 
 
-def _table(buf: bytes, offset: int, limit: int, path: str, depth: int, found: list) -> tuple:
-    """(dict, offset after the table); the table's declared size is trusted to find its
-    end, so one bad value costs at most the rest of its own table."""
+def _extent(buf: bytes, offset: int, limit: int, path: str, what: str,
+            found: list) -> tuple[int, int]:
+    """(start, end) of a table's or array's contents after its 4-byte size; a size that
+    runs past ``limit`` is noted and cut there."""
     if offset + 4 > limit:
         raise _Cut
     size = struct.unpack_from(">I", buf, offset)[0]
     offset += 4
     end = offset + size
     if end > limit:
-        found.append((path, f"the table says {size} bytes, only {limit - offset} follow"))
+        found.append((path, f"the {what} says {size} bytes, only {limit - offset} follow"))
         end = limit
+    return offset, end
+
+
+def _table(buf: bytes, offset: int, limit: int, path: str, depth: int, found: list) -> tuple:
+    """(dict, offset after the table); the table's declared size is trusted to find its
+    end, so one bad value costs at most the rest of its own table."""
+    offset, end = _extent(buf, offset, limit, path, "table", found)
     out = {}
     while offset < end:
         try:
@@ -176,14 +184,7 @@ def _table(buf: bytes, offset: int, limit: int, path: str, depth: int, found: li
 
 
 def _array(buf: bytes, offset: int, limit: int, path: str, depth: int, found: list) -> tuple:
-    if offset + 4 > limit:
-        raise _Cut
-    size = struct.unpack_from(">I", buf, offset)[0]
-    offset += 4
-    end = offset + size
-    if end > limit:
-        found.append((path, f"the array says {size} bytes, only {limit - offset} follow"))
-        end = limit
+    offset, end = _extent(buf, offset, limit, path, "array", found)
     out = []
     while offset < end:
         value, offset, rest_lost = _value(buf, offset, end, f"{path}[{len(out)}]", depth, found)

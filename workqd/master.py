@@ -489,7 +489,8 @@ class Master:
         return state.take_snapshot(
             self.phase, [*self.pools.values(), *self._orphans], self.poller.depth,
             self._unserved_sign, self._queue_state, self.poller.connected,
-            now - self.last_loop, __version__, now, cancels=self.poller.cancels_held)
+            now - self.last_loop, __version__, now, delayed=self.poller.delayed,
+            cancels=self.poller.cancels_held)
 
     def _unserved_sign(self, name: str) -> str:
         _, judge = self._service.get(name, (None, None))

@@ -27,7 +27,7 @@ _LE = (*map(floatToGoString, BUCKETS), "+Inf")
 def families(snap: Snapshot):
     processed = CounterMetricFamily(
         "workqd_tasks_processed", "Tasks settled, by outcome (success, retry, dead_letter, "
-        "timeout, deferred).", labels=["queue", "outcome"])
+        "timeout, deferred, expired, cancelled).", labels=["queue", "outcome"])
     redelivered = CounterMetricFamily(
         "workqd_tasks_redelivered", "Deliveries that arrived with redelivered=true: the task "
         "may have run before (worker killed, connection lost).", labels=["queue"])
@@ -106,11 +106,16 @@ def families(snap: Snapshot):
     broker = GaugeMetricFamily("workqd_broker_connected",
                                "1 when the master reached the broker at its last poll.")
     broker.add_metric([], 1 if snap.broker_connected else 0)
+    delayed = GaugeMetricFamily(
+        "workqd_delayed_messages", "Messages waiting in the vhost's delay levels (retries, "
+        "deferrals and delayed submissions of every queue), as last polled.")
+    if snap.delayed is not None:
+        delayed.add_metric([], snap.delayed)
     build = GaugeMetricFamily("workqd_build_info", "workqd version, always 1.",
                               labels=["version"])
     build.add_metric([snap.version], 1)
     return (processed, redelivered, in_flight, duration, wait, restarts, workers, ready, consumers,
-            dead, blocked, paused, size, least, most, broker, build)
+            dead, blocked, paused, size, least, most, broker, delayed, build)
 
 
 class _Collector:

@@ -1,4 +1,5 @@
-"""The master's view of the broker: queue depth, consumers, dead letters, reachability.
+"""The master's view of the broker: queue depth, consumers, dead letters, delayed tasks,
+reachability.
 
 The polling runs in a child process of its own, forked while the master is
 still single-threaded: it blocks on the broker (connects, passive declares),
@@ -48,6 +49,7 @@ class PollerProcess:
         self.pid = 0
         self.connected = False
         self.depth: dict[str, tuple[int, int, int]] = {}   # queue -> (ready, consumers, dead)
+        self.delayed: int | None = None   # messages in the vhost's delay levels; None: unknown
         self._report_r = self._nudge_w = -1
         self._buf = b""
         self._sel = None
@@ -149,16 +151,19 @@ class PollerProcess:
         for line in lines[-1:]:   # only the latest round matters
             try:
                 report = json.loads(line)
+                delayed = report.get("delayed")
                 self._apply(bool(report["connected"]), report.get("error", ""),
-                            {q: tuple(v) for q, v in report["depth"].items()})
+                            {q: tuple(v) for q, v in report["depth"].items()},
+                            delayed if type(delayed) is int else None)
                 self._note_cancels(report.get("cancels"))
             except (ValueError, KeyError, TypeError, AttributeError):
                 log.debug("bad report from the queue poller: %r", line[:200])
 
-    def _apply(self, connected: bool, error: str, depth) -> None:
+    def _apply(self, connected: bool, error: str, depth, delayed: int | None = None) -> None:
         self.rounds += 1
         self.connected = connected
         self.depth = depth if connected else {}   # no stale depth while unreachable
+        self.delayed = delayed if connected else None
         if connected != self._was_connected:
             if connected:
                 log.info("broker reachable")
@@ -195,6 +200,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
     while True:
         error = ""
         depth = {}
+        delayed = None
         try:
             if conn is None or not conn.is_open:
                 params = connection_parameters(cfg.broker, failover.current,
@@ -204,6 +210,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
             if follower is not None:
                 follower.follow(conn)
             depth = _poll(conn, cfg, dead_letter_queue)
+            delayed = poll_delayed(conn)
         except (pika.exceptions.AMQPError, OSError, ValueError) as e:
             error = f"{redact(failover.current)}: {e!r}"
             failover.failed()
@@ -218,7 +225,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
                         "meanwhile (cancels reach them as they are read)", cancels.STREAM,
                         LOAD_WAIT)
             table.set_loaded()
-        report = {"connected": not error, "error": error, "depth": depth}
+        report = {"connected": not error, "error": error, "depth": depth, "delayed": delayed}
         if table is not None:
             report["cancels"] = table.count()
         try:
@@ -266,6 +273,30 @@ def _poll(conn, cfg, dead_letter_queue) -> dict:
     if ch.is_open:
         ch.close()
     return depth
+
+
+def poll_delayed(conn) -> int | None:
+    """Messages waiting in the vhost's delay levels (delays.py): retries, deferrals and
+    delayed submissions of every queue. None when the vhost has no levels yet. A passive
+    declare of something missing closes the channel: one check of the delivery exchange
+    first, so a vhost without levels costs one closed channel per round, not 23."""
+    import pika.exceptions
+
+    from . import delays
+    ch = conn.channel()
+    try:
+        ch.exchange_declare(delays.DELIVER_EXCHANGE, passive=True)
+    except pika.exceptions.ChannelClosedByBroker:
+        return None
+    total = 0
+    for n in range(delays.LEVELS):
+        try:
+            total += ch.queue_declare(delays.level_name(n), passive=True).method.message_count
+        except pika.exceptions.ChannelClosedByBroker:
+            ch = conn.channel()   # a level someone deleted: the workers declare it again
+    if ch.is_open:
+        ch.close()
+    return total
 
 
 # --- the cancel log ------------------------------------------------------------

@@ -9,7 +9,11 @@ loads only this page, not the worker.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# The longest wait RetryLater(delay=) gives a task: a century, as for a submitted delay.
+MAX_RETRY_LATER = 100 * 366 * 86400
 
 # Basic properties copied into Task.properties (headers are Task.headers).
 PROPERTIES = ("content_type", "content_encoding", "delivery_mode", "priority", "correlation_id",
@@ -47,9 +51,19 @@ class Reject(Exception):
 
 class RetryLater(Exception):
     """Raised by a handler that could not attempt the task now (a service it needs is
-    down): the task waits the backoff delay and comes back without using up a try, at
-    most ``retry.max_deferrals`` times; after that it counts as a failure.
+    down): the task waits the backoff delay, or ``delay`` seconds when the handler knows
+    when to come back, and comes back without using up a try, at most
+    ``retry.max_deferrals`` times; after that it counts as a failure.
     ``args[0]`` is the reason shown."""
+
+    def __init__(self, *args, delay: float | None = None):
+        super().__init__(*args)
+        if delay is not None:
+            if isinstance(delay, bool) or not isinstance(delay, (int, float)) \
+                    or not math.isfinite(delay) or delay < 0:
+                raise ValueError(f"RetryLater(delay=) takes seconds >= 0, got {delay!r}")
+            delay = float(min(delay, MAX_RETRY_LATER))
+        self.delay = delay
 
 
 def properties_of(props) -> dict:

@@ -11,8 +11,11 @@ from __future__ import annotations
 # and of the `outcome` label of workqd_tasks_processed_total.
 # deferred: the handler could not attempt the task now (RetryLater, exit 75); it waits
 # a backoff delay and comes back without using up a try.
-SUCCESS, RETRY, DEAD_LETTER, TIMEOUT, DEFERRED = range(5)
-OUTCOMES = ("success", "retry", "dead_letter", "timeout", "deferred")
+# expired: delivered after its x-workq-expires-ms, dead-lettered unrun.
+# cancelled: cancelled by its message id before it ran, dead-lettered unrun.
+# New outcomes go at the end: the counters' positions must not move.
+SUCCESS, RETRY, DEAD_LETTER, TIMEOUT, DEFERRED, EXPIRED, CANCELLED = range(7)
+OUTCOMES = ("success", "retry", "dead_letter", "timeout", "deferred", "expired", "cancelled")
 
 # Why a task went to <queue>.dead (header x-workq-reason).
 REASON_FAILED = "failed"        # the handler failed on its last attempt
@@ -21,8 +24,12 @@ REASON_POISON = "poison"        # killed its worker max_redeliveries times
 REASON_TOO_LARGE = "too-large"  # body larger than max_body
 REASON_MALFORMED = "malformed"  # a workqd header the worker cannot read
 REASON_REJECTED = "rejected"    # the handler said no retry can help (workqd.Reject, exit 65)
+REASON_EXPIRED = "expired"      # delivered after its deadline (x-workq-expires-ms), never run
+REASON_CANCELLED = "cancelled"  # cancelled by message id before it ran (workqctl cancel)
 DEAD_LETTER_REASONS = (REASON_FAILED, REASON_TIMEOUT, REASON_POISON, REASON_TOO_LARGE,
-                       REASON_MALFORMED, REASON_REJECTED)
+                       REASON_MALFORMED, REASON_REJECTED, REASON_EXPIRED, REASON_CANCELLED)
+# Reasons that are outcomes of their own, counted apart from dead_letter.
+REASON_OUTCOMES = {REASON_EXPIRED: EXPIRED, REASON_CANCELLED: CANCELLED}
 
 # A command handler exiting with this status rejects its task: dead-lettered at
 # once, never retried. 65 is EX_DATAERR of sysexits.h, "the input data was incorrect".
@@ -56,4 +63,6 @@ def dead_letter_queue(queue: str) -> str:
 
 
 def delay_queue(queue: str, delay: float) -> str:
+    """A per-queue delay queue of workqd before the shared delay levels (delays.py): no
+    longer declared or published to; named so configs cannot take these names."""
     return f"{queue}.delay.{delay:g}s"

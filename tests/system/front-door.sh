@@ -82,7 +82,7 @@ one_suite() {
     local lower t0 out pid status
     WORK=$(mktemp -d /var/tmp/workqd-front-door.XXXXXX)
     t0=$(now)
-    lower=$(bash "$here/bare-root.sh" "$SUITE") || fail "no bare $SUITE root" || return 1
+    lower=$(bash "$here/rootfs.sh" "$SUITE" bare) || fail "no bare $SUITE root" || return 1
     ct_make_root "$lower" "$WORK" || fail "cannot prepare the root" || return 1
     say "bare root ready in $(since "$t0")s: ${lower%/root}"
     # The tree as a clone has it: tracked files and new ones, not what is ignored.

@@ -2,7 +2,11 @@
 # Prints the path of a cached Debian root with systemd and workqd's
 # dependencies, building it with debootstrap on first use.
 #
-#   tests/system/rootfs.sh [bookworm|trixie]      (default bookworm)
+#   tests/system/rootfs.sh [bookworm|trixie] [bare]     (default bookworm)
+#
+# bare: a root as a fresh server has it, minbase plus what boots it (systemd,
+#   dbus) and nothing of workqd's; tests/system/front-door.sh runs `make run`
+#   and `make test`'s set-up in it, which must install the rest themselves.
 #
 # bookworm: the daemon's dependencies only; its container shares the host's
 #   network and broker.
@@ -17,7 +21,9 @@
 set -euo pipefail
 
 SUITE=${1:-bookworm}
+BARE=${2:-}
 LATER=
+HOST=workqd-test
 BASE=systemd,systemd-sysv,dbus,procps,netbase,python3,python3-pika,python3-yaml,python3-prometheus-client,python3-sdnotify
 case $SUITE in
     bookworm) PACKAGES=$BASE ;;
@@ -25,6 +31,11 @@ case $SUITE in
             # debootstrap cannot order lintian's perl dependencies; apt can.
             LATER=lintian ;;
     *) echo "rootfs.sh: unknown suite $SUITE (bookworm or trixie)" >&2; exit 2 ;;
+esac
+case $BARE in
+    bare) PACKAGES=systemd,systemd-sysv,dbus LATER= HOST=workqd-bare ;;
+    '') ;;
+    *) echo "rootfs.sh: unknown variant $BARE (bare or none)" >&2; exit 2 ;;
 esac
 CACHE=${WORKQD_SYSTEST_CACHE:-/var/cache/workqd-systest}
 
@@ -38,7 +49,11 @@ mirror() {
 }
 
 MIRROR=$(mirror)
-KEY=$SUITE-$(printf '%s\n' "$SUITE" "$PACKAGES" "$LATER" "$MIRROR" minbase v3 | sha256sum | cut -c1-12)
+if [ -n "$BARE" ]; then
+    KEY=bare-$SUITE-$(printf '%s\n' "$SUITE" "$PACKAGES" "$MIRROR" minbase v1 | sha256sum | cut -c1-12)
+else
+    KEY=$SUITE-$(printf '%s\n' "$SUITE" "$PACKAGES" "$LATER" "$MIRROR" minbase v3 | sha256sum | cut -c1-12)
+fi
 ROOT=$CACHE/$KEY/root
 
 mkdir -p "$CACHE/$KEY"
@@ -49,7 +64,7 @@ flock 9
 if [ ! -x "$ROOT/lib/systemd/systemd" ]; then
     tmp=$(mktemp -d "$CACHE/$KEY/build.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
-    echo "building the $SUITE root in $ROOT (once; about a minute)" >&2
+    echo "building the $SUITE ${BARE:+bare }root in $ROOT (once; about a minute)" >&2
     t0=$SECONDS
     debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$tmp/root" "$MIRROR" \
         >"$tmp/debootstrap.log" 2>&1 || { tail -n 30 "$tmp/debootstrap.log" >&2; exit 1; }
@@ -66,10 +81,10 @@ if [ ! -x "$ROOT/lib/systemd/systemd" ]; then
     # no apt timers reaching for the network.
     systemctl --root="$tmp/root" mask console-getty.service getty@.service \
         systemd-firstboot.service apt-daily.timer apt-daily-upgrade.timer >/dev/null 2>&1 || true
-    echo workqd-test >"$tmp/root/etc/hostname"
+    echo "$HOST" >"$tmp/root/etc/hostname"
     # What the installer writes on a real server; minbase has no /etc/hosts,
     # and without one "localhost" (the default broker URL) does not resolve.
-    printf '127.0.0.1\tlocalhost\n127.0.1.1\tworkqd-test\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
+    printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' "$HOST" \
         >"$tmp/root/etc/hosts"
     rm -f "$tmp/root"/var/cache/apt/archives/*.deb
     echo "debootstrap $SUITE took $((SECONDS - t0))s" >&2

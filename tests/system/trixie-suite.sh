@@ -29,7 +29,7 @@ TESTS=(tests/test_core.py tests/test_failures.py tests/test_metrics.py tests/tes
        tests/test_quorum_limits.py tests/test_queues.py tests/test_master.py
        tests/test_hostile.py tests/test_handlers.py tests/test_units_settle.py
        tests/test_units_worker.py tests/test_units_service.py tests/test_frames.py
-       tests/test_units_frames.py)
+       tests/test_units_frames.py tests/test_time_worker.py tests/test_units_policy_levels.py)
 KNOWN=$here/trixie-known-failures
 WORK=
 

@@ -129,6 +129,7 @@ class HandlerThread:
             except RetryLater as e:
                 # Not a failure of the task: something it needs is not there now.
                 outcome, error = vocab.DEFERRED, runner.error_line(e)
+                d.defer_for = e.delay
             except Exception as e:
                 outcome, error = vocab.RETRY, runner.error_line(e)
                 log.warning("task %s failed: %s", task.message_id, error,

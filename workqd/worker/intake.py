@@ -25,7 +25,7 @@ class Delivery:
     writes the four run fields below."""
 
     __slots__ = ("settler", "tag", "body", "props", "task", "abandoned", "duration", "error",
-                 "started", "outcome", "ran_for", "failure")
+                 "started", "outcome", "ran_for", "failure", "defer_for")
 
     def __init__(self, settler, tag: int, body: bytes, props, task: Task):
         self.settler = settler    # of the channel it came on; dies with that channel
@@ -45,6 +45,7 @@ class Delivery:
         self.outcome = 0          # vocab.SUCCESS, RETRY, TIMEOUT, DEAD_LETTER or DEFERRED
         self.ran_for = 0.0
         self.failure = ""
+        self.defer_for = None     # seconds a RetryLater(delay=) asked for; None: the backoff
 
 
 def published_at(props) -> float | None:

@@ -25,15 +25,15 @@ import time
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from .. import exitcodes, frames, logsetup, runner, vocab
+from .. import delays, exitcodes, frames, logsetup, runner, vocab
 from ..broker import Failover, redact
 from ..cancels import CancelTable
 from ..config import Broker, Queue
 from ..slots import CONNECTING, IMPORTING, PAUSED, Slot, message_digest
-from . import intake
+from . import intake, timing
 from .handler import HandlerThread
 from .intake import Delivery
-from .policy import decide
+from .policy import decide, postpone
 from .publisher import Publisher
 from .session import CONSUMER_CHECK_EVERY, Session, Verdict
 
@@ -45,9 +45,6 @@ TICK = 0.25    # seconds between liveness ticks and Python-handler timeout check
 # while this daemon was down; past it, cancels reach it as they are read.
 CANCELS_WAIT = 5.0
 CANCELS_LOOK = 0.05   # seconds between looks meanwhile
-# The dead-letter reason of a cancelled task; vocab names it once it knows the
-# outcome of that name.
-REASON_CANCELLED = getattr(vocab, "REASON_CANCELLED", "cancelled")
 
 
 class Worker:
@@ -313,6 +310,9 @@ class Worker:
                 return
             if self._cancelled(d):
                 return
+            h = task.headers
+            if h and (vocab.H_EXPIRES_MS in h or delays.H_DUE_MS in h) and not self._on_time(d):
+                return
             self._received += 1
             if self._recycles and self._last_task_taken():
                 self._take_last(d)
@@ -329,8 +329,30 @@ class Worker:
         at = self._cancels.cancelled_at(message_digest(d.task.message_id))
         if not at:
             return False
-        self._refuse(d, REASON_CANCELLED, f"cancelled by workqctl cancel at {_utc(at)}")
+        self._refuse(d, vocab.REASON_CANCELLED, f"cancelled by workqctl cancel at {_utc(at)}")
         return True
+
+    def _on_time(self, d: Delivery) -> bool:
+        """The task's clock: False when it is settled here unrun, expired (dead-lettered)
+        or not due yet (sent through the delay levels for the rest of its wait)."""
+        verdict = timing.judge(d.task.headers, int(time.time() * 1000))
+        if verdict.kind == timing.ON_TIME:
+            return True
+        if verdict.kind == timing.EXPIRED:
+            self._refuse(d, vocab.REASON_EXPIRED, "delivered after its deadline "
+                         f"({vocab.H_EXPIRES_MS} {d.task.headers[vocab.H_EXPIRES_MS]})")
+            return False
+        if not self.queue.declare_side_queues:
+            # No levels to send it through: run it now rather than hold it.
+            log.info("task %s arrived %.0fs before it is due; without side queues there are "
+                     "no delay levels to wait in: running it now", d.task.message_id,
+                     verdict.seconds_left)
+            return True
+        log.info("task %s arrived %.0fs before it is due: back through the delay levels for "
+                 "the rest", d.task.message_id, verdict.seconds_left)
+        self._publish(d, postpone(self.queue, d.task.headers, verdict.seconds_left,
+                                  verdict.due_ms))
+        return False
 
     def _take_last(self, d: Delivery) -> None:
         """A recycling worker's last task: cancel now, while it runs, and let the master
@@ -387,7 +409,7 @@ class Worker:
         if d is self._stopping_cancelled:
             self._stopping_cancelled = None
             if d.outcome != vocab.SUCCESS:   # one that finished first stays a success
-                self._settle(d, vocab.DEAD_LETTER, REASON_CANCELLED)
+                self._settle(d, vocab.DEAD_LETTER, vocab.REASON_CANCELLED)
                 return
         self._settle(d, d.outcome)
 
@@ -412,7 +434,8 @@ class Worker:
                 self._finish_if_idle()
             return
         q = self.queue
-        s = decide(q, d.task.attempt, d.task.headers, outcome, d.error, reason)
+        s = decide(q, d.task.attempt, d.task.headers, outcome, d.error, reason,
+                   defer_for=d.defer_for)
         settler = d.settler
         if s.reject:   # declare_side_queues: false (policy.decide)
             log.warning("task %s rejected to the broker (no side queues): %s",
@@ -433,22 +456,29 @@ class Worker:
             else:
                 log.info("task %s: %s; try %d of %d in %gs", d.task.message_id, d.error,
                          d.task.attempt + 1, q.retry.attempts, s.delay)
-            try:
-                published = settler.publish_copy(d, s)
-            except (TypeError, ValueError, struct.error, pika.exceptions.ProtocolSyntaxError,
-                    pika.exceptions.ShortStringTooLong) as e:
-                # pika could not encode a header it decoded: keep only workqd's own.
-                log.warning("task %s: cannot copy its headers (%s); the copy keeps workqd's "
-                            "headers only", d.task.message_id, e)
-                published = settler.publish_copy(d, dataclasses.replace(s, headers={
-                    k: v for k, v in s.headers.items() if k.startswith("x-workq-")}))
-            if not published:
-                self.on_unsettled(d, "channel gone")
+            self._publish(d, s)
         self._finish_if_idle()
 
-    def on_settled(self, d: Delivery, metric: int) -> None:
-        """Settler event: the broker has the copy of ``d`` and the original is acked."""
-        self.slot.record(metric, d.duration)
+    def _publish(self, d: Delivery, s) -> None:
+        """Send a settlement's copy; the original is acked once the broker confirms it."""
+        settler = d.settler
+        try:
+            published = settler.publish_copy(d, s)
+        except (TypeError, ValueError, struct.error, pika.exceptions.ProtocolSyntaxError,
+                pika.exceptions.ShortStringTooLong) as e:
+            # pika could not encode a header it decoded: keep only workqd's own.
+            log.warning("task %s: cannot copy its headers (%s); the copy keeps workqd's "
+                        "headers only", d.task.message_id, e)
+            published = settler.publish_copy(d, dataclasses.replace(s, headers={
+                k: v for k, v in s.headers.items() if k.startswith("x-workq-")}))
+        if not published:
+            self.on_unsettled(d, "channel gone")
+
+    def on_settled(self, d: Delivery, metric: int | None) -> None:
+        """Settler event: the broker has the copy of ``d`` and the original is acked.
+        ``metric`` None: a task postponed unrun, which is not an outcome."""
+        if metric is not None:
+            self.slot.record(metric, d.duration)
         self._finish_if_idle()
 
     def on_unsettled(self, d: Delivery, why: str) -> None:
@@ -518,7 +548,7 @@ class Worker:
         d.abandoned = True
         d.duration = time.monotonic() - d.started
         d.error = f"cancelled by workqctl cancel at {_utc(at)} while running"
-        self._settle(d, vocab.DEAD_LETTER, REASON_CANCELLED)
+        self._settle(d, vocab.DEAD_LETTER, vocab.REASON_CANCELLED)
         self.stop(exitcodes.WORKER_RECYCLE)
 
     def _follow_pause(self) -> None:

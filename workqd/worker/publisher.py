@@ -47,6 +47,7 @@ def reply_allowed(reply_to: str, allow_reply_queues: bool) -> bool:
 
 
 class _Message(NamedTuple):
+    exchange: str                         # "" (the default exchange) or a delay level's
     routing_key: str
     body: bytes
     props: pika.BasicProperties
@@ -93,8 +94,9 @@ class _Link:
         self._failover = Failover([url, *[u for u in self._broker.urls if u != url]])
 
     def publish(self, routing_key: str, body: bytes, props, mandatory: bool,
-                done: Callable[[str], None] | None, wanted: Callable[[], bool]) -> None:
-        msg = _Message(routing_key, body, props, mandatory, done, wanted)
+                done: Callable[[str], None] | None, wanted: Callable[[], bool],
+                exchange: str = "") -> None:
+        msg = _Message(exchange, routing_key, body, props, mandatory, done, wanted)
         if self._channel is not None and self._channel.is_open:
             self._send(msg)
         else:
@@ -191,7 +193,7 @@ class _Link:
     # --- messages ---------------------------------------------------------------
 
     def _send(self, msg: _Message) -> None:
-        self._channel.basic_publish("", msg.routing_key, msg.body, msg.props,
+        self._channel.basic_publish(msg.exchange, msg.routing_key, msg.body, msg.props,
                                     mandatory=msg.mandatory)
         if not self.confirms:
             return
@@ -216,6 +218,7 @@ class _Link:
         # A mandatory copy found no queue; the confirm that follows is an ack.
         for seq, msg in self._unconfirmed.items():
             if (seq not in self._returned and msg.routing_key == method.routing_key
+                    and msg.exchange == method.exchange
                     and msg.props.message_id == props.message_id):
                 self._returned.add(seq)
                 return
@@ -290,14 +293,15 @@ class _Replies(_Link):
     _dropping = False   # the oldest waiting replies are being dropped (said once)
 
     def publish(self, routing_key: str, body: bytes, props, mandatory: bool,
-                done: Callable[[str], None] | None, wanted: Callable[[], bool]) -> None:
+                done: Callable[[str], None] | None, wanted: Callable[[], bool],
+                exchange: str = "") -> None:
         if len(self._backlog) >= self.BACKLOG_MAX:
             del self._backlog[0]
             if not self._dropping:
                 self._dropping = True
                 log.warning("%d replies wait for the reply connection: dropping the oldest "
                             "until it is back", self.BACKLOG_MAX)
-        super().publish(routing_key, body, props, mandatory, done, wanted)
+        super().publish(routing_key, body, props, mandatory, done, wanted, exchange)
 
     def _ready(self, channel) -> None:
         self._dropping = False

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import pika
 import pika.exceptions
 
-from .. import exitcodes
+from .. import delays, exitcodes
 from ..amqperrors import tls_error
 from ..broker import Declaration, connection_parameters, declarations, queue_arguments, redact
 from ..config import Binding, Broker, Queue
@@ -57,6 +57,10 @@ def classify_channel_close(code: int, text: str, declaring: bool, queue: Queue,
         return Verdict(f"queue {item.name} does not exist on the broker, and with declare: false "
                        f"workqd does not create it: create it, or set declare: true ({text})",
                        exitcodes.WORKER_QUEUE_MISSING)
+    if code == 406 and declaring and isinstance(item, (delays.Level, delays.Exchange)):
+        return Verdict(f"delay level {item.name} exists on the broker in another shape than "
+                       f"workqd declares (delete it once empty, and workqd declares it): {text}",
+                       exitcodes.WORKER_QUEUE_MISMATCH)
     if code == 406 and declaring:
         # The broker's text names the argument that differs ("inequivalent arg
         # 'x-max-length' for queue 'q' ...: received '10' but current is '5'").
@@ -146,8 +150,9 @@ class Session:
         self.settler: Settler | None = None
         self.consumer_tag: str | None = None
         self._declaring = False
-        self._pending: list[Declaration | Binding] = []
-        self._declaring_item: tuple[Declaration | Binding, bool] | None = None
+        # Declaration, config Binding, or a delay level's delays.Exchange/Level/Bind.
+        self._pending: list = []
+        self._declaring_item: tuple[object, bool] | None = None
         self._verdict: Verdict | None = None   # why the channel went, if the broker said
         self._misses = 0   # consumer checks in a row that found something wrong
         self._received_checked = 0   # the settler's deliveries as of the last consumer check
@@ -243,6 +248,9 @@ class Session:
         if isinstance(item, Binding):
             self._bind(channel, item)
             return
+        if isinstance(item, (delays.Exchange, delays.Level, delays.Bind)):
+            self._declare_delay(channel, item)
+            return
         args = item.legacy if legacy else item.arguments
 
         def declared(frame):
@@ -267,6 +275,29 @@ class Session:
         channel.exchange_declare(binding.exchange, passive=True, callback=lambda _f: (
             channel.queue_bind(self.queue.name, binding.exchange, binding.routing_key,
                                callback=bound)))
+
+    def _declare_delay(self, channel, item) -> None:
+        """One piece of the delay levels: shared by the vhost, declared the same way by
+        every worker and client, so each declaration only re-asserts it."""
+        def done(_frame):
+            self._pending.pop(0)
+            self._declare_next()
+        self._declaring_item = (item, False)
+        if isinstance(item, delays.Exchange):
+            channel.exchange_declare(item.name, item.type, durable=True,
+                                     arguments=item.arguments, callback=done)
+        elif isinstance(item, delays.Level):
+            channel.queue_declare(item.name, durable=True, arguments=item.arguments,
+                                  callback=done)
+        elif item.remove:
+            channel.queue_unbind(item.destination, item.source, routing_key=item.routing_key,
+                                 arguments=item.arguments, callback=done)
+        elif item.to_exchange:
+            channel.exchange_bind(item.destination, item.source, routing_key=item.routing_key,
+                                  callback=done)
+        else:
+            channel.queue_bind(item.destination, item.source, routing_key=item.routing_key,
+                               arguments=item.arguments, callback=done)
 
     def _consume(self) -> None:
         if self._closing or not self.channel.is_open:
@@ -338,7 +369,7 @@ class Session:
         code = getattr(reason, "reply_code", 0)
         text = getattr(reason, "reply_text", str(reason))
         item, tried_legacy = self._declaring_item or (None, False)
-        if (self._declaring and code == 406 and item is not None and item.legacy is not None
+        if (self._declaring and code == 406 and getattr(item, "legacy", None) is not None
                 and not tried_legacy and not self._closing and self.connection.is_open):
             if self.settler is not None:
                 self.settler.close()

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Callable, Protocol
 
 import pika
 
-from .. import vocab
+from .. import delays, vocab
 from . import publisher as pub
 from .intake import Delivery
 from .policy import Settlement
@@ -30,7 +31,7 @@ ACK_FLUSH_DELAY = 0.005    # seconds a coalesced ack waits at most while the han
 
 
 class Events(Protocol):
-    def on_settled(self, d: Delivery, metric: int) -> None: ...
+    def on_settled(self, d: Delivery, metric: int | None) -> None: ...
     def on_unsettled(self, d: Delivery, why: str) -> None: ...
 
 
@@ -110,20 +111,27 @@ class Settler:
         return True
 
     def publish_copy(self, d: Delivery, s: Settlement) -> bool:
-        """Publish the retry or dead-letter copy; the original is acked on its confirm."""
+        """Publish the retry, dead-letter or postponed copy; the original is acked on its
+        confirm. A copy due later goes through the delay levels (delays.py), any delay."""
         if not self.usable:
             self._unsettled.pop(d.tag, None)
             return False
+        exchange, routing_key, headers = "", s.target, s.headers
+        if s.delay > 0:
+            due_ms = s.due_ms if s.due_ms is not None else int(
+                (time.time() + s.delay) * 1000)
+            exchange, routing_key, headers = delays.routed(s.target, s.headers, s.delay, due_ms)
         p = d.props
         props = pika.BasicProperties(
-            content_type=p.content_type, content_encoding=p.content_encoding, headers=s.headers,
+            content_type=p.content_type, content_encoding=p.content_encoding, headers=headers,
             delivery_mode=2, priority=p.priority, correlation_id=p.correlation_id,
             reply_to=p.reply_to, message_id=d.task.message_id, timestamp=p.timestamp,
             type=p.type, app_id=p.app_id)
         self._copies[d.tag] = d
-        self._publisher.publish(s.target, d.body, props, True,
+        self._publisher.publish(routing_key, d.body, props, True,
                                 done=lambda result: self._copy_done(d, s, result),
-                                wanted=lambda: self.usable and d.tag in self._copies)
+                                wanted=lambda: self.usable and d.tag in self._copies,
+                                exchange=exchange)
         return True
 
     def reply(self, d: Delivery, outcome: str, final: bool) -> None:
@@ -172,7 +180,8 @@ class Settler:
             if self.usable:
                 self.channel.basic_ack(d.tag)
             self._events.on_settled(d, s.metric)
-            self.reply(d, vocab.OUTCOMES[s.metric], s.final)
+            if s.metric is not None:   # a postponed task has no outcome to tell yet
+                self.reply(d, vocab.OUTCOMES[s.metric], s.final)
             return
         log.error("the copy of task %s to %s was %s; requeueing the original", d.task.message_id,
                   s.target, result)

@@ -244,7 +244,9 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
                     conn.process_data_events(time_limit=min(left, IO_EVERY))
                 except (pika.exceptions.AMQPError, OSError):
                     conn = None
-                    break   # connect again now: cancels must not wait for the round
+                    # Connect again soon, not at the next round: cancels keep coming.
+                    deadline = min(deadline, time.monotonic() + INTERVAL_DISCONNECTED)
+                    continue
                 wait = 0.0
             else:
                 wait = min(left, 1.0)

@@ -185,6 +185,24 @@ def test_a_running_python_task_replaces_its_worker_and_is_not_retried(daemon, am
     assert mid not in d.ledger.ended_ids() and amqp.count(qname) == 0
 
 
+def test_a_task_cancelled_while_buffered_behind_another_is_skipped_in_place(daemon, amqp,
+                                                                           qname, tmp_path):
+    d = start(daemon, tmp_path, [queue_config(qname, workers=1, prefetch=5)])
+    first = amqp.publish(qname, "sleep=3")
+    wait_for(lambda: any(e["id"] == first for e in d.ledger.events("start")), 20,
+             what="the first task running")
+    behind = amqp.publish(qname, "n=2")
+    wait_for(lambda: amqp.count(qname) == 0, 10, what="the second one delivered, waiting")
+    (worker,) = d.worker_pids()
+    cancel(d, behind)
+    wait_for(lambda: amqp.count(f"{qname}.dead") == 1, 20, what="dead-lettered")
+    assert first in d.ledger.ended_ids()
+    assert behind not in {e["id"] for e in d.ledger.events("start")}
+    (props, _), = dead_letters(amqp, qname)
+    assert (props.message_id, props.headers["x-workq-reason"]) == (behind, "cancelled")
+    assert d.worker_pids() == [worker]   # never started: nothing to stop, no replacement
+
+
 def test_a_restarted_daemon_reads_the_log_again_and_refuses_the_task(daemon, amqp, qname,
                                                                      tmp_path):
     one = start(daemon, tmp_path, [queue_config(qname, workers=1)])

@@ -103,7 +103,8 @@ class Worker:
         self._publisher = Publisher(self.broker, self.broker.urls,
                                     f"workqd {self.name} pid {self.pid}", self._ioloop,
                                     self._on_blocked, self.queue.allow_reply_queues)
-        self._handler = HandlerThread(run, self.slot, self.queue.timeout, self._wake_master)
+        self._handler = HandlerThread(run, self.slot, self.queue.timeout, self._wake_master,
+                                      self._cancelled_at if self._cancels is not None else None)
         self._ioloop.add_handler(self._handler.wake_fd, self._on_results, IOLoop.READ)
         self._install_signals()
         self._handler.start()
@@ -322,11 +323,17 @@ class Worker:
             log.exception("internal error in _on_message; stopping this worker")
             self.stop(exitcodes.WORKER_CRASH)
 
+    def _cancelled_at(self, task) -> int:
+        """When ``task``'s id was cancelled, 0 when it was not (any thread: the table is
+        shared memory this process only reads)."""
+        table = self._cancels
+        return table.cancelled_at(message_digest(task.message_id)) if table is not None else 0
+
     def _cancelled(self, d: Delivery) -> bool:
         """True when ``d``'s id was cancelled: it is dead-lettered here, unrun."""
         if self._cancels is None:
             return False
-        at = self._cancels.cancelled_at(message_digest(d.task.message_id))
+        at = self._cancelled_at(d.task)
         if not at:
             return False
         self._refuse(d, vocab.REASON_CANCELLED, f"cancelled by workqctl cancel at {_utc(at)}")
@@ -408,9 +415,11 @@ class Worker:
         d.duration, d.error = d.ran_for, d.failure
         if d is self._stopping_cancelled:
             self._stopping_cancelled = None
-            if d.outcome != vocab.SUCCESS:   # one that finished first stays a success
-                self._settle(d, vocab.DEAD_LETTER, vocab.REASON_CANCELLED)
-                return
+        if d.outcome != vocab.SUCCESS and self._cancelled_at(d.task):
+            # Stopped, skipped or failed: a cancelled task is not tried again. One that
+            # finished before its cancel arrived stays a success.
+            self._settle(d, vocab.DEAD_LETTER, vocab.REASON_CANCELLED)
+            return
         self._settle(d, d.outcome)
 
     def _refuse(self, d: Delivery, reason: str, problem: str) -> None:
@@ -532,7 +541,7 @@ class Worker:
         if (d is None or d.abandoned or d is self._stopping_cancelled
                 or self._cancels is None):
             return
-        at = self._cancels.cancelled_at(message_digest(d.task.message_id))
+        at = self._cancelled_at(d.task)
         if not at:
             return
         if self.queue.handler.command:

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= etc/workqd/workqd.yaml
 
-.PHONY: run local-setup test config-docs deb bench bench-smoke system-test system-test-bookworm system-test-trixie trixie-suite clean
+.PHONY: run local-setup test test-unit config-docs deb bench bench-smoke system-test system-test-bookworm system-test-trixie trixie-suite clean
 
 # Runs the daemon in the foreground on the default config. As root on a fresh
 # Debian machine it first installs python3-venv and rabbitmq-server and starts
@@ -26,9 +26,14 @@ test:
 	bash tests/run.sh
 
 # Rewrites the key reference of packaging/man/workqd.yaml.5 and etc/workqd/workqd.yaml
-# from workqd/config/schema.py (tests/test_config_schema.py fails while they differ).
+# from workqd/config/schema.py (tests/unit/test_config_schema.py fails while they differ).
 config-docs:
 	$(PYTHON) -m workqd.config.docgen
+
+# The loop while editing: one file per module, no broker, under a minute.
+test-unit: $(VENV)/.installed
+	$(VENV)/bin/pip install -q pytest hypothesis
+	$(VENV)/bin/python -m pytest tests/unit -q
 
 # Builds dist/workqd_<version>_all.deb in a temporary copy of the tree.
 deb:

@@ -1,5 +1,5 @@
 """Does `workqctl status` slow the task rate? Drain N no-op tasks with and without a
-client hammering the control socket with status requests (issue 12).
+client hammering the control socket with status requests.
 
     .venv/bin/python bench/control_load.py [--tasks 20000] [--calls 1000] [--runs 3]
 

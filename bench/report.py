@@ -337,7 +337,7 @@ class Report:
     def render(self) -> str:
         body = [self.w1(), self.w1_others(), self.w2(), self.w3(), self.w4(), self.scale(),
                 self.memory()]
-        targets = "\n".join(["## Targets of issue 6", "",
+        targets = "\n".join(["## Targets", "",
                              table(["what", "target", "measured", ""], self.targets)])
         method = "\n".join([
             "## How it is measured",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark suite of issue 6, end to end:
+# The benchmark suite, end to end:
 #   bash bench/run.sh           full suite (about 12 minutes on 2 cores):
 #                               writes bench/RESULTS.md and bench/results.png
 #   bash bench/run.sh --smoke   tiny sizes, one run each, no Celery/Dramatiq (about 1 minute):

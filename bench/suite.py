@@ -1,4 +1,4 @@
-"""The whole benchmark suite of issue 6, in one process: ``bash bench/run.sh`` runs it.
+"""The whole benchmark suite, in one process: ``bash bench/run.sh`` runs it.
 
     python bench/suite.py --py12 VENV/bin/python --pynew VENV/bin/python
                           [--others VENV/bin/python] [--smoke] [--out bench/out/results.json]

@@ -1,4 +1,4 @@
-"""A handler module that makes intake choke on one header, for tests/test_frames.py.
+"""A handler module that makes intake choke on one header, for tests/integration/test_frames.py.
 
 Imported by the worker when it loads its handler, before it consumes: from then
 on ``read_task`` raises on a message with header ``x-test-choke``, as it would on

@@ -1,10 +1,19 @@
 """Fixtures that drive the real daemon against the real RabbitMQ on 127.0.0.1:5672.
 
 A test that needs the broker fails when it is not there; it never skips.
+
+The tests are laid out by tier, and each tier's marker follows from the directory:
+tests/unit (no broker, seconds: the loop while editing), tests/integration (the
+machine's broker, real processes), tests/cluster (throwaway RabbitMQ nodes) and
+tests/system (booted containers). This file stays at the top so that pytest puts
+tests/ on sys.path, and the helpers beside it (polling, brokers, taskfns,
+forkcheck) import from every tier and in the daemons the fixtures start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -13,6 +22,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -30,6 +41,150 @@ ROOT = TESTS.parent
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
+# --- tiers, markers and who may run beside whom -------------------------------
+
+TIERS = ("unit", "integration", "cluster", "system")
+TIER = pytest.StashKey[str]()
+# The throwaway-node fixtures listen on fixed ports (tests/brokers.py: the cluster on
+# 5681-5683, the special nodes on 5684-5689; test_submit's lone node on 5691) and are
+# session- or module-wide: every test that uses one runs in the same pytest-xdist worker
+# as the others using it (--dist loadgroup), or two workers would start two nodes on one
+# port. The cluster and the special nodes do not share ports: two groups, two workers.
+# The config corpus is a module-wide fixture that runs ~50 CLI processes: once per run,
+# not once per worker.
+FIXTURE_GROUPS = {"lone_node": "lone-node", "corpus": "config-corpus",
+                  "cluster": "cluster-nodes", "healed_cluster": "cluster-nodes"}
+FIXTURE_GROUPS.update(dict.fromkeys(
+    ("special_node", "plain_node", "tls_node", "mtls_node", "expired_tls_node",
+     "timeout_node", "tls_certs"), "special-nodes"))
+# The bookworm system test runs the packaged daemon on the host's network against
+# the machine's broker, but as a subprocess: it cannot ask for the broker fixture.
+MACHINE_BROKER_SYSTEM_TESTS = ("test_debian_package_under_systemd[bookworm]",)
+# Collection order, which --dist loadgroup --no-loadscope-reorder keeps: the long
+# container and cluster work starts first; the unit tests come next, so the few tests
+# xdist queues behind each long job are short ones; the tests that take the machine's
+# broker away from everyone come last.
+ORDER = {"system": 0, "cluster": 1, "unit": 2, "integration": 3}
+OUTAGE_LAST = 4
+
+
+def tier_of(path: Path) -> str | None:
+    try:
+        first = path.resolve().relative_to(TESTS).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return first if first in TIERS else None
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = tier_of(item.path)
+        if tier is None:
+            # A file not yet moved into a tier: integration unless its name says unit.
+            tier = "unit" if item.path.name.startswith("test_units_") else "integration"
+        item.add_marker(getattr(pytest.mark, tier))
+        item.stash[TIER] = tier
+        groups = {FIXTURE_GROUPS[f] for f in item.fixturenames if f in FIXTURE_GROUPS}
+        if item.get_closest_marker("broker_outage"):
+            groups.add("machine-broker-outage")
+        if len(groups) > 1:
+            raise pytest.UsageError(f"{item.nodeid} needs the workers of {sorted(groups)}: "
+                                    f"one test, one group (tests/conftest.py FIXTURE_GROUPS)")
+        for group in groups:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: OUTAGE_LAST if item.get_closest_marker("broker_outage")
+               else ORDER[item.stash[TIER]])
+
+
+GROUP_IGNORED = pytest.StashKey[bool]()
+
+
+class _GroupCheck:
+    """Fails the grouped tests, before their fixtures start anything, when --dist loadgroup
+    is asked for but has no effect (pytest-xdist 3.8 under pytest 9.2 groups nothing):
+    otherwise two workers would start two nodes on one fixed port."""
+
+    @pytest.hookimpl(trylast=True)   # after pytest-xdist has named each test's group
+    def pytest_collection_modifyitems(self, config, items):
+        if getattr(config.option, "loadgroup", False):
+            for item in items:
+                if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+                    item.stash[GROUP_IGNORED] = True
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item):
+        if item.stash.get(GROUP_IGNORED, False):
+            pytest.fail(f"pytest-xdist {xdist_version()} ignored this test's xdist_group under "
+                        f"pytest {pytest.__version__}: use pytest<9.2 (as tests/run.sh does)",
+                        pytrace=False)
+
+
+def xdist_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("pytest-xdist")
+    except Exception:  # noqa: BLE001 -- only for the message
+        return "?"
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_GroupCheck(), "workqd-xdist-group-check")
+
+
+LOCK_DIR = Path(tempfile.gettempdir())
+OUTAGE_WAIT = 3600    # seconds a broker-outage test waits for the others to finish
+SHARED_WAIT = 900     # seconds a test waits for a broker outage to end
+# Fixtures that talk to the machine's broker during the test, beyond the integration tier.
+MACHINE_BROKER_FIXTURES = {"amqp", "qname", "broker_user"}
+
+
+@contextlib.contextmanager
+def machine_lock(name: str, exclusive: bool, wait: float, why: str):
+    """An flock on a file named for ``name`` in the temp dir, shared or exclusive, across
+    pytest processes and xdist workers; fails the test after ``wait`` seconds."""
+    path = LOCK_DIR / f"workqd-tests-{name}.lock"
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    deadline = time.monotonic() + wait
+    with open(path, "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{why} after {wait:.0f}s ({path} is held)")
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def machine_broker(exclusive: bool):
+    """A readers-writer lock on the machine's broker: tests that use it hold it shared; a
+    test that stops the broker or cuts every connection (marked broker_outage) holds it
+    alone, once every other test using the broker, in any pytest process, is done."""
+    if exclusive:
+        return machine_lock("machine-broker", True, OUTAGE_WAIT, "other tests kept the broker")
+    return machine_lock("machine-broker", False, SHARED_WAIT, "the broker outage did not end")
+
+
+@pytest.fixture(autouse=True)
+def _machine_broker_access(request):
+    """Set up before, and torn down after, every other function-scoped fixture."""
+    item = request.node
+    outage = item.get_closest_marker("broker_outage") is not None
+    uses = (outage or item.stash.get(TIER, None) == "integration"
+            or MACHINE_BROKER_FIXTURES & set(item.fixturenames)
+            or item.name in MACHINE_BROKER_SYSTEM_TESTS)
+    if not uses:
+        yield
+        return
+    with machine_broker(exclusive=outage):
+        yield
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,7 +195,8 @@ def free_port() -> int:
 def broker():
     """Fails the test (never skips) when RabbitMQ is not reachable."""
     try:
-        conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+        with machine_broker(exclusive=False):
+            conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
     except pika.exceptions.AMQPError as e:
         pytest.fail(f"RabbitMQ is not reachable on 127.0.0.1:5672: {e!r}; "
                     f"start it with: rabbitmq-server -detached && rabbitmqctl await_startup")
@@ -233,7 +389,7 @@ class Daemon:
     def metrics(self) -> dict[str, float]:
         """Samples by ``name{labels}`` as exposed, e.g. ``workqd_workers{queue="q",state="idle"}``."""
         status, text = self.http("/metrics")
-        # No answer at all once cost a CI run its cause (stop 17): keep what the daemon said.
+        # No answer at all once cost a CI run its cause: keep what the daemon said.
         assert status == 200, (f"/metrics answered {status}"
                                + (f" ({text}); the daemon's log ends:\n{self.log()[-3000:]}"
                                   if status == 0 else ""))

@@ -1,4 +1,4 @@
-"""Handlers for the clock tests (tests/test_time_worker.py), writing to the same ledger
+"""Handlers for the clock tests (tests/integration/test_time_worker.py), writing to the same ledger
 as tests/taskfns.py."""
 
 from taskfns import _ledger, parse

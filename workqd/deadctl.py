@@ -137,7 +137,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import json
     submit.queue_name("dead", args.queue)
     dead = vocab.dead_letter_queue(args.queue)
     submit.queue_name("dead", dead)
@@ -149,58 +148,74 @@ def _run(args: argparse.Namespace) -> int:
     frames.install()
     cfg = submit.load_config(args.config)
     nodes = submit.nodes_for(list(cfg.broker.urls), cfg.broker, args.config, CONFIRM_TIMEOUT)
-    if args.action == "list":
-        items = [describe(p, b) for p, b in peek(nodes, dead)]
-        if args.json:
-            print(json.dumps(items, indent=2, default=str))
-            return exitcodes.CTL_OK
-        rows = [("ID", "REASON", "ATTEMPT", "DEAD AT", "ERROR")]
-        rows += [(_short(i["id"], 40), _short(i["reason"], 12), _short(i["attempt"], 8),
-                  _short(i["dead_at"], 25), _short(i["error"], ERROR_WIDTH)) for i in items]
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
-        print(f"{len(items)} dead letter(s) in {dead}", file=sys.stderr)
-        return exitcodes.CTL_OK
-    if args.action == "show":
-        for props, body in peek(nodes, dead):
-            if props.message_id == args.id:
-                # Every field came from a publisher: a control character (C0 or
-                # C1, such as CSI) is shown escaped, never sent to the terminal.
-                show = config_mod.escape
-                print(show(f"message id: {props.message_id}"))
-                for name in ("content_type", "correlation_id", "priority", "timestamp",
-                             "reply_to"):
-                    value = getattr(props, name)
-                    if value is not None:
-                        print(show(f"{name.replace('_', ' ')}: {value}"))
-                for path, why in frames.problems(props):
-                    print(show(f"undecodable: {path}: {why}"))
-                headers = props.headers if isinstance(props.headers, dict) else {}
-                for k, v in sorted(headers.items(), key=lambda kv: str(kv[0])):
-                    v = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
-                    print(show(f"header {k}: {v}"))
-                print(f"body ({len(body)} bytes):")
-                # Line breaks and tabs of the body are kept as they are.
-                sys.stdout.write("\n".join("\t".join(show(part) for part in line.split("\t"))
-                                           for line in body.decode("utf-8", "replace")
-                                           .split("\n")))
-                if body and not body.endswith(b"\n"):
-                    print()
-                return exitcodes.CTL_OK
-        print(f"workqctl: no message {args.id!r} in {dead}", file=sys.stderr)
-        return exitcodes.CTL_REFUSED
-    if args.action == "requeue":
-        ids, reason = set(args.ids), args.reason
+    return _ACTIONS[args.action](args, nodes, dead)
 
-        def select(props) -> bool:
-            return ((not ids or props.message_id in ids)
-                    and (reason is None or reason_of(props) == reason))
-        code = submit.requeue_dead(nodes, args.queue, CONFIRM_TIMEOUT,
-                                   select if ids or reason else None, prog="workqctl")
-        return {exitcodes.SUBMIT_OK: exitcodes.CTL_OK,
-                exitcodes.SUBMIT_UNREACHABLE: exitcodes.CTL_UNREACHABLE,
-                exitcodes.SUBMIT_USAGE: exitcodes.CTL_USAGE}.get(code, exitcodes.CTL_REFUSED)
+
+def _list(args: argparse.Namespace, nodes, dead: str) -> int:
+    import json
+    items = [describe(p, b) for p, b in peek(nodes, dead)]
+    if args.json:
+        print(json.dumps(items, indent=2, default=str))
+        return exitcodes.CTL_OK
+    rows = [("ID", "REASON", "ATTEMPT", "DEAD AT", "ERROR")]
+    rows += [(_short(i["id"], 40), _short(i["reason"], 12), _short(i["attempt"], 8),
+              _short(i["dead_at"], 25), _short(i["error"], ERROR_WIDTH)) for i in items]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print(f"{len(items)} dead letter(s) in {dead}", file=sys.stderr)
+    return exitcodes.CTL_OK
+
+
+def _show(args: argparse.Namespace, nodes, dead: str) -> int:
+    for props, body in peek(nodes, dead):
+        if props.message_id == args.id:
+            _print_letter(props, body)
+            return exitcodes.CTL_OK
+    print(f"workqctl: no message {args.id!r} in {dead}", file=sys.stderr)
+    return exitcodes.CTL_REFUSED
+
+
+def _print_letter(props, body: bytes) -> None:
+    # Every field came from a publisher: a control character (C0 or C1, such as
+    # CSI) is shown escaped, never sent to the terminal.
+    show = config_mod.escape
+    print(show(f"message id: {props.message_id}"))
+    for name in ("content_type", "correlation_id", "priority", "timestamp", "reply_to"):
+        value = getattr(props, name)
+        if value is not None:
+            print(show(f"{name.replace('_', ' ')}: {value}"))
+    for path, why in frames.problems(props):
+        print(show(f"undecodable: {path}: {why}"))
+    headers = props.headers if isinstance(props.headers, dict) else {}
+    for k, v in sorted(headers.items(), key=lambda kv: str(kv[0])):
+        v = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+        print(show(f"header {k}: {v}"))
+    print(f"body ({len(body)} bytes):")
+    # Line breaks and tabs of the body are kept as they are.
+    sys.stdout.write("\n".join("\t".join(show(part) for part in line.split("\t"))
+                               for line in body.decode("utf-8", "replace").split("\n")))
+    if body and not body.endswith(b"\n"):
+        print()
+
+
+def _requeue(args: argparse.Namespace, nodes, dead: str) -> int:
+    ids, reason = set(args.ids), args.reason
+
+    def select(props) -> bool:
+        return ((not ids or props.message_id in ids)
+                and (reason is None or reason_of(props) == reason))
+    code = submit.requeue_dead(nodes, args.queue, CONFIRM_TIMEOUT,
+                               select if ids or reason else None, prog="workqctl")
+    return {exitcodes.SUBMIT_OK: exitcodes.CTL_OK,
+            exitcodes.SUBMIT_UNREACHABLE: exitcodes.CTL_UNREACHABLE,
+            exitcodes.SUBMIT_USAGE: exitcodes.CTL_USAGE}.get(code, exitcodes.CTL_REFUSED)
+
+
+def _purge(args: argparse.Namespace, nodes, dead: str) -> int:
     n = purge(nodes, dead)
     print(f"workqctl: purged {n} dead letter(s) from {dead}", file=sys.stderr)
     return exitcodes.CTL_OK
+
+
+_ACTIONS = {"list": _list, "show": _show, "requeue": _requeue, "purge": _purge}

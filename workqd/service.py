@@ -15,7 +15,7 @@ Either of two signs is enough:
 A sign must hold for ``UNSERVED_AFTER`` polls in a row: one sample can be a late one
 (a queue just declared answers with 0 consumers for a moment).
 
-Pure logic, no I/O: the master feeds it samples; tests/test_units_service.py drives it.
+Pure logic, no I/O: the master feeds it samples; tests/unit/test_service.py drives it.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from pika.adapters.select_connection import IOLoop
 from . import amqperrors, delays, exitcodes, vocab, when
 from . import config as config_mod
 from .broker import connection_parameters, declarations, queue_arguments, redact
+from .progress import Progress
 
 WINDOW = 5000          # unconfirmed messages in flight at most
 REPLY_TO = "amq.rabbitmq.reply-to"
@@ -525,6 +526,9 @@ class Submitter:
         self.progress_at = time.monotonic()  # last open, confirm or unblock
         self.blocked_at: float | None = None
         self.finishing = False
+        # On a terminal, a long run shows how far it is (never with --wait, whose
+        # outcome lines own the terminal).
+        self.progress = Progress(0 if wait else len(tasks))
 
     # --- the run ---------------------------------------------------------
 
@@ -625,6 +629,7 @@ class Submitter:
         if self.finishing:
             return
         self.ioloop.call_later(1, self._tick)
+        self.progress.show(len(self.confirmed))
         s, now = self.session, time.monotonic()
         if s is None or s.abandoned:
             return
@@ -665,6 +670,7 @@ class Submitter:
             else:
                 self.failed.pop(i, None)
                 self.confirmed.add(i)
+        self.progress.update(len(self.confirmed))
         s = self.session
         if self.todo and s is not None and len(s.pending) < WINDOW // 2:
             self._publish_more()
@@ -722,6 +728,7 @@ class Submitter:
         if self.finishing:
             return
         self.finishing = True
+        self.progress.close()
         s = self.session
         if s is not None and s.conn.is_open and not s.blocked and not s.abandoned:
             s.abandoned = True

@@ -9,7 +9,7 @@
 #      rabbitmq-server, that workqd logged "ready", and that a task submitted
 #      with workq-submit --wait ran and succeeded; then stops workqd with TERM;
 #   3. stops the container's broker and runs `make test`'s set-up with one
-#      fast test (bash tests/run.sh tests/test_core.py -k ...): proves it
+#      fast test (bash tests/run.sh tests/integration/test_tasks.py -k ...): proves it
 #      starts the broker again, builds both venvs and runs pytest green.
 # apt and pip reach the Debian archive and PyPI through a proxy listening on
 # the container's loopback (tests/system/netns-proxy.py), and nothing else.
@@ -165,14 +165,14 @@ print(urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=10).read()
     # make test's set-up, with the broker stopped first: it must start it.
     ct systemctl stop rabbitmq-server || fail "cannot stop the container's broker" || return 1
     t0=$(now)
-    inside sh -c "cd $SRC && exec bash tests/run.sh tests/test_core.py -x -q -k $FAST_TEST" \
+    inside sh -c "cd $SRC && exec bash tests/run.sh tests/integration/test_tasks.py -x -q -k $FAST_TEST" \
         >"$WORK/run-sh.log" 2>&1
     status=$?
     grep -E '^== |passed|failed|error' "$WORK/run-sh.log" | sed 's/^/    tests\/run.sh: /' >&2
     [ $status = 0 ] || { tail -n 40 "$WORK/run-sh.log" >&2; fail "tests/run.sh exited $status"; return 1; }
     [ "$(grep -c '1 passed' "$WORK/run-sh.log")" = 2 ] \
         || fail "tests/run.sh did not pass the test on both venvs" || return 1
-    say "bash tests/run.sh tests/test_core.py -k $FAST_TEST: exit 0 in $(since "$t0")s (broker started again, both venvs, 1 passed twice)"
+    say "bash tests/run.sh tests/integration/test_tasks.py -k $FAST_TEST: exit 0 in $(since "$t0")s (broker started again, both venvs, 1 passed twice)"
 }
 
 # The container's loopback has its own 5672, if anything: the host's broker

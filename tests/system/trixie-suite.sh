@@ -1,5 +1,5 @@
 #!/bin/bash
-# The behaviour suite on Debian 13 trixie's stack (issue 11): Python 3.13 with
+# The behaviour suite on Debian 13 trixie's stack: Python 3.13 with
 # trixie's python3-pika, python3-prometheus-client, python3-sdnotify and
 # python3-yaml, against trixie's own RabbitMQ 4.0.
 #
@@ -24,12 +24,18 @@ here=$top/tests/system
 # shellcheck source=tests/system/lib.sh
 . "$here/lib.sh"
 
-TESTS=(tests/test_core.py tests/test_failures.py tests/test_metrics.py tests/test_reload.py
-       tests/test_submit.py tests/test_config.py tests/test_broker_loss.py
-       tests/test_quorum_limits.py tests/test_queues.py tests/test_master.py
-       tests/test_hostile.py tests/test_handlers.py tests/test_units_settle.py
-       tests/test_units_worker.py tests/test_units_service.py tests/test_frames.py
-       tests/test_units_frames.py tests/test_time_worker.py tests/test_units_policy_levels.py)
+TESTS=(tests/integration/test_tasks.py tests/integration/test_faults.py
+       tests/integration/test_metrics.py tests/integration/test_reload.py
+       tests/integration/test_submit.py tests/integration/test_config.py
+       tests/integration/test_broker_loss.py tests/integration/test_quorum_limits.py
+       tests/integration/test_queues.py tests/integration/test_master.py
+       tests/integration/test_hostile.py tests/integration/test_handlers.py
+       tests/unit/test_settle.py tests/unit/test_intake.py tests/unit/test_slots.py
+       tests/unit/test_handler.py tests/unit/test_worker.py tests/unit/test_pool.py
+       tests/unit/test_state.py tests/unit/test_broker.py tests/unit/test_session.py
+       tests/unit/test_service.py tests/unit/test_frames.py tests/unit/test_policy.py
+       tests/unit/test_delays.py tests/integration/test_frames.py
+       tests/integration/test_time_worker.py tests/integration/test_client.py)
 KNOWN=$here/trixie-known-failures
 WORK=
 

@@ -9,7 +9,7 @@ back through a deque: the handler thread writes the run's outcome on the Deliver
 (fields of its own, intake.py), then appends it. No record is built per task. The
 eventfd is written only when the I/O thread is not already due to look.
 
-The loop runs once per task, so it is written for speed (issue 9): locals for
+The loop runs once per task, so it is written for speed: locals for
 everything it touches, no helper frames on the common path.
 """
 

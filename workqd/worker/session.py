@@ -326,8 +326,8 @@ class Session:
         our consumer, and what it still holds came from the queue that went, so its acks
         could not be taken anyway. (On RabbitMQ 3.10 a quorum queue deleted and declared
         again before the cancel went out keeps the old consumers: counted, never cancelled,
-        never delivered to. Only a consumer on a new connection gets its tasks: issue 10,
-        tests/test_cluster.py.)"""
+        never delivered to. Only a consumer on a new connection gets its tasks, as
+        tests/cluster/test_cluster.py shows.)"""
         self.consumer_tag = None
         self._can_consume = False
         self._events.on_consumer_lost()

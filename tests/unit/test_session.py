@@ -1,0 +1,81 @@
+"""What the broker's closes and errors mean (workqd.worker.session), pure logic."""
+
+from __future__ import annotations
+
+import pika
+
+from workqd import config, exitcodes
+
+CFG = config.parse({"queues": [{"name": "q", "handler": {"python": "m:f"}, "timeout": 5,
+                                "retry": {"attempts": 1}}]}, "t.yaml")
+QUEUE = CFG.queues[0]
+
+
+# --- what the broker's closes and errors mean ------------------------------------
+
+def test_close_codes_and_open_errors_are_classified():
+    import ssl
+    import pika.exceptions
+    from workqd.worker.session import classify_channel_close, classify_open_error
+    q = QUEUE
+    assert classify_channel_close(406, "PRECONDITION_FAILED - inequivalent arg 'x-queue-type'",
+                                  True, q).exit_code == exitcodes.WORKER_QUEUE_MISMATCH
+    timeout = classify_channel_close(
+        406, "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout "
+        "value used: 5000 ms.", False, q)
+    assert timeout.exit_code == exitcodes.WORKER_CONSUMER_TIMEOUT and "consumer_timeout" in timeout.why
+    # A queue whose home node is down may come back: retry, never a login error.
+    down = classify_channel_close(404, "NOT_FOUND - home node 'wqa@localhost' of durable queue "
+                                  "'q.delay.5s' in vhost '/' is down or inaccessible", True, q)
+    assert down.exit_code is None
+    assert classify_channel_close(403, "ACCESS_REFUSED", True, q).exit_code == \
+        exitcodes.WORKER_BROKER_REFUSED
+    assert classify_open_error(pika.exceptions.ProbableAuthenticationError("x"),
+                               "amqp://u:secret@h").exit_code == exitcodes.WORKER_BROKER_REFUSED
+    assert "secret" not in classify_open_error(ConnectionRefusedError(), "amqp://u:secret@h").why
+    cert = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    cert.verify_message = "Hostname mismatch, certificate is not valid for 'wrong.invalid'."
+    wrapped = pika.exceptions.AMQPConnectionError(OSError(cert))
+    verdict = classify_open_error(wrapped, "amqps://h")
+    assert verdict.exit_code == exitcodes.WORKER_BAD_SETTINGS and "Hostname mismatch" in verdict.why
+    assert classify_open_error(OSError("reset"), "amqps://h").exit_code is None
+
+
+def test_a_client_certificate_refused_after_the_handshake_is_a_tls_failure():
+    import pika.exceptions
+    from workqd.worker.session import classify_open_error
+    error = pika.exceptions.IncompatibleProtocolError(
+        "StreamLostError: (\"Stream connection lost: SSLError(1, '[SSL: "
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required')\",)")
+    verdict = classify_open_error(error, "amqps://h")
+    assert verdict.exit_code == exitcodes.WORKER_BAD_SETTINGS
+    assert "certificate required" in verdict.why
+
+
+def test_an_eof_right_after_the_handshake_is_retried_not_a_stop():
+    # The same refusal when pika's first write loses the race with the server's close:
+    # only an EOF is left, which a broker going down mid-handshake gives too. Retried;
+    # the next attempt usually reads the alert and stops with the line above.
+    import pika.exceptions
+    from workqd.worker.session import classify_open_error
+    error = pika.exceptions.IncompatibleProtocolError(
+        "StreamLostError: (\"Stream connection lost: SSLEOFError(8, 'EOF occurred in "
+        "violation of protocol (_ssl.c:2427)')\",)")
+    verdict = classify_open_error(error, "amqps://h")
+    assert verdict.exit_code is None and "cannot connect to amqps://h" in verdict.why
+
+
+# --- the periodic consumer check (session.consumer_check) -------------------------------
+
+def test_consumer_check_sees_a_lost_consumer_and_a_starved_one():
+    from workqd.worker.session import consumer_check
+    assert "counts no consumer" in consumer_check(0, 0, 0, False, True)
+    # Tasks wait, nothing came, nothing held: the broker does not deliver to us.
+    assert "17 task(s) wait" in consumer_check(3, 17, 0, False, True)
+    # Normal: deliveries came, or the worker is full, or nothing waits.
+    assert consumer_check(3, 17, 5, False, True) == ""
+    assert consumer_check(3, 17, 0, True, True) == ""
+    assert consumer_check(3, 0, 0, False, True) == ""
+    # A single-active-consumer queue (or someone else's): idle consumers are normal.
+    assert consumer_check(3, 17, 0, False, False) == ""
+    assert "counts no consumer" in consumer_check(0, 17, 0, False, False)

@@ -1,0 +1,172 @@
+"""The worker (workqd.worker.Worker) with fakes: its tick against a task that just began,
+a Python handler's timeout, and the delivery callback pika calls. No broker and no real
+worker processes; a few milliseconds each."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import types
+
+import pika
+
+from workqd import config, exitcodes, vocab
+from workqd.runner import Task
+from workqd.slots import SlotTable
+from workqd.worker import Worker
+from workqd.worker import intake
+from workqd.worker.handler import HandlerThread
+from workqd.worker.intake import Delivery
+
+CFG = config.parse({"queues": [{"name": "q", "handler": {"python": "m:f"}, "timeout": 5,
+                                "retry": {"attempts": 1}}]}, "t.yaml")
+QUEUE = CFG.queues[0]
+
+# --- a task's start is published with it: a tick in between must not time it out ---
+
+class _Slot:
+    """A slot whose begin() runs a hook, standing in for the I/O thread's tick."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def begin(self, mid, redelivered, started, wait=None):
+        self.hook()
+
+    def end(self):
+        pass
+
+
+def _worker():
+    slots = SlotTable(capacity=2)
+    r, w = os.pipe()
+    worker = Worker(1, QUEUE, CFG.broker, slots.allocate(1), w, "info")
+    worker.pid = os.getpid()
+    worker._master_pid = os.getppid()
+    worker._publisher = types.SimpleNamespace(idle=True, close=lambda: None)
+    return worker
+
+
+class _Settler:
+    usable = True
+    pending = False
+
+    def __init__(self):
+        self.copies, self.acks = [], []
+
+    def publish_copy(self, d, s):
+        self.copies.append((d.tag, s))
+        return True
+
+    def ack(self, d):
+        self.acks.append(d.tag)
+        return True
+
+    def reply(self, *a):
+        pass
+
+    def requeue(self, d):
+        pass
+
+    def flush(self):
+        pass
+
+
+def test_tick_in_the_start_window_never_times_out_a_task_that_just_began():
+    worker = _worker()
+    seen = []
+    release = threading.Event()
+
+    def run(body, task):
+        seen.append(("in handler", worker._handler.running))
+        release.wait(5)
+
+    def tick_now():   # the I/O thread's tick, at the worst moment
+        seen.append(("at begin", worker._handler.running))
+        worker._check()
+
+    worker._handler = HandlerThread(run, _Slot(tick_now), 5.0)
+    worker._ioloop = types.SimpleNamespace(stop=lambda: None)
+    settler = _Settler()
+    d = Delivery(settler, 1, b"", pika.BasicProperties(), Task("m1", "q", {}, False, 0, 1))
+    worker._handler.start()
+    worker._handler.submit(d)
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker._check()
+    release.set()
+    assert seen[0] == ("at begin", None)
+    assert seen[1][1] is d and d.started > 0
+    assert settler.copies == [] and not d.abandoned and not worker._stopping
+
+
+def test_python_timeout_settles_once_and_ignores_the_late_result():
+    worker = _worker()
+    settler = _Settler()
+    d = Delivery(settler, 9, b"", pika.BasicProperties(), Task("m9", "q", {}, False, 0, 1))
+    d.started = time.monotonic() - 60
+    handler = types.SimpleNamespace(running=d,
+                                    take_unstarted=lambda: [], busy=lambda: False, idle=lambda: True)
+    worker._handler = handler
+    stopped = []
+    worker._ioloop = types.SimpleNamespace(stop=lambda: stopped.append(True))
+    worker._check()
+    assert d.abandoned and len(settler.copies) == 1
+    assert settler.copies[0][1].headers[vocab.H_REASON] == "timeout"
+    assert worker._exit_code == exitcodes.WORKER_TIMEOUT and stopped
+    d.outcome, d.ran_for = vocab.SUCCESS, 61.0       # the thread returns at last
+    worker._on_result(d)
+    worker._check()
+    assert len(settler.copies) == 1 and settler.acks == []
+
+
+# --- the delivery callback pika calls directly (the hot path) -----------------------
+
+def _consuming_worker():
+    from workqd.worker.settle import Settler
+    worker = _worker()
+    queued = []
+    worker._handler = types.SimpleNamespace(submit=queued.append, idle=lambda: not queued,
+                                            running=None, busy=lambda: bool(queued),
+                                            take_unstarted=lambda: [])
+    worker._ioloop = types.SimpleNamespace(stop=lambda: None)
+    channel = types.SimpleNamespace(is_open=True, acks=[],
+                                    basic_ack=lambda tag, multiple=False: None,
+                                    basic_nack=lambda tag, requeue=True: None)
+    settler = Settler(channel, None, 1, lambda: True, worker, None)
+    worker._session = types.SimpleNamespace(channel=channel, settler=settler,
+                                            stop_consuming=lambda: None, connection=None)
+    return worker, channel, settler, queued
+
+
+def _method(tag):
+    return types.SimpleNamespace(delivery_tag=tag, redelivered=False, routing_key="q",
+                                 exchange="")
+
+
+def test_a_delivery_is_tracked_and_handed_to_the_handler_thread():
+    worker, channel, settler, queued = _consuming_worker()
+    worker._on_message(channel, _method(1), pika.BasicProperties(message_id="m1"), b"x")
+    assert [d.tag for d in queued] == [1] and queued[0].task.message_id == "m1"
+    assert settler.pending and settler.received == 1 and worker._received == 1
+
+
+def test_a_delivery_from_another_sessions_channel_is_ignored():
+    worker, channel, settler, queued = _consuming_worker()
+    stale = types.SimpleNamespace(is_open=True)
+    worker._on_message(stale, _method(1), pika.BasicProperties(message_id="m1"), b"x")
+    assert queued == [] and not settler.pending and settler.received == 0
+
+
+def test_an_internal_error_in_the_delivery_callback_stops_the_worker(monkeypatch, caplog):
+    # pika must never see workqd's exception: the callback logs it and stops, as _guard does.
+    worker, channel, settler, queued = _consuming_worker()
+
+    def broken(*a):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(intake, "read_task", broken)
+    worker._on_message(channel, _method(1), pika.BasicProperties(message_id="m1"), b"x")
+    assert worker._stopping and worker._exit_code == exitcodes.WORKER_CRASH
+    assert "internal error in _on_message" in caplog.text and queued == []

@@ -14,6 +14,9 @@ maps before forking. Workers look up every delivery before running it, and the
 task they are running on every tick, with plain memory reads. One writer (the
 poller), many readers: an entry's digest is written before its stamp, and a reader
 takes an entry only once its stamp is set, so it never sees half an entry as whole.
+A word after the entries says the poller has read the log to its end once: a
+worker waits for it (a few seconds at most) before it consumes, so a restarted
+daemon does not run a task whose cancel it has not read yet.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ RETENTION = 7 * 86400            # seconds a cancel is kept (the stream's x-max-
 H_CANCELLED_MS = "x-workq-cancelled-ms"
 
 _ENTRY = struct.Struct("@16sq")  # digest, cancelled at (ms since the epoch; 0 = empty)
+_LOADED = struct.Struct("@q")    # after the entries: 1 once the log was read to its end
 CAPACITY = 1 << 16               # entries: 1.5 MiB of address space, touched as used
 PROBES = 32                      # slots looked at before the oldest in reach is replaced
 
@@ -44,7 +48,8 @@ class CancelTable:
         self.capacity = capacity
         self.retention = retention
         # Anonymous mappings are shared with the children forked after this.
-        self._mm = mmap.mmap(-1, capacity * _ENTRY.size)
+        self._mm = mmap.mmap(-1, capacity * _ENTRY.size + _LOADED.size)
+        self._loaded_at = capacity * _ENTRY.size
         self.replaced = 0        # live entries given up for room (the poller logs it)
 
     def _home(self, digest: bytes) -> int:
@@ -79,6 +84,11 @@ class CancelTable:
 
     def cancelled(self, digest: bytes, now_ms: int | None = None) -> bool:
         """Any process: was this id cancelled within the retention?"""
+        return self.cancelled_at(digest, now_ms) != 0
+
+    def cancelled_at(self, digest: bytes, now_ms: int | None = None) -> int:
+        """Any process: when this id was cancelled (ms since the epoch), 0 when it was
+        not, within the retention."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         stale = now_ms - int(self.retention * 1000)
         home = self._home(digest)
@@ -86,7 +96,25 @@ class CancelTable:
             i = (home + k) & (self.capacity - 1)
             d, at = _ENTRY.unpack_from(self._mm, i * _ENTRY.size)
             if not at:
-                return False
+                return 0
             if d == digest:
-                return at >= stale
-        return False
+                return at if at >= stale else 0
+        return 0
+
+    @property
+    def loaded(self) -> bool:
+        """Any process: has the poller read the whole log once (or given up on it)?"""
+        return _LOADED.unpack_from(self._mm, self._loaded_at)[0] == 1
+
+    def set_loaded(self) -> None:
+        """The poller only: every cancel in the log up to now is in the table."""
+        _LOADED.pack_into(self._mm, self._loaded_at, 1)
+
+    def count(self, now_ms: int | None = None) -> int:
+        """Cancels held within the retention. Reads the whole table (a few
+        milliseconds): the poller's, once per report, not a worker's."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        stale = now_ms - int(self.retention * 1000)
+        with memoryview(self._mm)[:self._loaded_at] as raw, raw.cast("q") as words:
+            # Three words an entry (two of digest, one of stamp): every third is a stamp.
+            return sum(1 for at in words[2::3] if at and at >= stale)

@@ -48,5 +48,5 @@ def status(snap: state.Snapshot, queue: str | None, pid: int, socket_path: str) 
     ready, why = snap.readiness()
     return {"pid": pid, "version": snap.version, "phase": snap.phase, "socket": socket_path,
             "broker_connected": snap.broker_connected, "ready": ready, "readiness": why,
-            "delayed": snap.delayed,
+            "delayed": snap.delayed, "cancels": snap.cancels,
             "queues": [queue_status(q) for q in queues]}

@@ -10,7 +10,7 @@ import sys
 import time
 
 from . import config as config_mod
-from . import control, exitcodes
+from . import cancels, control, exitcodes
 
 TIMEOUT = 10.0   # seconds for the whole exchange; the master answers within a loop turn
 
@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("workers", type=int)
     from .deadctl import add_parser as add_dead
     add_dead(sub)
+    from .cancelctl import add_parser as add_cancel
+    add_cancel(sub)
     return p.parse_args(argv)
 
 
@@ -147,6 +149,9 @@ def render_status(st: dict) -> str:
     if st.get("delayed") is not None:
         lines.append(f"delayed tasks (every queue of the vhost, in the delay levels): "
                      f"{st['delayed']}")
+    if st.get("cancels") is not None:
+        lines.append(f"cancels held: {st['cancels']} (workqctl cancel; the log keeps them "
+                     f"{cancels.RETENTION / 86400:g} days)")
     for q in st["queues"]:
         lines.append("")
         lines.append(f"{q['name']}:")
@@ -174,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "dead":
         from .deadctl import run as run_dead
         return run_dead(args)
+    if args.cmd == "cancel":
+        from .cancelctl import run as run_cancel
+        return run_cancel(args)
     cfg = None if args.socket else load_config(args.config, needed=False)
     path = socket_path(args, cfg)
     req: dict = {"cmd": args.cmd}

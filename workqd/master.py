@@ -21,6 +21,7 @@ from typing import Callable
 from . import __version__, commands, control, exitcodes, logsetup, phases, reloadplan, service
 from . import state
 from . import config as config_mod
+from .cancels import CancelTable
 from .control import ControlServer, ProtocolError
 from .httpd import HttpServer, Request, Response
 from .metrics import Exposition, compress, gzip_accepted
@@ -69,7 +70,9 @@ class Master:
         self.exposition = Exposition()
         self.http: HttpServer | None = None
         self.control: ControlServer | None = None
-        self.poller = poller or PollerProcess(cfg, self.close_in_child)
+        # Mapped before any fork: the poller fills it, every worker reads it.
+        self.cancels = CancelTable()
+        self.poller = poller or PollerProcess(cfg, self.close_in_child, self.cancels)
         self.stop_deadline = 0.0
         self.exit_code = exitcodes.OK
         self.started = clock()
@@ -365,7 +368,7 @@ class Master:
         pool = Pool(queue=queue, pool_id=pool_id, restarts=restarts, broker=cfg.broker,
                     slots=self.slots, totals=self.totals, wake_fd=self.signals.wake_w,
                     log_level=cfg.log_level, child_init=self.close_in_child,
-                    spawn=self.spawn, kill=self.kill)
+                    spawn=self.spawn, kill=self.kill, cancels=self.cancels)
         self.pools[queue.name] = pool
         return pool
 
@@ -486,7 +489,8 @@ class Master:
         return state.take_snapshot(
             self.phase, [*self.pools.values(), *self._orphans], self.poller.depth,
             self._unserved_sign, self._queue_state, self.poller.connected,
-            now - self.last_loop, __version__, now, delayed=self.poller.delayed)
+            now - self.last_loop, __version__, now, delayed=self.poller.delayed,
+            cancels=self.poller.cancels_held)
 
     def _unserved_sign(self, name: str) -> str:
         _, judge = self._service.get(name, (None, None))

@@ -8,6 +8,10 @@ every INTERVAL seconds or at once when the master nudges it (a worker just
 declared its queue), and writes one JSON line per round to a pipe that the
 master's selector watches. It leaves when the master goes (EOF on the nudge
 pipe) and is respawned by the master if it dies.
+
+On the same connection it reads the cancel log (cancels.py) as it grows and
+writes each cancel into the master's shared table, so its wait between rounds
+lets the connection deliver at least every IO_EVERY seconds.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import select
 import signal
 import time
 
-from . import logsetup
+from . import cancels, logsetup
+from .slots import message_digest
 
 log = logging.getLogger("workqd.master")
 
@@ -27,14 +32,20 @@ INTERVAL = 5.0                # seconds between rounds while the broker answers
 INTERVAL_DISCONNECTED = 1.0   # while it does not
 RESPAWN_DELAY = 1.0           # seconds before a dead poller is replaced
 MAX_LINE = 1 << 20            # a report longer than this is a bug: dropped
+IO_EVERY = 0.25               # seconds the connection may wait unread: cancels arrive within
+CANCEL_PREFETCH = 500         # cancel log entries in flight to the poller
+LOAD_WAIT = 10.0              # seconds to read the log to its end before workers go ahead
+FUTURE_SLACK_MS = 86_400_000  # a cancel stamped further ahead than this is someone's bug
 
 
 class PollerProcess:
     """The master's handle on the poller child; master thread only."""
 
-    def __init__(self, cfg, child_init):
+    def __init__(self, cfg, child_init, cancel_table=None):
         self.cfg = cfg
         self._child_init = child_init   # closes the master's resources in the child
+        self.cancel_table = cancel_table   # the shared CancelTable the child fills
+        self.cancels_held: int | None = None   # its last count; None until reported
         self.pid = 0
         self.connected = False
         self.depth: dict[str, tuple[int, int, int]] = {}   # queue -> (ready, consumers, dead)
@@ -62,7 +73,7 @@ class PollerProcess:
                 os.close(report_r)
                 os.close(nudge_w)
                 self._child_init()
-                _run(self.cfg, report_w, nudge_r)
+                _run(self.cfg, report_w, nudge_r, self.cancel_table)
             except BaseException:
                 logging.getLogger("workqd.master").exception("queue poller crashed")
                 code = 70
@@ -144,6 +155,7 @@ class PollerProcess:
                 self._apply(bool(report["connected"]), report.get("error", ""),
                             {q: tuple(v) for q, v in report["depth"].items()},
                             delayed if type(delayed) is int else None)
+                self._note_cancels(report.get("cancels"))
             except (ValueError, KeyError, TypeError, AttributeError):
                 log.debug("bad report from the queue poller: %r", line[:200])
 
@@ -160,6 +172,11 @@ class PollerProcess:
             self._was_connected = connected
 
 
+    def _note_cancels(self, held) -> None:
+        if isinstance(held, int) and not isinstance(held, bool) and held >= 0:
+            self.cancels_held = held
+
+
 def _kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -169,7 +186,7 @@ def _kill(pid: int, sig: int) -> None:
 
 # --- the child --------------------------------------------------------------
 
-def _run(cfg, report_fd: int, nudge_fd: int) -> None:
+def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
     import pika.exceptions  # the child is the only part of the master that talks AMQP
 
     from .broker import Failover, connection_parameters, redact
@@ -178,6 +195,8 @@ def _run(cfg, report_fd: int, nudge_fd: int) -> None:
     logsetup.configure(cfg.log_level, f"queue poller (pid {os.getpid()})")
     failover = Failover(cfg.broker.urls)
     conn = None
+    follower = _Cancels(table) if table is not None else None
+    load_deadline = time.monotonic() + LOAD_WAIT
     while True:
         error = ""
         depth = {}
@@ -188,6 +207,8 @@ def _run(cfg, report_fd: int, nudge_fd: int) -> None:
                                                "workqd master (queue poller)")
                 conn = pika.BlockingConnection(params)
                 failover.succeeded()
+            if follower is not None:
+                follower.follow(conn)
             depth = _poll(conn, cfg, dead_letter_queue)
             delayed = poll_delayed(conn)
         except (pika.exceptions.AMQPError, OSError, ValueError) as e:
@@ -199,10 +220,16 @@ def _run(cfg, report_fd: int, nudge_fd: int) -> None:
                 except (pika.exceptions.AMQPError, OSError):
                     pass
             conn = None
-        line = json.dumps({"connected": not error, "error": error, "depth": depth,
-                           "delayed": delayed})
+        if table is not None and not table.loaded and time.monotonic() >= load_deadline:
+            log.warning("cancel log %s not read to its end within %gs; workers take tasks "
+                        "meanwhile (cancels reach them as they are read)", cancels.STREAM,
+                        LOAD_WAIT)
+            table.set_loaded()
+        report = {"connected": not error, "error": error, "depth": depth, "delayed": delayed}
+        if table is not None:
+            report["cancels"] = table.count()
         try:
-            os.write(report_fd, line.encode() + b"\n")
+            os.write(report_fd, json.dumps(report).encode() + b"\n")
         except BrokenPipeError:
             return   # the master closed its end: it is stopping
         deadline = time.monotonic() + (INTERVAL if not error else INTERVAL_DISCONNECTED)
@@ -210,16 +237,24 @@ def _run(cfg, report_fd: int, nudge_fd: int) -> None:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            ready, _, _ = select.select([nudge_fd], [], [], min(left, 1.0))
+            if conn is not None and conn.is_open:
+                # The cancel log's deliveries and the heartbeats: the connection is
+                # served at least every IO_EVERY seconds, the nudge pipe between.
+                try:
+                    conn.process_data_events(time_limit=min(left, IO_EVERY))
+                except (pika.exceptions.AMQPError, OSError):
+                    conn = None
+                    # Connect again soon, not at the next round: cancels keep coming.
+                    deadline = min(deadline, time.monotonic() + INTERVAL_DISCONNECTED)
+                    continue
+                wait = 0.0
+            else:
+                wait = min(left, 1.0)
+            ready, _, _ = select.select([nudge_fd], [], [], wait)
             if ready:
                 if not os.read(nudge_fd, 4096):
                     return   # the master is gone
                 break
-            if conn is not None and conn.is_open:
-                try:
-                    conn.process_data_events(0)   # heartbeats
-                except (pika.exceptions.AMQPError, OSError):
-                    conn = None
 
 
 def _poll(conn, cfg, dead_letter_queue) -> dict:
@@ -264,3 +299,104 @@ def poll_delayed(conn) -> int | None:
     if ch.is_open:
         ch.close()
     return total
+
+
+# --- the cancel log ------------------------------------------------------------
+
+class _Cancels:
+    """Follows the cancel log into the table, across connections; the child's only."""
+
+    def __init__(self, table):
+        self.table = table
+        self.reader: _CancelReader | None = None
+        self._refusal = ""      # the last refusal logged, so a lasting one is logged once
+
+    def follow(self, conn) -> None:
+        """Keep one reader on ``conn``. A refusal of the log is logged, the depth polling
+        goes on, and the next round tries again."""
+        import pika.exceptions
+        if self.reader is not None and self.reader.conn is conn and self.reader.consuming:
+            return
+        try:
+            self.reader = _CancelReader(conn, self.table)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            self.reader = None
+            if e.reply_text != self._refusal:
+                self._refusal = e.reply_text
+                log.warning("cannot read the cancel log %s: %s; cancels do not reach this "
+                            "host's workers until it can (trying again every %gs)",
+                            cancels.STREAM, e.reply_text, INTERVAL)
+            if not self.table.loaded:
+                self.table.set_loaded()   # nothing to wait for: workers take tasks meanwhile
+            return
+        if self._refusal:
+            log.info("cancel log %s readable again", cancels.STREAM)
+            self._refusal = ""
+
+
+class _CancelReader:
+    """One consumer of the cancel log on its own channel; built per connection, so a
+    reconnect reads the log again from its start (the table keeps what it has)."""
+
+    def __init__(self, conn, table):
+        import pika.exceptions
+        self.conn = conn
+        self.table = table
+        self.channel = conn.channel()
+        try:
+            ok = self.channel.queue_declare(cancels.STREAM, durable=True,
+                                            arguments=cancels.stream_arguments())
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code != 406:
+                raise
+            # Declared elsewhere with another retention: readable all the same.
+            self.channel = conn.channel()
+            ok = self.channel.queue_declare(cancels.STREAM, passive=True)
+        # The log's length now: once that many entries are read, the table is loaded.
+        self.to_load = ok.method.message_count
+        self.read = self.added = self.ignored = 0
+        self.channel.basic_qos(prefetch_count=CANCEL_PREFETCH)
+        self.tag = self.channel.basic_consume(
+            cancels.STREAM, self._on_entry, arguments={"x-stream-offset": "first"})
+        self._check_loaded()
+
+    @property
+    def consuming(self) -> bool:
+        return self.channel.is_open and self.tag in self.channel.consumer_tags
+
+    def _on_entry(self, channel, method, props, body) -> None:
+        channel.basic_ack(method.delivery_tag)
+        self.read += 1
+        entry = cancel_entry(props, int(time.time() * 1000))
+        if isinstance(entry, str):
+            self.ignored += 1
+            log.debug("cancel log entry ignored: %s", entry)
+        elif entry is not None and self.table.add(message_digest(entry[0]), entry[1]):
+            self.added += 1
+            # Each live cancel is worth a line; the replay at start is summed up in one.
+            log.log(logging.INFO if self.table.loaded else logging.DEBUG,
+                    "cancel of message %s read (cancelled at %s)", entry[0],
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry[1] / 1000)))
+        self._check_loaded()
+
+    def _check_loaded(self) -> None:
+        if self.read >= self.to_load and not self.table.loaded:
+            log.info("cancel log %s read: %d entries, %d cancels taken, %d ignored",
+                     cancels.STREAM, self.read, self.added, self.ignored)
+            self.table.set_loaded()
+
+
+def cancel_entry(props, now_ms: int, retention_ms: int = int(cancels.RETENTION * 1000)):
+    """(message id, cancelled at ms) of a log entry; None when it is past the retention;
+    a one-line reason when it is not a cancel workqd can use (someone else's bytes)."""
+    mid = props.message_id
+    if not isinstance(mid, str) or not mid:
+        return f"no message id (message_id {mid!r:.80})"
+    headers = props.headers if isinstance(props.headers, dict) else {}
+    at = headers.get(cancels.H_CANCELLED_MS)
+    # pika decodes a 64-bit header as its own subclass of int.
+    if not isinstance(at, int) or isinstance(at, bool) or not 0 < at <= now_ms + FUTURE_SLACK_MS:
+        return f"message {mid!r:.80}: bad {cancels.H_CANCELLED_MS} {at!r:.40}"
+    if at < now_ms - retention_ms:
+        return None
+    return mid, int(at)

@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple
 
 from . import exitcodes
 from . import slots as slotmod
+from .cancels import CancelTable
 from .config import Broker, Queue
 from .signals import signame
 from .slots import NoFreeSlot, Slot, SlotTable, Totals
@@ -171,6 +172,7 @@ class Pool:
     # ``worker.run``), ``kill(pid, sig)`` signals.
     spawn: Callable[[Worker], int] | None = None
     kill: Callable[[int, int], None] = os.kill
+    cancels: CancelTable | None = None   # the master's, shared with every worker it forks
     # Seconds without a tick before a worker counts as hung (read at creation).
     hung_after: float = field(default_factory=lambda: HUNG_AFTER)
     state: str = RUNNING
@@ -291,7 +293,8 @@ class Pool:
         failed), with nothing left allocated."""
         slot = self.slots.allocate(self.pool_id)
         slot.set_paused(self.paused)   # before the fork: the worker starts as the pool is
-        worker = Worker(number, self.queue, self.broker, slot, self.wake_fd, self.log_level)
+        worker = Worker(number, self.queue, self.broker, slot, self.wake_fd, self.log_level,
+                        self.cancels)
         try:
             pid = (self.spawn or self._fork)(worker)
         except BaseException:

@@ -56,6 +56,14 @@ class HandlerTimedOut(Exception):
     """The handler ran past the queue's timeout and was killed."""
 
 
+class HandlerCancelled(Exception):
+    """The task was cancelled while its command ran, and the command was stopped."""
+
+
+class _CancelAsked(Exception):
+    """Inside _CommandRunner: the I/O thread asked to stop the running task."""
+
+
 class BootError(Exception):
     """The handler cannot be loaded at all."""
 
@@ -184,6 +192,17 @@ class _CommandRunner:
         # The handler's process dies with its worker's handler thread (which lives
         # as long as the worker), even on SIGKILL of the worker.
         self._spawn = [setpriv, "--pdeathsig", "KILL", "--", *self.argv] if setpriv else self.argv
+        # cancel(): the I/O thread names the task to stop, then wakes the handler thread,
+        # which waits on this eventfd beside the command's pipes. A stop asked for a
+        # task that has ended meanwhile names a task no longer running: ignored.
+        self._cancel_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._cancel_for: Task | None = None
+
+    def cancel(self, task: Task) -> None:
+        """Any thread: stop ``task``'s command as a timeout would (TERM to its group,
+        KILL after the grace); its run then raises HandlerCancelled."""
+        self._cancel_for = task
+        os.eventfd_write(self._cancel_fd, 1)
 
     def __call__(self, body: bytes, task: Task) -> None:
         env = handler_environment(self.handler)
@@ -210,15 +229,20 @@ class _CommandRunner:
             raise HandlerFailed(f"cannot run {self.argv[0]}{where}: {e.strerror}") from None
         finally:
             os.close(meta)
-        output = _Output(proc, body)
+        output = _Output(proc, body, self._cancel_fd)
         deadline = time.monotonic() + self.timeout
+        asked = lambda: self._cancel_for is task   # noqa: E731
         try:
-            output.pump(deadline)
-            proc.wait(max(0.0, deadline - time.monotonic()))
+            output.pump(deadline, asked)
+            _wait(proc, deadline, asked)
         except subprocess.TimeoutExpired:
             how = self._stop(proc, output)
             _log_output(task.message_id, output)
             raise HandlerTimedOut(f"{self.argv[0]} ran past {self.timeout:g}s and {how}") from None
+        except _CancelAsked:
+            how = self._stop(proc, output)
+            _log_output(task.message_id, output)
+            raise HandlerCancelled(f"{self.argv[0]} cancelled while running and {how}") from None
         finally:
             if proc.poll() is None:
                 _kill_group(proc.pid)
@@ -286,15 +310,37 @@ class _Stream:
         return bytes(self.tail if self.dropped else self.head)
 
 
+def _wait(proc: subprocess.Popen, deadline: float, asked: Callable[[], bool]) -> None:
+    """proc.wait until ``deadline`` (subprocess.TimeoutExpired), looking every
+    CANCEL_LOOK seconds whether a stop was asked (_CancelAsked): a command that
+    closed its output but runs on is stopped by a cancel too."""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            proc.wait(max(0.0, min(left, CANCEL_LOOK)))
+            return
+        except subprocess.TimeoutExpired:
+            if left <= CANCEL_LOOK:
+                raise
+            if asked():
+                raise _CancelAsked() from None
+
+
+CANCEL_LOOK = 0.1   # seconds between looks at a cancel while a command's output is closed
+
+
 class _Output:
     """Feeds the body to a command's stdin and reads its stdout and stderr, in the
-    handler thread, as subprocess.communicate does but keeping only _Stream's share."""
+    handler thread, as subprocess.communicate does but keeping only _Stream's share.
+    ``cancel_fd`` wakes ``pump`` when the I/O thread asks for a stop."""
 
-    def __init__(self, proc: subprocess.Popen, body: bytes):
+    def __init__(self, proc: subprocess.Popen, body: bytes, cancel_fd: int = -1):
         self.out, self.err = _Stream(), _Stream()
         self._body = memoryview(body)
         self._sel = selectors.DefaultSelector()
         self._files = [proc.stdin, proc.stdout, proc.stderr]
+        self._cancel_fd = cancel_fd
+        self._pipes = 2 + bool(body)   # registrations that end the pump when all are gone
         if body:
             os.set_blocking(proc.stdin.fileno(), False)
             self._sel.register(proc.stdin, selectors.EVENT_WRITE)
@@ -302,15 +348,26 @@ class _Output:
             proc.stdin.close()
         self._sel.register(proc.stdout, selectors.EVENT_READ, self.out)
         self._sel.register(proc.stderr, selectors.EVENT_READ, self.err)
+        if cancel_fd >= 0:
+            self._sel.register(cancel_fd, selectors.EVENT_READ, _CancelAsked)
 
-    def pump(self, deadline: float) -> None:
-        """Until both output pipes are at EOF; subprocess.TimeoutExpired at ``deadline``."""
-        while self._sel.get_map():
+    def pump(self, deadline: float, asked: Callable[[], bool] | None = None) -> None:
+        """Until both output pipes are at EOF; subprocess.TimeoutExpired at ``deadline``;
+        _CancelAsked when ``asked`` says this run is to stop (None: not now, the
+        command is being stopped already)."""
+        while self._pipes:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise subprocess.TimeoutExpired("handler", 0)
             for key, _ in self._sel.select(left):
-                if key.data is None:
+                if key.data is _CancelAsked:
+                    try:
+                        os.eventfd_read(self._cancel_fd)
+                    except BlockingIOError:
+                        pass
+                    if asked is not None and asked():
+                        raise _CancelAsked()
+                elif key.data is None:
                     self._write(key.fileobj)
                 else:
                     self._read(key.fileobj, key.data)
@@ -325,6 +382,7 @@ class _Output:
         self._body = self._body[sent:]
         if not self._body:
             self._sel.unregister(f)
+            self._pipes -= 1
             f.close()
 
     def _read(self, f, stream: _Stream) -> None:
@@ -333,6 +391,7 @@ class _Output:
             stream.add(data)
         else:
             self._sel.unregister(f)
+            self._pipes -= 1
 
     def close(self) -> None:
         self._sel.close()

@@ -63,6 +63,7 @@ class Snapshot:
     loop_age: float            # seconds since the master loop last turned
     version: str
     delayed: int | None = None  # messages in the vhost's delay levels, as last polled
+    cancels: int | None = None  # cancels this host holds (the cancel log), None until read
 
     def readiness(self) -> tuple[bool, str]:
         """For /readyz: (ready, one-line reason)."""
@@ -116,7 +117,8 @@ def worker_view(proc, now: float) -> WorkerView:
 def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, int, int]],
                   unserved: Callable[[str], str], queue_state: Callable[[object], str],
                   broker_connected: bool, loop_age: float, version: str,
-                  now: float, delayed: int | None = None) -> Snapshot:
+                  now: float, delayed: int | None = None,
+                  cancels: int | None = None) -> Snapshot:
     """The picture of ``pools`` (the master's pool.Pool objects, live and draining)."""
     views: dict[str, QueueView] = {}
     merged: dict[str, list] = {}
@@ -145,4 +147,4 @@ def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, in
             blocked=sum(1 for p in group for proc in p.procs.values() if proc.slot.blocked),
             unserved=unserved(name))
     return Snapshot(phase=phase, queues=tuple(views.values()), broker_connected=broker_connected,
-                    loop_age=loop_age, version=version, delayed=delayed)
+                    loop_age=loop_age, version=version, delayed=delayed, cancels=cancels)

@@ -1,13 +1,23 @@
-"""The shared cancel table against a plain set, and across a fork."""
+"""The shared cancel table against a plain set and across a fork; the poller's reading of
+log entries; a worker's wait for the log; a running command stopped by a cancel."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 
+import pika
+import pytest
 from hypothesis import given, settings, strategies as st
 
+from workqd import cancels, config, runner
 from workqd.cancels import CancelTable
+from workqd.poller import cancel_entry
+from workqd.slots import SlotTable
+from workqd.task import Task
+from workqd.worker import Worker
 
 
 def d(text: str) -> bytes:
@@ -62,3 +72,118 @@ def test_a_forked_child_sees_what_the_parent_adds_after_the_fork():
     os.write(w, b"x")
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+def test_a_table_counts_what_it_holds_within_the_retention():
+    table = CancelTable(capacity=64, retention=10)
+    table.add(d("old"), 1_000, now_ms=1_000)
+    table.add(d("new"), 9_000, now_ms=9_000)
+    assert table.count(now_ms=9_000) == 2
+    assert table.count(now_ms=12_000) == 1
+    assert table.cancelled_at(d("new"), now_ms=12_000) == 9_000
+    assert table.cancelled_at(d("old"), now_ms=12_000) == 0
+    assert table.cancelled_at(d("never"), now_ms=12_000) == 0
+
+
+def test_loaded_is_seen_by_a_child_forked_before_it_was_set():
+    table = CancelTable(capacity=64)
+    assert not table.loaded
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0 if table.loaded else 1)
+    os.close(r)
+    table.set_loaded()
+    os.write(w, b"x")
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0 and table.loaded
+
+
+# --- the poller's reading of a log entry: someone else's bytes ---------------------
+
+def test_a_log_entry_is_read_or_named_as_unusable():
+    def entry(mid, stamp="absent"):
+        headers = None if stamp == "absent" else {cancels.H_CANCELLED_MS: stamp}
+        return cancel_entry(pika.BasicProperties(message_id=mid, headers=headers),
+                            now_ms=10_000_000, retention_ms=1_000_000)
+    assert entry("a", 9_000_000) == ("a", 9_000_000)
+    assert entry("a", 8_000_000) is None                  # past the retention: dropped quietly
+    for mid, stamp in ((None, 9_000_000), ("", 9_000_000), (b"a", 9_000_000),
+                       ("a", "absent"), ("a", "9000000"), ("a", True), ("a", 0), ("a", -1),
+                       ("a", 9.5e6), ("a", 10_000_000 + 86_400_001), ("a", [1])):
+        assert isinstance(entry(mid, stamp), str), (mid, stamp)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.none(), st.text(), st.binary(), st.integers()),
+       st.one_of(st.none(), st.integers(), st.floats(), st.text(), st.booleans(),
+                 st.lists(st.integers())))
+def test_no_log_entry_makes_the_reading_raise(mid, stamp):
+    got = cancel_entry(pika.BasicProperties(message_id=mid,
+                                            headers={cancels.H_CANCELLED_MS: stamp}),
+                       now_ms=10_000_000)
+    assert got is None or isinstance(got, str) or (got[0] == mid and got[1] == stamp)
+
+
+# --- a worker waits for the log before its first connection -----------------------
+
+def _worker(table):
+    cfg = config.parse({"queues": [{"name": "q", "handler": {"python": "m:f"}}]}, "t.yaml")
+    slot = SlotTable(capacity=4).allocate(1)
+    return Worker(1, cfg.queues[0], cfg.broker, slot, -1, "info", table)
+
+
+def test_a_worker_waits_for_the_log_until_it_is_read_or_its_wait_is_over(caplog):
+    table = CancelTable(capacity=64)
+    w = _worker(table)
+    w._cancels_deadline = time.monotonic() + 60
+    assert w._awaiting_cancels()
+    table.set_loaded()
+    assert not w._awaiting_cancels()
+    late = _worker(CancelTable(capacity=64))
+    late._cancels_deadline = time.monotonic() - 1
+    assert not late._awaiting_cancels() and not late._awaiting_cancels()
+    assert caplog.text.count("the cancel log is not read after") == 1
+    assert not _worker(None)._awaiting_cancels()
+
+
+# --- a running command is stopped on the I/O thread's word -------------------------
+
+def _command(tmp_path, grace: float):
+    termed = tmp_path / "termed"
+    script = tmp_path / "long.sh"
+    script.write_text(f"#!/bin/sh\ntrap 'echo term > {termed}; exit 143' TERM\n"
+                      f"while :; do sleep 0.05; done\n")
+    script.chmod(0o755)
+    cfg = config.parse({"queues": [{"name": "q", "handler": {"command": [str(script)]}}]},
+                       "t.yaml")
+    return runner.load(cfg.queues[0].handler, timeout=60, grace=grace), termed
+
+
+def _task(mid: str):
+    t = Task(message_id=mid, queue="q", redelivered=False, delivery_count=0)
+    t.deadline = time.monotonic() + 60
+    return t
+
+
+def test_a_cancelled_command_gets_term_and_its_run_raises_cancelled(tmp_path):
+    run, termed = _command(tmp_path, grace=5)
+    task = _task("m1")
+    threading.Timer(0.3, run.cancel, args=(task,)).start()
+    began = time.monotonic()
+    with pytest.raises(runner.HandlerCancelled, match="stopped on SIGTERM within its grace"):
+        run(b"", task)
+    assert time.monotonic() - began < 3 and termed.read_text() == "term\n"
+
+
+def test_a_stop_asked_for_another_task_leaves_this_one_running(tmp_path):
+    run, termed = _command(tmp_path, grace=5)
+    old, task = _task("old"), _task("new")
+    run.cancel(old)       # asked for a task that has ended meanwhile
+    began = time.monotonic()
+    threading.Timer(0.5, run.cancel, args=(task,)).start()
+    with pytest.raises(runner.HandlerCancelled):
+        run(b"body", task)
+    assert time.monotonic() - began >= 0.45   # ran until its own stop, not the stale one

@@ -123,6 +123,7 @@ class FakePoller:
         self.connected = False
         self.delayed: int | None = None
         self.rounds = 0
+        self.cancels_held = None
 
     def manage(self, now: float) -> None:
         if not self.pid:

@@ -36,8 +36,12 @@ SUCCESS = vocab.SUCCESS
 
 class HandlerThread:
     def __init__(self, run: Callable[[bytes, Task], None], slot: Slot, timeout: float,
-                 on_leaving: Callable[[], None] = lambda: None):
+                 on_leaving: Callable[[], None] = lambda: None,
+                 cancelled: Callable[[Task], int] | None = None):
         self._run = run
+        # When the task's id was cancelled (0: it was not); a task cancelled while it
+        # waited behind others here is handed back unrun (the I/O thread settles it).
+        self._cancelled = cancelled
         self._slot = slot
         self._timeout = timeout   # the queue's: each task's deadline is its start plus this
         self._on_leaving = on_leaving
@@ -92,9 +96,17 @@ class HandlerThread:
         slot, run, tasks, results = self._slot, self._run, self._tasks, self.results
         timeout, monotonic, now = self._timeout, time.monotonic, time.time
         debug = log.isEnabledFor(logging.DEBUG)
+        cancelled = self._cancelled
         while True:
             d = tasks.get()
             task = d.task
+            if cancelled is not None and cancelled(task):
+                d.ran_for, d.outcome, d.failure = 0.0, vocab.DEAD_LETTER, "cancelled before it ran"
+                results.append(d)
+                if not self.wake_pending:
+                    self.wake_pending = True
+                    os.eventfd_write(self.wake_fd, 1)
+                continue
             # Time in the queue, for first deliveries of a first try only: a retry's
             # or a redelivery's wait would include earlier runs and backoff delays.
             # Without headers or a timestamp there is nothing to read it from.
@@ -119,6 +131,9 @@ class HandlerThread:
                 outcome, error = SUCCESS, ""
             except runner.HandlerTimedOut as e:
                 outcome, error = vocab.TIMEOUT, str(e)
+            except runner.HandlerCancelled as e:
+                # Stopped on the I/O thread's word: it settles the task as cancelled.
+                outcome, error = vocab.DEAD_LETTER, str(e)
             except Reject as e:
                 # The handler's own verdict: no retry can help this task.
                 outcome, error = vocab.DEAD_LETTER, runner.error_line(e)

@@ -27,8 +27,9 @@ from pika.adapters.select_connection import IOLoop
 
 from .. import delays, exitcodes, frames, logsetup, runner, vocab
 from ..broker import Failover, redact
+from ..cancels import CancelTable
 from ..config import Broker, Queue
-from ..slots import CONNECTING, IMPORTING, PAUSED, Slot
+from ..slots import CONNECTING, IMPORTING, PAUSED, Slot, message_digest
 from . import intake, timing
 from .handler import HandlerThread
 from .intake import Delivery
@@ -39,11 +40,16 @@ from .session import CONSUMER_CHECK_EVERY, Session, Verdict
 log = logging.getLogger("workqd.worker")
 
 TICK = 0.25    # seconds between liveness ticks and Python-handler timeout checks
+# Before its first connection a worker waits this long at most for the host's
+# poller to have read the cancel log once, so it does not run a task cancelled
+# while this daemon was down; past it, cancels reach it as they are read.
+CANCELS_WAIT = 5.0
+CANCELS_LOOK = 0.05   # seconds between looks meanwhile
 
 
 class Worker:
     def __init__(self, number: int, queue: Queue, broker: Broker, slot: Slot, wake_fd: int,
-                 log_level: str):
+                 log_level: str, cancels: CancelTable | None = None):
         self.number = number
         self.queue = queue
         self.broker = broker
@@ -63,6 +69,10 @@ class Worker:
         self._exit_code: int | None = None
         self._received = 0        # deliveries handed to the handler thread
         self._next_consumer_check = 0.0
+        self._cancels = cancels   # the master's table, read here, written by its poller
+        self._cancels_deadline = 0.0   # until when the first connection waits for it
+        self._stopping_cancelled: Delivery | None = None   # its command is being stopped
+        self._run = None          # the handler's runner (a command's can be stopped)
 
     # --- life cycle --------------------------------------------------------
 
@@ -82,8 +92,10 @@ class Worker:
         except runner.BootError as e:
             log.error("%s", e)
             return exitcodes.WORKER_BOOT_ERROR
+        self._run = run
         self.slot.tick()
         self.slot.set_state(CONNECTING)
+        self._cancels_deadline = time.monotonic() + CANCELS_WAIT
         # Before any connection: a header pika cannot decode must reach intake as a
         # malformed task, not abort the connection and come back for ever (frames.py).
         frames.install()
@@ -91,7 +103,8 @@ class Worker:
         self._publisher = Publisher(self.broker, self.broker.urls,
                                     f"workqd {self.name} pid {self.pid}", self._ioloop,
                                     self._on_blocked, self.queue.allow_reply_queues)
-        self._handler = HandlerThread(run, self.slot, self.queue.timeout, self._wake_master)
+        self._handler = HandlerThread(run, self.slot, self.queue.timeout, self._wake_master,
+                                      self._cancelled_at if self._cancels is not None else None)
         self._ioloop.add_handler(self._handler.wake_fd, self._on_results, IOLoop.READ)
         self._install_signals()
         self._handler.start()
@@ -189,6 +202,9 @@ class Worker:
         if self._stopping:
             self._ioloop.stop()
             return
+        if self._awaiting_cancels():
+            self._ioloop.call_later(CANCELS_LOOK, self._connect)
+            return
         self.slot.set_state(CONNECTING)
         self._session = Session(
             self.queue, self.broker, self._failover.current,
@@ -198,6 +214,19 @@ class Worker:
             on_message=self._on_message, on_closed=self._guard(self._on_closed))
         self._session.held = self.slot.paused
         self._session.open()
+
+    def _awaiting_cancels(self) -> bool:
+        """Before consuming: has the host's poller not read the cancel log yet?"""
+        table = self._cancels
+        if table is None or table.loaded:
+            return False
+        if time.monotonic() < self._cancels_deadline:
+            return True
+        if self._cancels_deadline:
+            log.warning("the cancel log is not read after %gs; consuming without waiting "
+                        "for it", CANCELS_WAIT)
+            self._cancels_deadline = 0.0
+        return False
 
     def _on_consuming(self, session: Session) -> None:
         if session is not self._session:
@@ -280,6 +309,8 @@ class Worker:
             if max_body and len(body) > max_body:
                 self._refuse(d, vocab.REASON_TOO_LARGE, intake.size_problem(body, max_body))
                 return
+            if self._cancelled(d):
+                return
             h = task.headers
             if h and (vocab.H_EXPIRES_MS in h or delays.H_DUE_MS in h) and not self._on_time(d):
                 return
@@ -291,6 +322,22 @@ class Worker:
         except Exception:
             log.exception("internal error in _on_message; stopping this worker")
             self.stop(exitcodes.WORKER_CRASH)
+
+    def _cancelled_at(self, task) -> int:
+        """When ``task``'s id was cancelled, 0 when it was not (any thread: the table is
+        shared memory this process only reads)."""
+        table = self._cancels
+        return table.cancelled_at(message_digest(task.message_id)) if table is not None else 0
+
+    def _cancelled(self, d: Delivery) -> bool:
+        """True when ``d``'s id was cancelled: it is dead-lettered here, unrun."""
+        if self._cancels is None:
+            return False
+        at = self._cancelled_at(d.task)
+        if not at:
+            return False
+        self._refuse(d, vocab.REASON_CANCELLED, f"cancelled by workqctl cancel at {_utc(at)}")
+        return True
 
     def _on_time(self, d: Delivery) -> bool:
         """The task's clock: False when it is settled here unrun, expired (dead-lettered)
@@ -366,6 +413,13 @@ class Worker:
         if d.abandoned:
             return  # settled as timed out already; the thread's late result means nothing
         d.duration, d.error = d.ran_for, d.failure
+        if d is self._stopping_cancelled:
+            self._stopping_cancelled = None
+        if d.outcome != vocab.SUCCESS and self._cancelled_at(d.task):
+            # Stopped, skipped or failed: a cancelled task is not tried again. One that
+            # finished before its cancel arrived stays a success.
+            self._settle(d, vocab.DEAD_LETTER, vocab.REASON_CANCELLED)
+            return
         self._settle(d, d.outcome)
 
     def _refuse(self, d: Delivery, reason: str, problem: str) -> None:
@@ -476,7 +530,35 @@ class Worker:
             d.error = f"ran past {self.queue.timeout:g}s"
             self._settle(d, vocab.TIMEOUT)
             self.stop(exitcodes.WORKER_TIMEOUT)
+        self._stop_if_cancelled()
 
+    def _stop_if_cancelled(self) -> None:
+        """The running task was cancelled: stop it as a timeout would, and dead-letter it
+        as cancelled. A command's process group gets TERM, KILL after timeout_grace; a
+        Python handler's thread cannot be stopped, so this worker settles the task and
+        leaves, and the master starts a replacement."""
+        d = self._handler.running
+        if (d is None or d.abandoned or d is self._stopping_cancelled
+                or self._cancels is None):
+            return
+        at = self._cancelled_at(d.task)
+        if not at:
+            return
+        if self.queue.handler.command:
+            log.warning("task %s cancelled (at %s) while running: stopping its command "
+                        "(SIGTERM to its process group, SIGKILL after %gs)",
+                        d.task.message_id, _utc(at), self.queue.timeout_grace)
+            self._stopping_cancelled = d
+            self._run.cancel(d.task)
+            return
+        log.warning("task %s cancelled (at %s) while running: settling it as cancelled and "
+                    "replacing this worker (a Python handler cannot be stopped in place)",
+                    d.task.message_id, _utc(at))
+        d.abandoned = True
+        d.duration = time.monotonic() - d.started
+        d.error = f"cancelled by workqctl cancel at {_utc(at)} while running"
+        self._settle(d, vocab.DEAD_LETTER, vocab.REASON_CANCELLED)
+        self.stop(exitcodes.WORKER_RECYCLE)
 
     def _follow_pause(self) -> None:
         """The master's paused word: cancel the consumer (running tasks finish and are
@@ -498,6 +580,10 @@ class Worker:
                          self.queue.name)
         else:
             s.consume_again()   # _on_consuming logs it
+
+
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
 def _no_op(signum, frame) -> None:

@@ -39,7 +39,7 @@ def consumers(amqp, queue: str) -> int:
 
 def test_status_names_the_busy_workers_message_and_running_time(daemon, amqp, qname, tmp_path):
     d = start(daemon, tmp_path, [queue_config(qname, workers=2)])
-    mid = amqp.publish(qname, "sleep=4")
+    mid = amqp.publish(qname, "sleep=10")   # long enough to be seen busy on a loaded machine
 
     def busy():
         for w in status(d, qname)["queues"][0]["workers"]:

@@ -7,7 +7,6 @@ import re
 import sys
 from pathlib import Path
 
-
 from conftest import wait_for
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "client.md"

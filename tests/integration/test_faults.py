@@ -200,7 +200,8 @@ def test_recycling_by_task_count_keeps_the_pool_full(daemon, amqp, qname):
 
 def test_recycling_by_memory_keeps_the_pool_full(daemon, amqp, qname):
     d = daemon([queue_config(qname, workers=2, max_memory_per_worker="150MiB")])
-    ids = [amqp.publish(qname, f"n={i} leak=40 sleep=0.3") for i in range(12)]
+    # As above: a last task must outlast a replacement's start on a loaded machine.
+    ids = [amqp.publish(qname, f"n={i} leak=40 sleep=2") for i in range(12)]
     lowest = _sample_capacity(d, qname, 2, lambda: d.ledger.ended_ids() >= set(ids), 60)
     assert lowest >= 2, f"capacity dipped to {lowest}"
     wait_for(lambda: d.metric("workqd_worker_restarts_total", queue=qname, reason="recycle") >= 2,

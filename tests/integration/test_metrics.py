@@ -37,9 +37,10 @@ def test_counts_stay_true_when_a_busy_worker_is_killed(daemon, amqp, qname):
     assert 20 * 0.4 <= m[f"workqd_task_duration_seconds_sum{{{q}}}"] < 20 * 0.5
     assert m["workqd_broker_connected"] == 1
     assert m['workqd_build_info{version="0.1.0"}'] == 1
-    wait_for(lambda: d.metric("workqd_queue_consumers", queue=qname) == 2, 15,
-             what="queue consumers polled")
-    assert d.metric("workqd_queue_messages_ready", queue=qname) == 0
+    # Polled every 5 s: wait for a sample taken after the queue drained.
+    wait_for(lambda: d.metric("workqd_queue_consumers", queue=qname) == 2
+             and d.metric("workqd_queue_messages_ready", queue=qname) == 0, 15,
+             what="queue consumers and an empty queue polled")
 
 
 def test_in_flight_while_running_and_gauges_after_reload(daemon, amqp, qname):

@@ -491,6 +491,14 @@ def test_node_killed_mid_batch_fails_over_to_the_next_node(lone_node, amqp, qnam
     assert on_main | on_lost_node == set(range(20_000))
 
 
+def _confirm_sent(node) -> bool:
+    """Every channel in confirm mode on ``node`` has nothing left unconfirmed."""
+    rows = [line.split() for line in
+            node.ctl("-q", "list_channels", "confirm", "messages_unconfirmed").stdout
+            .decode().splitlines() if line.strip()]
+    return bool(rows) and all(r == ["true", "0"] for r in rows if r[0] == "true")
+
+
 def test_wait_names_a_confirmed_task_whose_outcome_went_with_the_node(lone_node, tmp_path):
     q = f"wq.submit.wait.{uuid.uuid4().hex[:6]}"
     c = Amqp(lone_node.url)
@@ -501,6 +509,9 @@ def test_wait_names_a_confirmed_task_whose_outcome_went_with_the_node(lone_node,
     try:
         wait_for(lambda: c.count(q) == 1, 30, what="task stored")
         c.close()
+        # Stored is not yet confirmed: on a loaded machine the confirm can still be on its
+        # way when the node dies, and then the task is (rightly) "not confirmed".
+        wait_for(lambda: _confirm_sent(lone_node), 30, what="the broker's confirm sent")
         lone_node.kill()
         out, err = proc.communicate(timeout=60)
     finally:

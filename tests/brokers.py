@@ -268,7 +268,10 @@ class Cluster:
         poll(lambda: not port_in_use(port), 30, what=f"{name}'s port {port} free")
 
     def stop_app(self, name: str) -> None:
-        self.ctl(name, "stop_app")
+        # A node hands over the leadership of every quorum queue it leads as its app
+        # stops (the work queues and the vhost's delay levels): on a loaded machine that
+        # has taken longer than one ordinary CLI call may.
+        self.ctl(name, "stop_app", timeout=3 * CLI_TIMEOUT)
         self.app_stopped.add(name)
 
     def start_app(self, name: str) -> None:

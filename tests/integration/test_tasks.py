@@ -49,7 +49,8 @@ def test_fair_dispatch_long_task_does_not_hold_back_short_ones(daemon, amqp, qna
 
 def test_kill9_mid_task_loses_nothing(daemon, amqp, qname):
     d = daemon([queue_config(qname, workers=3)])
-    ids = _publish_all(amqp, qname, [f"n={i} sleep=0.2" for i in range(40)])
+    # The first tasks run long enough to be killed mid-task even on a loaded machine.
+    ids = _publish_all(amqp, qname, [f"n={i} sleep={3 if i < 3 else 0.2}" for i in range(40)])
     first = wait_for(lambda: d.ledger.events("start"), 10, what="a task started")[0]
     victim, victim_task = first["pid"], first["id"]
     os.kill(victim, signal.SIGKILL)

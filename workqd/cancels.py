@@ -31,6 +31,7 @@ H_CANCELLED_MS = "x-workq-cancelled-ms"
 
 _ENTRY = struct.Struct("@16sq")  # digest, cancelled at (ms since the epoch; 0 = empty)
 _LOADED = struct.Struct("@q")    # after the entries: 1 once the log was read to its end
+_WRITTEN = struct.Struct("@q")   # after that: entries ever written (0: nothing to look up)
 CAPACITY = 1 << 16               # entries: 1.5 MiB of address space, touched as used
 PROBES = 32                      # slots looked at before the oldest in reach is replaced
 
@@ -48,8 +49,9 @@ class CancelTable:
         self.capacity = capacity
         self.retention = retention
         # Anonymous mappings are shared with the children forked after this.
-        self._mm = mmap.mmap(-1, capacity * _ENTRY.size + _LOADED.size)
+        self._mm = mmap.mmap(-1, capacity * _ENTRY.size + _LOADED.size + _WRITTEN.size)
         self._loaded_at = capacity * _ENTRY.size
+        self._written_at = self._loaded_at + _LOADED.size
         self.replaced = 0        # live entries given up for room (the poller logs it)
 
     def _home(self, digest: bytes) -> int:
@@ -81,6 +83,8 @@ class CancelTable:
         struct.pack_into("@q", self._mm, off + 16, 0)
         self._mm[off:off + 16] = digest
         struct.pack_into("@q", self._mm, off + 16, cancelled_ms)
+        written = _WRITTEN.unpack_from(self._mm, self._written_at)[0]
+        _WRITTEN.pack_into(self._mm, self._written_at, written + 1)
 
     def cancelled(self, digest: bytes, now_ms: int | None = None) -> bool:
         """Any process: was this id cancelled within the retention?"""
@@ -89,6 +93,9 @@ class CancelTable:
     def cancelled_at(self, digest: bytes, now_ms: int | None = None) -> int:
         """Any process: when this id was cancelled (ms since the epoch), 0 when it was
         not, within the retention."""
+        # Most hosts never cancel anything: then every delivery's look-up is one read.
+        if not _WRITTEN.unpack_from(self._mm, self._written_at)[0]:
+            return 0
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         stale = now_ms - int(self.retention * 1000)
         home = self._home(digest)

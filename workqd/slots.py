@@ -23,6 +23,7 @@ the master never sees that worker as leaving while it holds a task not begun.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import mmap
 import struct
@@ -86,6 +87,9 @@ _WORDS = struct.Struct("@2q")   # a digest as the two native words it is stored 
 _blake2b = hashlib.blake2b
 
 
+# Each delivery's id is digested for its cancel check at intake, again in the handler
+# thread and in Slot.begin: the same few ids in a row, so a small cache does it once.
+@functools.lru_cache(maxsize=256)
 def message_digest(message_id: str) -> bytes:
     """What identifies a message id in the slots and the crash table: a digest of all of
     its UTF-8 (surrogatepass: every str encodes, and no two to the same bytes)."""
@@ -211,8 +215,7 @@ class Slot:
         raw = message_id.encode("utf-8", "surrogatepass")
         mm = self._mm
         off = (b + W_MSGID_DIGEST) * 8
-        # message_digest(), inline: this runs once per task.
-        mm[off:off + DIGEST_BYTES] = _blake2b(raw, digest_size=DIGEST_BYTES).digest()
+        mm[off:off + DIGEST_BYTES] = message_digest(message_id)   # cached: intake made it
         cut = 0
         if len(raw) > MSGID_BYTES:
             shown = MSGID_BYTES

@@ -15,7 +15,7 @@ import sys
 
 from . import cancels
 from . import config as config_mod
-from . import exitcodes, submit
+from . import deadctl, exitcodes, submit
 
 MAX_ID_BYTES = 255   # a message id is an AMQP short string
 
@@ -43,13 +43,8 @@ def run(args: argparse.Namespace) -> int:
             return exitcodes.CTL_USAGE
     try:
         submit.load_config(args.config)   # a usage error before any connection
-    except config_mod.ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return exitcodes.CTL_USAGE
-    except (submit.UsageError, config_mod.Invalid) as e:
-        print(f"workqctl: {e}", file=sys.stderr)
-        return exitcodes.CTL_USAGE
+    except deadctl.USAGE_ERRORS as e:
+        return deadctl.usage_error(e)
     from .client import Client, SubmitError
     code = exitcodes.CTL_OK
     with Client(config=args.config, name="workqctl cancel") as client:

@@ -121,19 +121,26 @@ def _short(text, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+# What a workqctl command that talks AMQP itself refuses before connecting.
+USAGE_ERRORS = (config_mod.ConfigError, submit.UsageError, config_mod.Invalid)
+
+
+def usage_error(e: Exception) -> int:
+    """Print a refused config or argument, one line per problem; the exit status."""
+    lines = e.problems if isinstance(e, config_mod.ConfigError) else [f"workqctl: {e}"]
+    for line in lines:
+        print(line, file=sys.stderr)
+    return exitcodes.CTL_USAGE
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except _Fail as e:
         print(f"workqctl: {e}", file=sys.stderr)
         return e.code
-    except (config_mod.ConfigError,) as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return exitcodes.CTL_USAGE
-    except (submit.UsageError, config_mod.Invalid) as e:
-        print(f"workqctl: {e}", file=sys.stderr)
-        return exitcodes.CTL_USAGE
+    except USAGE_ERRORS as e:
+        return usage_error(e)
 
 
 def _run(args: argparse.Namespace) -> int:

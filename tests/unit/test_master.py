@@ -425,7 +425,9 @@ def test_the_master_as_a_state_machine(freed_slots_are_reused):
     started = time.monotonic()
     run_state_machine_as_test(MasterMachine, settings=settings(
         max_examples=examples,
-        stateful_step_count=40, deadline=None, derandomize=False,
+        # Derandomized: the same sequences every run, so the cell coverage asserted
+        # below is a property of the test, not of a lucky draw.
+        stateful_step_count=40, deadline=None, derandomize=True,
         suppress_health_check=list(HealthCheck)))
     took = time.monotonic() - started
     print(f"\nmaster state machine: {MasterMachine.sequences} sequences, "

@@ -370,7 +370,7 @@ class Daemon:
 
     def wait_ready(self, timeout: float = 15) -> None:
         wait_for(lambda: self.http("/readyz")[0] == 200 or self._died(), timeout,
-                 what=f"workqd ready; log:\n{self.log()}")
+                 what=lambda: f"workqd ready; log:\n{self.log()}")
         assert self.proc.poll() is None, f"workqd exited {self.proc.returncode}:\n{self.log()}"
 
     def _died(self) -> bool:

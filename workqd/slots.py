@@ -365,10 +365,27 @@ class Totals:
         return dict(self._by_pool.get(pool_id, dict.fromkeys(COUNTER_WORDS, 0)))
 
 
+# A task's flag in /proc/PID/stat (include/linux/sched.h): set as the exit begins.
+_PF_EXITING = 0x4
+
+
 def _is_dead(pid: int) -> bool:
-    """Gone, or a zombie waiting to be reaped."""
+    """Gone, a zombie waiting to be reaped, or already exiting. A dying worker's sockets
+    close only after every one of its threads is exiting, so the broker can redeliver its
+    task before it is a zombie; its exit has begun by then, and this sees it."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+            return stat_says_dying(f.read())
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def stat_says_dying(stat: bytes) -> bool:
+    """From the text of /proc/PID/stat: a zombie, or a process whose exit has begun. The
+    command name may hold spaces and parentheses, so the fields count from its last ')'.
+    Text that does not parse is taken as a process gone."""
+    try:
+        fields = stat.rsplit(b")", 1)[1].split()
+        return fields[0] == b"Z" or bool(int(fields[6]) & _PF_EXITING)
+    except (IndexError, ValueError):
         return True

@@ -327,7 +327,7 @@ def test_quorum_lost_nothing_consumed_nothing_lost_ready_says_why(healed_cluster
     try:
         for d in daemons:
             wait_for(lambda: d.http("/readyz")[0] == 503 or exited(daemons), 90, interval=0.5,
-                     what=f"/readyz 503 without quorum; log:\n{d.log()[-3000:]}")
+                     what=lambda: f"/readyz 503 without quorum; log:\n{d.log()[-3000:]}")
             assert_running(daemons)
             status, reason = d.http("/readyz")
             assert "quorum" in reason.lower(), f"/readyz {status} says {reason!r}"
@@ -424,7 +424,7 @@ def test_readyz_says_not_ready_while_the_queue_is_gone(healed_cluster, cluster_q
         # they report not ready. What may not happen: 200 with nobody consuming.
         wait_for(lambda: client_consumers(client, q) == 2 or
                  any(code == 503 for t, code in seen if t >= t_delete), 60, interval=0.5,
-                 what=f"consuming again or /readyz 503 after delete_queue; log:\n{d.log()[-2000:]}")
+                 what=lambda: f"consuming again or /readyz 503 after delete_queue; log:\n{d.log()[-2000:]}")
     finally:
         stop.set()
         watcher.join(5)

@@ -74,7 +74,7 @@ def test_an_undecodable_header_is_dead_lettered_and_the_task_behind_it_runs(
     assert taken or kind in REFUSED_BY_SOME_BROKERS
     healthy = amqp.publish(qname, "n=healthy sleep=0")
     wait_for(lambda: healthy in d.ledger.ended_ids(), 20,
-             what=f"the healthy task behind the bad one done; log:\n{d.log()[-3000:]}")
+             what=lambda: f"the healthy task behind the bad one done; log:\n{d.log()[-3000:]}")
     dead = f"{qname}.dead"
     wait_for(lambda: amqp.count(dead) == int(taken), 10, what="the bad one dead-lettered")
     wait_for(lambda: d.metric(OUTCOME, queue=qname, outcome="dead_letter") == int(taken), 10,

@@ -190,7 +190,7 @@ def handle(body, task):
     d.env = lambda: {**base_env(), "NOTIFY_SOCKET": str(notify), "WORKQ_PASSWORD": "hunter2"}
     d.start()
     amqp.publish(qname, "resize me")
-    wait_for(lambda: (srv / "out").exists(), 20, what=f"handler ran; log:\n{d.log()}")
+    wait_for(lambda: (srv / "out").exists(), 20, what=lambda: f"handler ran; log:\n{d.log()}")
     body, cwd, mode, notify_seen, password, where, inherited = eval((srv / "out").read_text())
     assert inherited == str(d.ledger.path)   # the rest of workqd's environment is kept
     assert (body, cwd, mode) == ("resize me", str(srv), "prod")

@@ -81,7 +81,7 @@ def test_under_journald_lines_carry_queue_and_message_id_fields(daemon, amqp, qn
         except socket.timeout:
             pass
         return any(r.get("WORKQ_MESSAGE_ID") == mid for r in records)
-    wait_for(got_task_line, 20, what=f"a journal record about the task; log:\n{d.log()}")
+    wait_for(got_task_line, 20, what=lambda: f"a journal record about the task; log:\n{d.log()}")
     journal.close()
     task = [r for r in records if r.get("WORKQ_MESSAGE_ID") == mid]
     assert all(r["QUEUE"] == qname and r["SYSLOG_IDENTIFIER"] == "workqd" for r in task)

@@ -28,20 +28,20 @@ def test_reload_while_workers_cannot_connect_restarts_the_start(daemon, amqp, qn
     d.write_config()
     d.start(wait_ready=False)
     wait_for(lambda: len(d.worker_pids()) == 2 and d.log().count("127.0.0.1") >= 2, 20,
-             what=f"two workers trying the closed port; log:\n{d.log()}")
+             what=lambda: f"two workers trying the closed port; log:\n{d.log()}")
     first = set(d.worker_pids())
     d.send(signal.SIGHUP)
-    wait_for(lambda: "reload during start" in d.log(), 10, what=f"the reload; log:\n{d.log()}")
+    wait_for(lambda: "reload during start" in d.log(), 10, what=lambda: f"the reload; log:\n{d.log()}")
     # Replaced at once: none of the starting workers is waited for.
     wait_for(lambda: all(_gone(p) for p in first) and len(d.worker_pids()) == 2, 20,
-             what=f"the starting workers replaced; log:\n{d.log()}")
+             what=lambda: f"the starting workers replaced; log:\n{d.log()}")
     assert d.proc.poll() is None and d.http("/readyz")[0] == 503
     d.config["broker"]["url"] = BROKER_URL
     d.write_config()
     d.send(signal.SIGHUP)
     d.wait_ready(30)
     # /readyz can say ready a loop turn before the master logs its move to ready.
-    wait_for(lambda: "ready: every worker" in d.log(), 10, what=f"the ready line; log:\n{d.log()}")
+    wait_for(lambda: "ready: every worker" in d.log(), 10, what=lambda: f"the ready line; log:\n{d.log()}")
     assert d.log().count("reload during start") == 2
     mid = amqp.publish(qname, "sleep=0")
     wait_for(lambda: mid in d.ledger.ended_ids(), 15, what="a task after the start")
@@ -57,7 +57,7 @@ def test_a_worker_killed_by_a_real_time_signal_is_replaced_and_its_task_redone(d
     victim = d.ledger.events("start")[0]["pid"]
     os.kill(victim, signal.SIGRTMIN + 1)       # systemctl kill -s SIGRTMIN+1 workqd
     wait_for(lambda: f"(pid {victim}) killed by SIGRTMIN+1" in d.log(), 10,
-             what=f"the death logged by name; log:\n{d.log()}")
+             what=lambda: f"the death logged by name; log:\n{d.log()}")
     wait_for(lambda: mid in d.ledger.ended_ids(), 20, what="the task redone by another worker")
     wait_for(lambda: len(d.worker_pids()) == 2 and victim not in d.worker_pids()
              and d.http("/readyz")[0] == 200, 15, what="the worker replaced")
@@ -159,10 +159,14 @@ def test_a_full_slot_table_defers_the_spawn_and_the_reload_completes(daemon, amq
     monkeypatch.setenv("WORKQ_SLOTS", "3")
     d = daemon([queue_config(qname, workers=2)], start=False)
     d.start(module="smalltable")
+    # Ready to systemd means both workers consume; a reload before that restarts the start.
+    wait_for(lambda: "every worker is consuming" in d.log(), 15,
+             what=lambda: f"both workers consuming; log:\n{d.log()}")
     mid = amqp.publish(qname, "sleep=4")
     wait_for(lambda: d.ledger.events("start"), 10, what="the task started")
     d.send(signal.SIGHUP)
-    wait_for(lambda: "reload complete" in d.log(), 30, what=f"reload complete; log:\n{d.log()}")
+    wait_for(lambda: "reload complete" in d.log(), 30,
+             what=lambda: f"reload complete; log:\n{d.log()}")
     log = d.log()
     assert log.count("cannot start a worker: no free worker slot (3 in use)") == 1, log
     assert "workers can be started again" in log

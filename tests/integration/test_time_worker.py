@@ -22,7 +22,7 @@ def test_ten_retries_through_the_same_level_on_a_quorum_queue_all_arrive(daemon,
     d = daemon([queue_config(qname, type="quorum", handler={"python": "timefns:flaky"},
                              retry={"attempts": 11, "backoff": [1]})])
     mid = amqp.publish(qname, "until=11")
-    wait_for(lambda: d.ledger.events("end"), 60, what=f"the eleventh try; log:\n{d.log()[-3000:]}")
+    wait_for(lambda: d.ledger.events("end"), 60, what=lambda: f"the eleventh try; log:\n{d.log()[-3000:]}")
     starts = d.ledger.events("start")
     assert [e["attempt"] for e in starts] == list(range(1, 12))
     assert {e["id"] for e in starts} == {mid}
@@ -67,7 +67,7 @@ def test_a_task_that_arrives_before_it_is_due_waits_and_then_runs(daemon, amqp, 
     d = daemon([queue_config(qname, handler={"python": "timefns:due"})])
     due_ms = int(time.time() * 1000) + 3000
     mid = amqp.publish(qname, "n=1", headers={delays.H_DUE_MS: due_ms, delays.H_TO: qname})
-    wait_for(lambda: d.ledger.events("start"), 15, what=f"the task ran; log:\n{d.log()[-2000:]}")
+    wait_for(lambda: d.ledger.events("start"), 15, what=lambda: f"the task ran; log:\n{d.log()[-2000:]}")
     (start,) = d.ledger.events("start")
     assert start["id"] == mid and start["t"] * 1000 >= due_ms, (start["t"], due_ms)
     assert "before it is due: back through the delay levels" in d.log()
@@ -81,7 +81,7 @@ def test_retry_later_with_a_delay_comes_back_after_that_delay(daemon, amqp, qnam
     d = daemon([queue_config(qname, handler={"python": "timefns:back_in"},
                              retry={"attempts": 1, "backoff": [1], "max_deferrals": 1})])
     amqp.publish(qname, "delay=3")
-    wait_for(lambda: d.ledger.events("end"), 20, what=f"the second run; log:\n{d.log()[-2000:]}")
+    wait_for(lambda: d.ledger.events("end"), 20, what=lambda: f"the second run; log:\n{d.log()[-2000:]}")
     first, second = d.ledger.events("start")
     assert second["t"] - first["t"] >= 3.0, (first["t"], second["t"])
     assert (first["attempt"], second["attempt"], second["deferrals"]) == (1, 1, 1)
@@ -99,7 +99,7 @@ def test_five_hundred_delayed_tasks_none_early_none_lost(daemon, amqp, qname):
             delay = rng.randint(1, 20)
             submitted[client.submit(f"n={i}".encode(), queue=qname, delay=delay)] = delay
     wait_for(lambda: len(d.ledger.events("start")) >= 500, 60,
-             what=f"500 delayed tasks run; log:\n{d.log()[-2000:]}")
+             what=lambda: f"500 delayed tasks run; log:\n{d.log()[-2000:]}")
     starts = d.ledger.events("start")
     assert sorted(e["id"] for e in starts) == sorted(submitted), "a task lost or run twice"
     lateness = sorted(e["t"] - e["due_ms"] / 1000 for e in starts)
@@ -134,8 +134,12 @@ def test_a_due_task_reaches_its_own_queue_and_no_other(amqp, qname):
         amqp.declare(qname, "classic")
         amqp.declare(other, "classic")
         ch = amqp.channel()
+        # On a fresh broker the delivery exchange exists only once something declared it.
+        delays.declare(ch)
         delays.bind(ch, delays.stray_delivery_binding(other)._replace(remove=False))
         delays.prepare(ch, other)
+        # Other tests' due tasks may have taken the planted binding before it went.
+        ch.queue_purge(other)
         with Client(BROKER_URL) as client:
             client.submit(b"mine", queue=qname, delay=1)
         wait_for(lambda: amqp.count(qname) == 1, 15, what="the due task in its queue")

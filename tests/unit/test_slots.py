@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from workqd.slots import CONNECTING, CRASH_ENTRIES, MSGID_BYTES, SlotTable, message_digest
+from workqd.slots import (CONNECTING, CRASH_ENTRIES, MSGID_BYTES, SlotTable, message_digest,
+                          stat_says_dying)
 
 POOL = 1
 
@@ -85,6 +86,20 @@ def test_a_death_not_recorded_yet_counts_once():
     assert table.crashes(POOL, mid, me=0) == 2   # recorded now: still one death, not two
     slot.release()
     assert table.crashes(POOL, mid, me=0) == 2
+
+
+def test_a_holder_whose_exit_has_begun_counts_as_dead():
+    """Its socket can close, and the broker redeliver, before it is a zombie: the exit
+    flag (PF_EXITING, 0x4) in /proc/PID/stat is what a sibling sees then."""
+    def stat(state: str, flags: int, comm: str = "workqd: worker (x) 1") -> bytes:
+        return f"4242 ({comm}) {state} 1 4242 4242 0 -1 {flags} 0 0".encode()
+    assert not stat_says_dying(stat("S", 0x400040))
+    assert stat_says_dying(stat("R", 0x400044))
+    assert stat_says_dying(stat("D", 0x4, comm="a ) b"))
+    assert stat_says_dying(stat("Z", 0x400040))
+    assert stat_says_dying(b"4242 (truncated")
+    with open("/proc/self/stat", "rb") as f:
+        assert not stat_says_dying(f.read())
 
 
 def test_the_oldest_entry_makes_room_and_no_count_carries_over():

@@ -32,8 +32,13 @@ from polling import wait_for
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 KERNEL_ARGS = "-kernel inet_dist_use_interface {127,0,0,1} -kernel net_ticktime 10"
-CLUSTER_NODES = {"wqa": (5681, 25681), "wqb": (5682, 25682), "wqc": (5683, 25683)}
-SPECIAL_PORTS = range(5684, 5690)      # AMQP (or TLS) port P, distribution port 20000 + P
+# WORKQ_TEST_NODE_OFFSET moves every throwaway node's ports up and suffixes its Erlang
+# name, so two checkouts can run cluster tests on one machine at once (0 in CI).
+OFFSET = int(os.environ.get("WORKQ_TEST_NODE_OFFSET", "0"))
+NAME_SUFFIX = f"o{OFFSET}" if OFFSET else ""
+CLUSTER_NODES = {"wqa": (5681 + OFFSET, 25681 + OFFSET), "wqb": (5682 + OFFSET, 25682 + OFFSET),
+                 "wqc": (5683 + OFFSET, 25683 + OFFSET)}
+SPECIAL_PORTS = range(5684 + OFFSET, 5690 + OFFSET)   # AMQP (or TLS) port P, distribution 20000 + P
 START_TIMEOUT = 120                   # seconds a node gets to boot (2 shared cores)
 CLI_TIMEOUT = 90                      # seconds for one rabbitmqctl call
 
@@ -74,7 +79,7 @@ class Node:
                  advanced: str = "[].", tcp: bool = True):
         self.base = base
         self.name = name
-        self.node = f"{name}@localhost"
+        self.node = f"{name}{NAME_SUFFIX}@localhost"
         self.port = port
         self.dist = dist
         self.dir = base / name

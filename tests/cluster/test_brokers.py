@@ -49,8 +49,7 @@ def unique(prefix: str) -> str:
 def test_cluster_forms_from_three_running_nodes(cluster):
     for name in ("wqa", "wqb", "wqc"):
         status = cluster.status(name)
-        assert sorted(status["running_nodes"]) == ["wqa@localhost", "wqb@localhost",
-                                                   "wqc@localhost"], status
+        assert sorted(status["running_nodes"]) == [n.node for n in cluster.nodes.values()], status
         assert not status["partitions"], status
     print(f"cluster timings: {cluster.timings}")
 

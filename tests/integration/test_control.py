@@ -41,16 +41,15 @@ def test_status_names_the_busy_workers_message_and_running_time(daemon, amqp, qn
     d = start(daemon, tmp_path, [queue_config(qname, workers=2)])
     mid = amqp.publish(qname, "sleep=10")   # long enough to be seen busy on a loaded machine
 
-    def busy():
-        for w in status(d, qname)["queues"][0]["workers"]:
+    def busy():   # the JSON status and the table, both taken while it runs
+        st = status(d, qname)
+        for w in st["queues"][0]["workers"]:
             if w["state"] == "busy" and w["message_id"] == mid and w["running_for"] >= 1.0:
-                return w
-    w = wait_for(busy, 30, interval=0.2, what="a worker busy with the message for 1s")
+                return w, st, ctl(d, "status").stdout
+    w, st, table = wait_for(busy, 30, interval=0.2, what="a worker busy with the message for 1s")
     assert w["pid"] in d.worker_pids() and w["rss"] > 1 << 20
-    st = status(d)
     q = st["queues"][0]
     assert (q["name"], q["state"], q["size"], q["in_flight"]) == (qname, "running", 2, 1)
-    table = ctl(d, "status").stdout
     assert mid in table and "busy" in table and qname in table
     wait_for(lambda: mid in d.ledger.ended_ids(), 30, what="the task done")
     wait_for(lambda: [x["tasks_done"] for x in status(d)["queues"][0]["workers"]
@@ -61,7 +60,7 @@ def test_pause_cancels_consumers_running_task_finishes_and_resume_drains(daemon,
                                                                          tmp_path):
     d = start(daemon, tmp_path, [queue_config(qname, workers=2, prefetch=1)])
     wait_for(lambda: consumers(amqp, qname) == 2, 15, what="2 consumers")
-    running = amqp.publish(qname, "sleep=3")
+    running = amqp.publish(qname, "sleep=8")   # still running after the pause, under load too
     wait_for(lambda: any(e["id"] == running for e in d.ledger.events("start")), 15,
              what="the long task started")
     r = ctl(d, "pause", qname)

@@ -162,7 +162,9 @@ def test_python_timeout_settles_the_task_and_recycles_the_worker(daemon, amqp, q
     starts = d.ledger.events("start")
     assert [s["attempt"] for s in starts] == [1, 2]
     assert starts[1]["pid"] != first["pid"]
-    assert d.metric(OUTCOME, queue=qname, outcome="timeout") == 2
+    # The dead letter is published before the outcome is counted in the worker's slot.
+    wait_for(lambda: d.metric(OUTCOME, queue=qname, outcome="timeout") == 2, 10,
+             what="2 timeout outcomes")
     wait_for(lambda: d.metric("workqd_worker_restarts_total", queue=qname, reason="timeout") == 2,
              5, what="2 timeout restarts")
     wait_for(lambda: len(d.worker_pids()) == 1, 5, what="pool back to 1")

@@ -155,15 +155,13 @@ BAD_ARGUMENTS = [
                          ids=[" ".join(a)[:60] for a, _ in BAD_ARGUMENTS])
 def test_bad_argument_exits_2_with_one_line(odd_files, args, says):
     args = [odd_files.get(a, a) for a in args]
-    started = time.monotonic()
+    # A FIFO opened or a broker waited for would hang: subprocess's timeout fails the test.
     r = submit(*args, stdin=b"a\nb\n", timeout=30)
-    elapsed = time.monotonic() - started
     err = r.stderr.decode(errors="replace")
     assert r.returncode == 2, (args, err)
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert says in err, err
     assert "s3cret" not in err
-    assert elapsed < 5, f"took {elapsed:.1f}s"
 
 
 def test_stdin_without_end_is_refused_at_the_line_cap():

@@ -12,7 +12,6 @@ before it takes that task. None may run (or keep running); each ends in its queu
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -77,7 +77,8 @@ def main() -> int:
     ap.add_argument("--python", default=sys.executable, help="Python of the daemon")
     ap.add_argument("--cluster", action="store_true",
                     help="on the 3-node test cluster, one node killed while the tasks wait")
-    ap.add_argument("--kill", default="wqa", help="the node to kill (--cluster)")
+    ap.add_argument("--kill", default="wqa",
+                    help="the node to kill (--cluster); none: a baseline on the cluster")
     ap.add_argument("--kill-after", type=float, default=10.0,
                     help="seconds after the last submit (--cluster)")
     args = ap.parse_args()
@@ -134,7 +135,7 @@ def run(args, urls: list[str], cluster) -> int:
                                                   delay=d))
         submitted_in = time.monotonic() - t0
         killed = {}
-        if cluster:
+        if cluster and args.kill != "none":
             time.sleep(args.kill_after)
             waiting = args.tasks - len(_lines(ledger))
             cluster.kill9(args.kill)

@@ -7,7 +7,8 @@ Submits ``--tasks`` tasks through workqd.client, each with a whole-second delay 
 from 1 s to ``--max-delay`` s, to a fresh queue a real workqd daemon consumes; the
 handler (``record`` below) notes when it starts and the due time the task carries
 (``x-workq-due-ms``). Reports the lateness (start - due) at p50, p99 and max, and
-fails if any task started early, ran twice or never came. The due time is written
+fails if any task started early, ran twice or never came. The p50 is also given by
+the number of levels a task waited in (its delay's set bits): the cost of each hop. The due time is written
 by the submitting client's clock and the start read on the same machine, so the
 numbers include no clock difference.
 
@@ -127,12 +128,15 @@ def run(args, urls: list[str], cluster) -> int:
             d = rng.randint(1, args.max_delay)
             by_delay[d] = by_delay.get(d, 0) + 1
         ids = set()
+        hops: dict[str, int] = {}   # levels a task waits in: its delay's set bits
         t0 = time.monotonic()
         with Client(urls) as client:
             for d, n in sorted(by_delay.items()):
                 for i in range(0, n, 500):
-                    ids.update(client.submit_many([b"x"] * min(500, n - i), queue=queue,
-                                                  delay=d))
+                    for mid in client.submit_many([b"x"] * min(500, n - i), queue=queue,
+                                                  delay=d):
+                        ids.add(mid)
+                        hops[mid] = bin(d).count("1")
         submitted_in = time.monotonic() - t0
         killed = {}
         if cluster and args.kill != "none":
@@ -155,6 +159,9 @@ def run(args, urls: list[str], cluster) -> int:
             late = float(r[0]) - int(r[1]) / 1000
             first[r[2]] = min(late, first.get(r[2], late))
         lateness = sorted(first.values())
+        by_hops: dict[int, list[float]] = {}
+        for mid, late in first.items():
+            by_hops.setdefault(hops.get(mid, -1), []).append(late)
         early = sum(1 for x in lateness if x < 0)
         lost = len(ids - set(ran))
         twice = len(ran) - len(set(ran))
@@ -163,7 +170,9 @@ def run(args, urls: list[str], cluster) -> int:
                   "lateness_p50_s": round(lateness[len(lateness) // 2], 3),
                   "lateness_p99_s": round(lateness[int(len(lateness) * 0.99)], 3),
                   "lateness_max_s": round(lateness[-1], 3),
-                  "early": early, "lost": lost, "ran_twice": twice}
+                  "early": early, "lost": lost, "ran_twice": twice,
+                  "lateness_p50_s_by_levels": {n: round(sorted(v)[len(v) // 2], 3)
+                                               for n, v in sorted(by_hops.items())}}
         print(json.dumps(result))
         return 1 if early or lost or (twice and not cluster) else 0
     finally:

@@ -140,11 +140,15 @@ def run(args, urls: list[str], cluster) -> int:
         submitted_in = time.monotonic() - t0
         killed = {}
         if cluster and args.kill != "none":
-            time.sleep(args.kill_after)
+            victim = cluster.nodes[args.kill].node
+            rows = cluster.nodes[args.kill].json("rabbitmqctl", "list_queues", "name", "leader")
+            led = [r["name"] for r in rows or []
+                   if r["name"].startswith("workq.delay.") and r.get("leader") == victim]
+            time.sleep(max(0.0, args.kill_after - (time.monotonic() - t0 - submitted_in)))
             waiting = args.tasks - len(_lines(ledger))
             cluster.kill9(args.kill)
             killed = {"killed": args.kill, "killed_after_submit_s": args.kill_after,
-                      "waiting_at_kill": waiting}
+                      "levels_it_led": len(led), "waiting_at_kill": waiting}
             print(f"bench/delays.py: {args.kill} killed (kill -9), {waiting} tasks waiting",
                   file=sys.stderr)
 

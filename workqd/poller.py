@@ -353,9 +353,9 @@ class _CancelReader:
             # Declared elsewhere with another retention: readable all the same.
             self.channel = conn.channel()
             ok = self.channel.queue_declare(cancels.STREAM, passive=True)
-        # The log's end: this reader's mark, appended now; when the mark cannot be
-        # written (no write permission), the log's length as the broker counts it, which
-        # lags by seconds behind the newest entries.
+        # The log's end: this reader's mark, appended now. When the mark cannot be
+        # written (no write permission on the default exchange), the log's length as the
+        # broker counts it, which lags by seconds behind the newest entries.
         self.mark = self._append_mark(conn)
         self.to_load = ok.method.message_count
         self.read = self.added = self.ignored = 0

@@ -262,6 +262,25 @@ def test_a_cancel_sent_just_before_the_daemon_starts_is_read_before_any_task(dae
         vhost_amqp.close()
 
 
+def test_without_write_permission_the_poller_reads_the_log_by_its_count(daemon, qname,
+                                                                        tmp_path, broker_user,
+                                                                        client):
+    user, password = broker_user
+    # A publish needs write permission on the exchange: without it on the default one the
+    # poller cannot append its mark, and goes by the stream's message count instead.
+    rabbitmqctl("set_permissions", "-p", "/", user, ".*", r"^(?!amq\.default$).*", ".*")
+    d = start(daemon, tmp_path, [queue_config(qname, workers=1)], start=False,
+              broker={"url": f"amqp://{user}:{password}@127.0.0.1:5672/%2F"})
+    d.start()
+    wait_for(lambda: "cancel log workq.cancel read" in d.log(), 15, what="the log read")
+    assert "cannot mark the end of the cancel log workq.cancel" in d.log()
+    mid = f"unmarked-{uuid.uuid4().hex}"
+    client.cancel(mid)
+    wait_for(lambda: read_by(d, mid), 10, what="the cancel read")
+    assert d.log().count("cannot mark the end") == 1   # once per connection, not per round
+    assert "Traceback" not in d.log()
+
+
 def test_cancelling_an_id_not_seen_yet_holds_for_a_later_publish(daemon, amqp, qname, tmp_path):
     d = start(daemon, tmp_path, [queue_config(qname, workers=1)])
     mid = f"later-{uuid.uuid4().hex}"

@@ -401,7 +401,9 @@ class Cluster:
         """Short name of the quorum queue's leader (``wqa``), from list_queues."""
         info = self.queue_info(queue, via)
         leader = info and info.get("leader")
-        return str(leader).split("@")[0] if leader else None
+        # Under WORKQ_TEST_NODE_OFFSET the node is wqa<suffix>@localhost: the short name
+        # is what every test compares with.
+        return str(leader).split("@")[0].removesuffix(NAME_SUFFIX) if leader else None
 
     def quorum_status(self, queue: str, via: str | None = None) -> list[dict]:
         return self.nodes[via or self.any_up()].json("rabbitmq-queues", "quorum_status", queue)

@@ -16,7 +16,8 @@ poller), many readers: an entry's digest is written before its stamp, and a read
 takes an entry only once its stamp is set, so it never sees half an entry as whole.
 A word after the entries says the poller has read the log to its end once: a
 worker waits for it (a few seconds at most) before it consumes, so a restarted
-daemon does not run a task whose cancel it has not read yet.
+daemon does not run a task whose cancel it has not read yet. The end is the
+poller's own mark entry (``H_MARK``), appended with a confirm before it reads.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ import time
 STREAM = "workq.cancel"
 RETENTION = 7 * 86400            # seconds a cancel is kept (the stream's x-max-age)
 H_CANCELLED_MS = "x-workq-cancelled-ms"
+# A reader's own entry, appended before it reads: once it reads it back, it has read
+# every cancel confirmed before (the stream's message count, the other way to know the
+# log's end, is the broker's periodic statistics and lags by seconds). Not a cancel.
+H_MARK = "x-workq-log-mark"
 
 _ENTRY = struct.Struct("@16sq")  # digest, cancelled at (ms since the epoch; 0 = empty)
 _LOADED = struct.Struct("@q")    # after the entries: 1 once the log was read to its end

@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import time
+import uuid
 
 from . import cancels, logsetup
 from .slots import message_digest
@@ -352,13 +353,37 @@ class _CancelReader:
             # Declared elsewhere with another retention: readable all the same.
             self.channel = conn.channel()
             ok = self.channel.queue_declare(cancels.STREAM, passive=True)
-        # The log's length now: once that many entries are read, the table is loaded.
+        # The log's end: this reader's mark, appended now. When the mark cannot be
+        # written (no write permission on the default exchange), the log's length as the
+        # broker counts it, which lags by seconds behind the newest entries.
+        self.mark = self._append_mark(conn)
         self.to_load = ok.method.message_count
         self.read = self.added = self.ignored = 0
         self.channel.basic_qos(prefetch_count=CANCEL_PREFETCH)
         self.tag = self.channel.basic_consume(
             cancels.STREAM, self._on_entry, arguments={"x-stream-offset": "first"})
         self._check_loaded()
+
+    def _append_mark(self, conn) -> str | None:
+        """Appends this reader's mark, confirmed, on a channel of its own; None when the
+        broker refuses it."""
+        import pika
+        import pika.exceptions
+        mark = f"workqd-log-mark-{os.getpid()}-{uuid.uuid4().hex}"
+        ch = conn.channel()
+        try:
+            ch.confirm_delivery()
+            ch.basic_publish("", cancels.STREAM, b"",
+                             pika.BasicProperties(message_id=mark, headers={cancels.H_MARK: 1}))
+        except (pika.exceptions.ChannelClosedByBroker, pika.exceptions.UnroutableError,
+                pika.exceptions.NackError) as e:
+            log.info("cannot mark the end of the cancel log %s (%s): its length as the broker "
+                     "counts it stands in", cancels.STREAM, e)
+            return None
+        finally:
+            if ch.is_open:
+                ch.close()
+        return mark
 
     @property
     def consuming(self) -> bool:
@@ -367,6 +392,12 @@ class _CancelReader:
     def _on_entry(self, channel, method, props, body) -> None:
         channel.basic_ack(method.delivery_tag)
         self.read += 1
+        if isinstance(props.headers, dict) and cancels.H_MARK in props.headers:
+            if self.mark is not None and props.message_id == self.mark:
+                # Read back: every cancel confirmed before it is in the table.
+                self.mark, self.to_load = None, 0
+                self._check_loaded()
+            return   # a reader's mark, this one's or another host's: not a cancel
         entry = cancel_entry(props, int(time.time() * 1000))
         if isinstance(entry, str):
             self.ignored += 1
@@ -380,6 +411,8 @@ class _CancelReader:
         self._check_loaded()
 
     def _check_loaded(self) -> None:
+        if self.mark is not None:
+            return
         if self.read >= self.to_load and not self.table.loaded:
             log.info("cancel log %s read: %d entries, %d cancels taken, %d ignored",
                      cancels.STREAM, self.read, self.added, self.ignored)

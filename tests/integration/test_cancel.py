@@ -19,7 +19,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from conftest import BROKER_URL, ROOT, queue_config, rabbitmqctl, wait_for
+from conftest import BROKER_URL, ROOT, Amqp, queue_config, rabbitmqctl, wait_for
 from workqd import cancels
 from workqd.client import Client
 
@@ -221,6 +221,64 @@ def test_a_restarted_daemon_reads_the_log_again_and_refuses_the_task(daemon, amq
     (props, _), = dead_letters(amqp, qname)
     assert props.headers["x-workq-reason"] == "cancelled"
     assert "cancel log workq.cancel read" in two.log()
+
+
+@pytest.fixture
+def fresh_vhost(broker):
+    """A vhost of its own (deleted after), so its cancel log starts empty, as on a new
+    broker: the broker's count of a young stream lags furthest behind."""
+    vhost = f"wq_cancel_{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def test_a_cancel_sent_just_before_the_daemon_starts_is_read_before_any_task(daemon, qname,
+                                                                              tmp_path,
+                                                                              fresh_vhost):
+    """The broker counts a stream's entries in statistics it emits every few seconds: a
+    cancel confirmed just before the start is not in that count yet. The poller's own mark
+    at the log's end is: the workers consume only once it is read back."""
+    vhost_amqp, canceller = Amqp(fresh_vhost), Client(fresh_vhost)
+    try:
+        for _ in range(3):
+            d = start(daemon, tmp_path, [queue_config(qname, workers=1)], start=False,
+                      broker={"url": fresh_vhost})
+            vhost_amqp.declare(qname, "classic")
+            mid = vhost_amqp.publish(qname, "n=1")
+            canceller.cancel(mid)
+            d.start()
+            wait_for(lambda: vhost_amqp.count(f"{qname}.dead") == 1, 20,
+                     what="refused at the start")
+            assert mid not in {e["id"] for e in d.ledger.events("start")}
+            (props, _), = dead_letters(vhost_amqp, qname)
+            assert (props.message_id, props.headers["x-workq-reason"]) == (mid, "cancelled")
+            assert d.stop() == 0
+    finally:
+        canceller.close()
+        vhost_amqp.close()
+
+
+def test_without_write_permission_the_poller_reads_the_log_by_its_count(daemon, qname,
+                                                                        tmp_path, broker_user,
+                                                                        client):
+    user, password = broker_user
+    # A publish needs write permission on the exchange: without it on the default one the
+    # poller cannot append its mark, and goes by the stream's message count instead.
+    rabbitmqctl("set_permissions", "-p", "/", user, ".*", r"^(?!amq\.default$).*", ".*")
+    d = start(daemon, tmp_path, [queue_config(qname, workers=1)], start=False,
+              broker={"url": f"amqp://{user}:{password}@127.0.0.1:5672/%2F"})
+    d.start()
+    wait_for(lambda: "cancel log workq.cancel read" in d.log(), 15, what="the log read")
+    assert "cannot mark the end of the cancel log workq.cancel" in d.log()
+    mid = f"unmarked-{uuid.uuid4().hex}"
+    client.cancel(mid)
+    wait_for(lambda: read_by(d, mid), 10, what="the cancel read")
+    assert d.log().count("cannot mark the end") == 1   # once per connection, not per round
+    assert "Traceback" not in d.log()
 
 
 def test_cancelling_an_id_not_seen_yet_holds_for_a_later_publish(daemon, amqp, qname, tmp_path):

@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-import uuid
 
 from . import client as client_mod
 from . import config as config_mod
@@ -133,14 +132,17 @@ def build_tasks(args: argparse.Namespace) -> list[Outgoing]:
         else:
             data = read_regular(args.file, FILE_MAX, "--file")
         name = "standard input" if args.file == "-" else args.file
-        bodies: list[tuple[bytes, int | None]] = []
-        for n, line in enumerate(data.split(b"\n"), 1):
-            if len(line) > LINE_MAX:
-                raise UsageError(f"{name}: line {n} is longer than {_size(LINE_MAX)}")
-            if line.strip():
-                bodies.append((line, n))
-                if len(bodies) > TASKS_MAX:
-                    raise UsageError(f"{name}: more than {TASKS_MAX} tasks; split the file")
+        lines = data.split(b"\n")
+        bodies: list[tuple[bytes, int | None]] = [
+            (line, n) for n, line in enumerate(lines, 1) if line.strip()]
+        # Whichever limit a line-by-line reader would hit first; a file no longer than
+        # LINE_MAX cannot hold a line that is.
+        long = next((n for n, line in enumerate(lines, 1) if len(line) > LINE_MAX), None) \
+            if len(data) > LINE_MAX else None
+        if long is not None and sum(1 for _, n in bodies if n < long) <= TASKS_MAX:
+            raise UsageError(f"{name}: line {long} is longer than {_size(LINE_MAX)}")
+        if len(bodies) > TASKS_MAX:
+            raise UsageError(f"{name}: more than {TASKS_MAX} tasks; split the file")
         if not bodies:
             raise UsageError(f"{name}: no tasks (no non-empty lines)")
     elif args.words:
@@ -160,7 +162,8 @@ def build_tasks(args: argparse.Namespace) -> list[Outgoing]:
             raise UsageError("--message-id '': empty id")
         mid = utf8("--message-id", args.message_id)
         return [Outgoing(mid, bodies[0][0], bodies[0][1])]
-    return [Outgoing(uuid.uuid4().hex, body, line) for body, line in bodies]
+    return [Outgoing(mid, body, line)
+            for mid, (body, line) in zip(client_mod.message_ids(len(bodies)), bodies)]
 
 def password_override(args: argparse.Namespace) -> str | None:
     """The password from --password-file, else from $WORKQ_PASSWORD, else None."""

@@ -11,14 +11,16 @@ import urllib.parse
 
 from . import config as config_mod
 from .broker import redact
-from .client import Node, _describe, node_for
+from .client import Node, describe, node_for
 
 CONFIG_MAX = 16 * 1024 * 1024  # a -c file (only to refuse /dev/zero before reading it)
 SHORTSTR = 255                 # AMQP limit for queue names, header keys, message ids (bytes)
 PASSWORD_ENV = "WORKQ_PASSWORD"
 
+
 class UsageError(Exception):
     pass
+
 
 def utf8(option: str, value: str, max_bytes: int | None = SHORTSTR) -> str:
     """``value`` if the broker can take it as an AMQP string; ``max_bytes`` for a shortstr."""
@@ -32,10 +34,12 @@ def utf8(option: str, value: str, max_bytes: int | None = SHORTSTR) -> str:
         raise UsageError(f"{option} {value!r}: contains a control character")
     return value
 
+
 def queue_name(option: str, value: str) -> str:
     if not value:
         raise UsageError(f"{option}: empty queue name")
     return utf8(f"{option} {value}", value)
+
 
 def read_regular(path: str, limit: int, what: str) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes; FIFOs, devices and
@@ -62,6 +66,7 @@ def read_regular(path: str, limit: int, what: str) -> bytes:
         raise UsageError(f"{what} {path}: larger than {_size(limit)}")
     return data
 
+
 def _file_kind(mode: int) -> str:
     for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -70,8 +75,10 @@ def _file_kind(mode: int) -> str:
             return kind
     return "not a file"
 
+
 def _size(n: int) -> str:
     return f"{n // (1024 * 1024)} MiB" if n >= 1024 * 1024 else f"{n // 1024} KiB"
+
 
 def safe_redact(url: str) -> str:
     """``redact`` for any string, also one that urlsplit cannot parse."""
@@ -79,6 +86,7 @@ def safe_redact(url: str) -> str:
         return redact(url)
     except ValueError:
         return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+
 
 def check_url(url: str) -> str:
     """``url`` if it names an amqp(s) broker with a host and a usable port."""
@@ -98,6 +106,7 @@ def check_url(url: str) -> str:
         raise UsageError(f"broker URL {shown}: port 0")
     return url
 
+
 def load_config(path: str) -> config_mod.Config:
     read_regular(path, CONFIG_MAX, "-c")  # refuses FIFOs and devices before load() reads
     try:
@@ -107,11 +116,13 @@ def load_config(path: str) -> config_mod.Config:
     except Exception as e:  # noqa: BLE001 - any file must end in one line, not a traceback
         raise UsageError(f"{path}: cannot be used: {type(e).__name__}: {e}") from None
 
+
 def check_tls_files(broker: config_mod.Broker, source: str) -> None:
     for key in ("ca_file", "cert_file", "key_file"):
         path = getattr(broker.tls, key)
         if path:
             read_regular(path, CONFIG_MAX, f"{source}: broker.tls.{key}")
+
 
 def nodes_for(urls: list[str], broker: config_mod.Broker, source: str,
               confirm_timeout: float) -> list[Node]:
@@ -132,6 +143,6 @@ def nodes_for(urls: list[str], broker: config_mod.Broker, source: str,
             raise UsageError(f"{source}: broker.tls: cannot load the TLS files: "
                              f"{e.reason or e}") from None
         except Exception as e:  # noqa: BLE001 - pika's URL and ssl errors have no common base
-            raise UsageError(f"cannot use broker URL {shown}: {_describe(e)}") from None
+            raise UsageError(f"cannot use broker URL {shown}: {describe(e)}") from None
         nodes.append(Node(shown, node.params))
     return nodes

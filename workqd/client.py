@@ -343,10 +343,10 @@ class Client:
                 raise SubmitError(f"no queue {queue} on {node.label}: a delayed task needs "
                                   f"its queue to exist now") from None
             raise SubmitError(f"cannot prepare delayed delivery on {node.label}: "
-                              f"{_describe(e)}") from None
+                              f"{describe(e)}") from None
         except pika.exceptions.AMQPError as e:
             raise SubmitError(f"cannot prepare delayed delivery on {node.label}: "
-                              f"{_describe(e)}", kind=UNREACHABLE) from None
+                              f"{describe(e)}", kind=UNREACHABLE) from None
         finally:
             close_quietly(conn)
 
@@ -691,7 +691,7 @@ class _Session:
     def _on_closed(self, conn, reason) -> None:
         if not self.abandoned:
             self.abandoned = True
-            self.batch.connection_lost(self, _describe(reason))
+            self.batch.connection_lost(self, describe(reason))
         else:
             self.batch.session_gone(self)
 
@@ -844,11 +844,11 @@ class Batch:
         self.session = _Session(self, node)
 
     def connect_failed(self, s: _Session, error) -> None:
-        self.connect_errors.append(f"{s.node.label}: {_describe(error)}")
+        self.connect_errors.append(f"{s.node.label}: {describe(error)}")
         if isinstance(error, (pika.exceptions.ProbableAuthenticationError,
                               pika.exceptions.ProbableAccessDeniedError)):
             # The users of a cluster are the same on every node: no point in going on.
-            self._give_up(UNREACHABLE, f"cannot connect to {s.node.label}: {_describe(error)}")
+            self._give_up(UNREACHABLE, f"cannot connect to {s.node.label}: {describe(error)}")
         else:
             self._connect_next()  # a refused or silent node: the next one
 
@@ -897,7 +897,7 @@ class Batch:
             self._give_up(MISMATCH, f"queue {self.queue} exists with other arguments than "
                           f"the config declares: {reason.reply_text}")
         elif not self._done():
-            self._give_up(NOT_CONFIRMED, f"channel closed: {_describe(reason)}")
+            self._give_up(NOT_CONFIRMED, f"channel closed: {describe(reason)}")
 
     def blocked(self, s: _Session, reason: str) -> None:
         self.blocked_at = time.monotonic()
@@ -1063,5 +1063,6 @@ class Batch:
                 and i not in self.failed]
 
 
-def _describe(error) -> str:
+def describe(error) -> str:
+    """A pika error in one line, naming a connect timeout as such."""
     return amqperrors.describe(error, CONNECT_TIMEOUT)

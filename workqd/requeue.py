@@ -11,7 +11,8 @@ import pika
 import pika.exceptions
 
 from . import exitcodes, vocab
-from .client import Node, _describe, close_quietly, connect_first
+from .client import Node, describe, close_quietly, connect_first
+
 
 def requeue_dead(nodes: list[Node], queue: str, confirm_timeout: float,
                  select: Callable[[pika.BasicProperties], bool] | None = None,
@@ -73,7 +74,7 @@ def requeue_dead(nodes: list[Node], queue: str, confirm_timeout: float,
         return exitcodes.SUBMIT_NOT_CONFIRMED if moved else exitcodes.SUBMIT_UNREACHABLE
     except pika.exceptions.AMQPError as e:
         print(f"{prog}: connection to {node.label} lost after moving {moved} task(s): "
-              f"{_describe(e)}; the rest stays in {dead} (the task being moved may now be in "
+              f"{describe(e)}; the rest stays in {dead} (the task being moved may now be in "
               f"both queues)", file=sys.stderr)
         return exitcodes.SUBMIT_NOT_CONFIRMED if moved else exitcodes.SUBMIT_UNREACHABLE
     finally:

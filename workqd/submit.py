@@ -33,12 +33,14 @@ SECONDS_MAX = 7 * 24 * 3600    # the longest --timeout / --confirm-timeout
 DEFAULT_CONFIRM_TIMEOUT = client_mod.CONFIRM_TIMEOUT
 PASSWORD_ENV = "WORKQ_PASSWORD"
 
+
 # --- arguments -----------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # One line, like every other refusal (argparse would add the usage block).
         self.exit(exitcodes.SUBMIT_USAGE, f"workq-submit: {message} (see --help)\n")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(
@@ -81,11 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("words", nargs="*", metavar="WORDS")
     return p.parse_args(argv)
 
+
 def seconds(option: str, value: float) -> float:
     if not math.isfinite(value) or not 0 < value <= SECONDS_MAX:
         raise UsageError(f"{option} {value:g}: must be a number of seconds above 0 "
                          f"and at most {SECONDS_MAX}")
     return value
+
 
 def parse_headers(items: list[str]) -> dict:
     headers = {}
@@ -95,6 +99,7 @@ def parse_headers(items: list[str]) -> dict:
             raise UsageError(f"--header {item!r}: must be KEY=VALUE")
         headers[utf8(f"--header {key!r}", key)] = utf8(f"--header {key!r}", value, None)
     return headers
+
 
 def read_stream(stream, what: str) -> bytes:
     """Standard input, up to FILE_MAX, refusing a line longer than LINE_MAX as soon as
@@ -115,6 +120,7 @@ def read_stream(stream, what: str) -> bytes:
         if line_run > LINE_MAX:
             raise UsageError(f"{what}: a line longer than {_size(LINE_MAX)}")
         chunks.append(chunk)
+
 
 def build_tasks(args: argparse.Namespace) -> list[Outgoing]:
     """Every task the arguments describe, each with its message id."""
@@ -165,6 +171,7 @@ def build_tasks(args: argparse.Namespace) -> list[Outgoing]:
     return [Outgoing(mid, body, line)
             for mid, (body, line) in zip(client_mod.message_ids(len(bodies)), bodies)]
 
+
 def password_override(args: argparse.Namespace) -> str | None:
     """The password from --password-file, else from $WORKQ_PASSWORD, else None."""
     if args.password_file is not None:
@@ -182,6 +189,7 @@ def password_override(args: argparse.Namespace) -> str | None:
         return password
     return None
 
+
 # --- reporting -----------------------------------------------------------
 
 # Why a batch gave up, as workq-submit's exit status.
@@ -190,6 +198,7 @@ STATUS = {client_mod.UNREACHABLE: exitcodes.SUBMIT_UNREACHABLE,
           client_mod.MISMATCH: exitcodes.SUBMIT_USAGE,
           client_mod.WAIT_TIMEOUT: exitcodes.SUBMIT_WAIT_TIMEOUT,
           client_mod.INTERRUPTED: exitcodes.SUBMIT_NOT_CONFIRMED}
+
 
 class Report(BatchHooks):
     """What the operator sees while a batch runs: alarms, failovers, --wait's outcome
@@ -233,6 +242,7 @@ class Report(BatchHooks):
     def finished(self) -> None:
         self.bar.close()
 
+
 def exit_status(b: Batch) -> int:
     """Name every task not confirmed on stderr; the exit status of the run."""
     err = sys.stderr
@@ -268,11 +278,10 @@ def exit_status(b: Batch) -> int:
         return error[0]
     return exitcodes.SUBMIT_OK
 
+
 # --- main ----------------------------------------------------------------
 
 @dataclasses.dataclass
-
-
 class Plan:
     broker: config_mod.Broker   # with the URLs to use, in order
     nodes: list[Node]
@@ -283,6 +292,7 @@ class Plan:
     confirm_timeout: float
     due: float | None = None          # epoch seconds the tasks are held back until
     expires_ms: int | None = None     # epoch ms after which a delivered task is not run
+
 
 def timing(args: argparse.Namespace, now: float) -> tuple[float | None, int | None]:
     """--delay/--at as the epoch time the tasks are due (None: at once), and --expires
@@ -312,6 +322,7 @@ def timing(args: argparse.Namespace, now: float) -> tuple[float | None, int | No
         expires_ms = int(((now + expires) if isinstance(expires, float)
                           else expires.timestamp()) * 1000)
     return due, expires_ms
+
 
 def plan(args: argparse.Namespace) -> Plan:
     """Check every argument and read every file; raises UsageError or ConfigError."""
@@ -355,6 +366,7 @@ def plan(args: argparse.Namespace) -> Plan:
     nodes = nodes_for(urls, broker, source, confirm_timeout)
     broker = dataclasses.replace(broker, urls=tuple(urls))
     return Plan(broker, nodes, queue, declare, tasks, headers, confirm_timeout, due, expires_ms)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)

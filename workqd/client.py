@@ -585,8 +585,7 @@ class _Encoded(pika.BasicProperties):
         return [self._encoded]
 
 
-@dataclass(frozen=True)
-class Node:
+class Node(NamedTuple):
     label: str                        # the URL without its password
     params: pika.ConnectionParameters
 

@@ -9,11 +9,14 @@ publisher confirms, the headers workq-submit writes. It raises ``SubmitError`` (
 never blocks longer than ``confirm_timeout``) when the broker refuses, cannot route,
 blocks publishers (an alarm) or does not answer.
 
-One connection per process, owned by one I/O thread of the client's, so heartbeats
-flow while the application is idle and any number of the application's threads
-may submit at once: each hands its message to the I/O thread and waits for its
-own confirm. A connection belongs to the process that opened it: after a fork
-(a prefork web server) the child notices the new pid and opens its own.
+``submit`` and ``cancel`` share one connection per process, owned by one I/O
+thread of the client's, so heartbeats flow while the application is idle and any
+number of the application's threads may submit at once: each hands its message to
+the I/O thread and waits for its own confirm. A connection belongs to the process
+that opened it: after a fork (a prefork web server) the child notices the new pid
+and opens its own. A batch (``submit_many``, ``submit_batch``; workq-submit is a
+command line over them) runs in its caller's thread on a connection of its own,
+pipelined and failing over between nodes (see "batches" below).
 """
 
 from __future__ import annotations

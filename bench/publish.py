@@ -1,18 +1,23 @@
 """W4 submit: publish N one-line tasks from a file, each publisher as a whole process.
 
     python bench/publish.py [--tasks 20000] [--runs 3] [--python VENV_PYTHON]
+                            [--baseline-tree DIR] [--no-one-at-a-time]
 
 Publishers: ``workq-submit --file`` (pipelined confirms, mandatory, a message id
 per task), plain pika with pipelined confirms, plain pika one confirmed message
 at a time (``pika_publish.py``), and optionally Celery ``apply_async`` with
 publisher confirms (``celery_publish.py``, with --others-python). Each is timed
 from process start to exit, start-up included; the queue must then hold all N.
+``--baseline-tree DIR`` adds ``workq-submit@baseline``, the same command run from
+another checkout (``git archive <commit> | tar -x -C DIR``), so a change is
+measured against its starting point in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,6 +28,7 @@ from common import BENCH, URL, Admin, BenchError, median, queue_name, venv_env, 
 
 SUBMIT, PIPELINED, ONE, CELERY = "workq-submit", "pika-pipelined", "pika-one-at-a-time", \
     "celery-apply_async"
+BASELINE = f"{SUBMIT}@baseline"
 
 
 def task_file(directory: Path, n: int, size: int = 100) -> Path:
@@ -40,6 +46,9 @@ def argv_for(kind: str, python: str, queue: str, path: Path) -> list[str]:
     bindir = Path(python).parent
     if kind == SUBMIT:
         return [str(bindir / "workq-submit"), "--url", URL, "-q", queue, "--file", str(path)]
+    if kind == BASELINE:
+        # Its tree first on sys.path (the venv's console script imports whichever comes).
+        return [python, "-m", "workqd.submit", "--url", URL, "-q", queue, "--file", str(path)]
     if kind == PIPELINED:
         return [python, str(BENCH / "pika_publish.py"), "--url", URL, "--queue", queue,
                 "--file", str(path), "--mode", "pipelined"]
@@ -52,7 +61,7 @@ def argv_for(kind: str, python: str, queue: str, path: Path) -> list[str]:
 
 
 def publish_once(kind: str, python: str, path: Path, n: int, qtype: str = "classic",
-                 admin: Admin | None = None) -> dict:
+                 admin: Admin | None = None, tree: str | None = None) -> dict:
     own = admin is None
     admin = admin or Admin()
     q = queue_name(f"w4.{qtype}")
@@ -62,7 +71,10 @@ def publish_once(kind: str, python: str, path: Path, n: int, qtype: str = "class
             else {"x-queue-type": qtype}
         admin.declare(q, args)
         t0 = time.monotonic()
-        r = subprocess.run(argv_for(kind, python, q, path), env=venv_env(python),
+        env = venv_env(python)
+        if tree is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(BENCH), tree])
+        r = subprocess.run(argv_for(kind, python, q, path), env=env, cwd=tree,
                            capture_output=True, text=True, timeout=300)
         seconds = time.monotonic() - t0
         if r.returncode != 0:
@@ -83,14 +95,14 @@ def publish_once(kind: str, python: str, path: Path, n: int, qtype: str = "class
 
 
 def w4(kinds: list[tuple[str, str]], path: Path, n: int, runs: int, qtype: str = "classic",
-       log=print) -> list[dict]:
+       log=print, trees: dict | None = None) -> list[dict]:
     """``kinds`` holds (publisher, python); each runs once per run, order alternating."""
     out = []
     admin = Admin()
     try:
         for run in range(runs):
             for kind, python in (kinds if run % 2 == 0 else kinds[::-1]):
-                r = publish_once(kind, python, path, n, qtype, admin)
+                r = publish_once(kind, python, path, n, qtype, admin, (trees or {}).get(kind))
                 r["run"] = run
                 out.append(r)
                 inner = f" (in-process {r['inner_rate']:.0f}/s)" if r["inner_rate"] else ""
@@ -121,13 +133,23 @@ def main() -> int:
     p.add_argument("--type", default="classic")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--others-python")
+    p.add_argument("--baseline-tree", metavar="DIR",
+                   help="also run workq-submit from this checkout (the starting point)")
+    p.add_argument("--no-one-at-a-time", action="store_true",
+                   help="leave out the slow one-confirm-at-a-time publisher")
     a = p.parse_args()
     d = Path(tempfile.mkdtemp(prefix="workqd-bench-"))
     path = task_file(d, a.tasks)
-    kinds = [(SUBMIT, a.python), (PIPELINED, a.python), (ONE, a.python)]
+    kinds = [(SUBMIT, a.python), (PIPELINED, a.python)]
+    trees = {}
+    if a.baseline_tree:
+        kinds.append((BASELINE, a.python))
+        trees[BASELINE] = str(Path(a.baseline_tree).resolve())
+    if not a.no_one_at_a_time:
+        kinds.append((ONE, a.python))
     if a.others_python:
         kinds.append((CELERY, a.others_python))
-    results = w4(kinds, path, a.tasks, a.runs, a.type)
+    results = w4(kinds, path, a.tasks, a.runs, a.type, trees=trees)
     print(f"\nW4 submit, {a.tasks} tasks of ~100 B to a {a.type} queue, whole process, "
           f"median of {a.runs} runs")
     print(f"{'publisher':20} {'tasks/s':>9} {'in-proc':>9} {'vs pipelined':>12}  runs")

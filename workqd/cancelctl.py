@@ -15,7 +15,7 @@ import sys
 
 from . import cancels
 from . import config as config_mod
-from . import deadctl, exitcodes, submit
+from . import cliargs, deadctl, exitcodes
 
 MAX_ID_BYTES = 255   # a message id is an AMQP short string
 
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             print(config_mod.escape(f"workqctl: {mid!r}: {problem}"), file=sys.stderr)
             return exitcodes.CTL_USAGE
     try:
-        submit.load_config(args.config)   # a usage error before any connection
+        cliargs.load_config(args.config)   # a usage error before any connection
     except deadctl.USAGE_ERRORS as e:
         return deadctl.usage_error(e)
     from .client import Client, SubmitError

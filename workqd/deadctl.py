@@ -1,7 +1,7 @@
 """``workqctl dead QUEUE ...``: the dead-letter queue QUEUE.dead, over AMQP, by workqctl itself.
 
 The daemon is not involved: workqctl connects to the config's broker (as
-workq-submit does, with its connection code) so dead letters can be handled
+workq-submit does, with the client's connection code) so dead letters can be handled
 while workqd is stopped. ``list`` and ``show`` take every message unacked and
 give them all back by closing the connection; ``requeue`` is
 workq-submit's --requeue-dead with a selection: each copy is confirmed on QUEUE
@@ -19,7 +19,8 @@ import pika
 import pika.exceptions
 
 from . import config as config_mod
-from . import exitcodes, frames, submit, vocab
+from . import cliargs, exitcodes, frames, requeue, vocab
+from .client import close_quietly, connect_first
 
 CONFIRM_TIMEOUT = 30.0
 ERROR_WIDTH = 60
@@ -71,7 +72,7 @@ def describe(props, body: bytes) -> dict:
 
 def peek(nodes, dead: str) -> list[tuple]:
     """Every message in ``dead`` as (properties, body), all given back unchanged."""
-    conn, node, errors = submit.connect_first(nodes, CONFIRM_TIMEOUT)
+    conn, node, errors = connect_first(nodes, CONFIRM_TIMEOUT)
     if conn is None:
         raise _Fail(exitcodes.CTL_UNREACHABLE, f"cannot connect to {'; '.join(errors)}")
     out = []
@@ -90,12 +91,12 @@ def peek(nodes, dead: str) -> list[tuple]:
         raise _Fail(exitcodes.CTL_UNREACHABLE, f"{dead}: connection lost: {e!r} (nothing "
                     f"was changed: unacked messages return to the queue)")
     finally:
-        submit.close_quietly(conn)
+        close_quietly(conn)
     return out
 
 
 def purge(nodes, dead: str) -> int:
-    conn, node, errors = submit.connect_first(nodes, CONFIRM_TIMEOUT)
+    conn, node, errors = connect_first(nodes, CONFIRM_TIMEOUT)
     if conn is None:
         raise _Fail(exitcodes.CTL_UNREACHABLE, f"cannot connect to {'; '.join(errors)}")
     try:
@@ -107,7 +108,7 @@ def purge(nodes, dead: str) -> int:
     except pika.exceptions.AMQPError as e:
         raise _Fail(exitcodes.CTL_UNREACHABLE, f"{dead}: connection lost: {e!r}")
     finally:
-        submit.close_quietly(conn)
+        close_quietly(conn)
 
 
 class _Fail(Exception):
@@ -122,7 +123,7 @@ def _short(text, width: int) -> str:
 
 
 # What a workqctl command that talks AMQP itself refuses before connecting.
-USAGE_ERRORS = (config_mod.ConfigError, submit.UsageError, config_mod.Invalid)
+USAGE_ERRORS = (config_mod.ConfigError, cliargs.UsageError, config_mod.Invalid)
 
 
 def usage_error(e: Exception) -> int:
@@ -144,17 +145,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    submit.queue_name("dead", args.queue)
+    cliargs.queue_name("dead", args.queue)
     dead = vocab.dead_letter_queue(args.queue)
-    submit.queue_name("dead", dead)
+    cliargs.queue_name("dead", dead)
     if args.action == "purge" and not args.yes:
         print(f"workqctl: purge deletes every task in {dead} for good: add --yes",
               file=sys.stderr)
         return exitcodes.CTL_USAGE
     # Before connecting: a dead letter pika cannot decode must not abort the connection.
     frames.install()
-    cfg = submit.load_config(args.config)
-    nodes = submit.nodes_for(list(cfg.broker.urls), cfg.broker, args.config, CONFIRM_TIMEOUT)
+    cfg = cliargs.load_config(args.config)
+    nodes = cliargs.nodes_for(list(cfg.broker.urls), cfg.broker, args.config, CONFIRM_TIMEOUT)
     return _ACTIONS[args.action](args, nodes, dead)
 
 
@@ -212,7 +213,7 @@ def _requeue(args: argparse.Namespace, nodes, dead: str) -> int:
     def select(props) -> bool:
         return ((not ids or props.message_id in ids)
                 and (reason is None or reason_of(props) == reason))
-    code = submit.requeue_dead(nodes, args.queue, CONFIRM_TIMEOUT,
+    code = requeue.requeue_dead(nodes, args.queue, CONFIRM_TIMEOUT,
                                select if ids or reason else None, prog="workqctl")
     return {exitcodes.SUBMIT_OK: exitcodes.CTL_OK,
             exitcodes.SUBMIT_UNREACHABLE: exitcodes.CTL_UNREACHABLE,

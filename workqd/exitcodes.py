@@ -16,6 +16,7 @@ WORKER_TIMEOUT = 7         # a Python handler overran its timeout; the thread ca
 WORKER_BAD_SETTINGS = 8    # the broker URL or TLS files cannot be used: respawning cannot help
 WORKER_CONSUMER_TIMEOUT = 9  # the broker's consumer_timeout took the running task back
 WORKER_QUEUE_MISSING = 10  # a queue (declare: false) or an exchange (bindings) is not there
+WORKER_CANCELLED = 11      # planned exit: a cancelled Python task cannot be stopped in its thread
 WORKER_CRASH = 70          # unexpected exception in the worker itself
 
 # Worker exits after which respawning is pointless.

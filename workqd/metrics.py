@@ -42,7 +42,7 @@ def families(snap: Snapshot):
         "timestamp property (whole seconds).", labels=["queue"])
     restarts = CounterMetricFamily(
         "workqd_worker_restarts", "Workers replaced, by reason (crash, recycle, timeout, "
-        "consumer_timeout, reload).", labels=["queue", "reason"])
+        "consumer_timeout, cancelled, reload).", labels=["queue", "reason"])
     workers = GaugeMetricFamily(
         "workqd_workers", "Worker processes by state (starting, idle, busy, paused).",
         labels=["queue", "state"])

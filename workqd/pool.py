@@ -50,10 +50,12 @@ RETIRED = "retired"            # asked to leave (reload, stop, queue removed)
 GAVE_UP = "fatal"              # an exit no respawn can fix
 RECYCLED = "recycle"           # max_tasks_per_worker / max_memory_per_worker
 TIMED_OUT = "timeout"          # left after a Python task ran past its timeout
+CANCELLED = "cancelled"        # left after its running Python task was cancelled
 TOOK_TOO_LONG = "consumer_timeout"  # the broker's consumer_timeout took its task back
 CRASHED = "crash"              # died after consuming, or killed by a signal
 BOOT_FAILED = "boot_failure"   # exited on its own before it ever consumed, or overran its import
-_PLANNED_EXITS = (exitcodes.WORKER_OK, exitcodes.WORKER_RECYCLE, exitcodes.WORKER_TIMEOUT)
+_PLANNED_EXITS = (exitcodes.WORKER_OK, exitcodes.WORKER_RECYCLE, exitcodes.WORKER_TIMEOUT,
+                  exitcodes.WORKER_CANCELLED)
 
 # A worker's life as the master sees it: exactly one state at a time
 # (WorkerProc.state), moved only by WorkerProc.change_state along these edges.
@@ -147,6 +149,8 @@ def classify(proc: WorkerProc, status: int, held: str | None, ever_consumed: boo
         kind = RECYCLED
     elif code == exitcodes.WORKER_TIMEOUT:
         kind = TIMED_OUT
+    elif code == exitcodes.WORKER_CANCELLED:
+        kind = CANCELLED
     elif code == exitcodes.WORKER_CONSUMER_TIMEOUT:
         kind = TOOK_TOO_LONG
     elif ever_consumed or code is None:
@@ -442,6 +446,10 @@ class Pool:
         if ex.kind == TIMED_OUT:
             log.warning("%s left after a task timed out", who)
             self.restarts["timeout"] += 1
+            return
+        if ex.kind == CANCELLED:
+            log.info("%s left after its running task was cancelled", who)
+            self.restarts["cancelled"] += 1
             return
         if ex.kind == TOOK_TOO_LONG:
             log.warning("%s left after the broker's consumer_timeout took back message %s "

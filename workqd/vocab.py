@@ -41,7 +41,7 @@ EXIT_RETRY_LATER = 75
 # Why the master replaced a worker (label of workqd_worker_restarts_total).
 # consumer_timeout: the broker closed the channel because a task stayed unacked
 # past its consumer_timeout; the worker leaves so the task's run ends with it.
-RESTART_REASONS = ("crash", "recycle", "timeout", "consumer_timeout", "reload")
+RESTART_REASONS = ("crash", "recycle", "timeout", "consumer_timeout", "cancelled", "reload")
 
 # Headers workqd writes on the copies it republishes; documented in workqd.yaml(5).
 H_ATTEMPT = "x-workq-attempt"        # try number the message is for (1 = first)

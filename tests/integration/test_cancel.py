@@ -176,6 +176,11 @@ def test_a_running_python_task_replaces_its_worker_and_is_not_retried(daemon, am
            time.monotonic() - done)
     wait_for(lambda: len(d.worker_pids()) == 1 and d.worker_pids() != [worker], 20,
              what="the worker replaced")
+    # Its own reason: a cancel is no recycle (max_tasks_per_worker) and no crash.
+    wait_for(lambda: d.metric("workqd_worker_restarts_total", queue=qname,
+                              reason="cancelled") == 1, 10, what="the restart counted")
+    assert d.metric("workqd_worker_restarts_total", queue=qname, reason="recycle") == 0
+    assert d.metric("workqd_worker_restarts_total", queue=qname, reason="crash") == 0
     (props, _), = dead_letters(amqp, qname)
     assert (props.message_id, props.headers["x-workq-reason"]) == (mid, "cancelled")
     assert "while running" in props.headers["x-workq-error"]

@@ -559,13 +559,14 @@ def test_blocked_broker_is_reported_and_bounded(lone_node, tmp_path):
 def test_blocked_after_some_confirms_is_exit_1_naming_the_rest(capsys):
     # Pure logic of the verdict (the broker part is test_blocked_broker_is_reported_and_bounded):
     # an alarm that set in after the first confirm.
-    from workqd.submit import Outgoing, Submitter
-    sub = Submitter([], "q", None, [Outgoing("a", b"1", 1), Outgoing("b", b"2", 2)], {}, None,
-                    False, None, 30)
-    sub.todo.clear()
-    sub.published, sub.confirmed = 2, {0}
-    sub.error = (3, "gave up after 30s: the broker at amqp://h is still blocking publishers")
-    assert sub.exit_status() == 1
+    from workqd.client import UNREACHABLE, Batch, Outgoing
+    from workqd.submit import exit_status
+    batch = Batch([], "q", [Outgoing("a", b"1", 1), Outgoing("b", b"2", 2)], confirm_timeout=30)
+    batch.next = batch.published = 2
+    batch.confirmed = {0}
+    batch.error = (UNREACHABLE, "gave up after 30s: the broker at amqp://h is still blocking "
+                   "publishers")
+    assert exit_status(batch) == 1
     err = capsys.readouterr().err
     assert "task b (line 2) not confirmed" in err and "task a" not in err
     assert "1 of 2 task(s) confirmed" in err and "blocking publishers" in err

@@ -260,7 +260,6 @@ CASES: list[tuple[str, object, list[tuple[str, str]]]] = [
     ("name-duplicate", cfg(q()).rstrip() + "\n" + yaml.safe_dump([q()]), [("queues[1].name", "already used by queues[0]")]),
     ("name-side-dead", yaml.safe_dump({"queues": [q(), q(name="tasks.dead")]}), [("queues[1].name", "side queue of queues[0]")]),
     ("name-side-delay", yaml.safe_dump({"queues": [q(), q(name="tasks.delay.5s")]}), [("queues[1].name", "side queue of queues[0]")]),
-    ("name-delay-too-long", cfg(q(name="n" * 240, retry={"backoff": [4294967.295]})), [("queues[0].name", "longer than 255 bytes")]),
     ("type-stream", cfg(q(type="stream")), [("queues[0].type", "quorum, classic")]),
     ("type-int", cfg(q(type=1)), [("queues[0].type", "quorum, classic")]),
     ("workers-0", cfg(q(workers=0)), [("queues[0].workers", ">= 1, got 0")]),
@@ -298,11 +297,10 @@ CASES: list[tuple[str, object, list[tuple[str, str]]]] = [
     ("backoff-exp-jitter-2", retry(backoff={"initial": 1, "jitter": 2}), [("queues[0].retry.backoff.jitter", "from 0 to 1")]),
     ("backoff-exp-jitter-nan", retry(backoff={"initial": 1, "jitter": float("nan")}), [("queues[0].retry.backoff.jitter", "from 0 to 1")]),
     ("backoff-exp-initial-0", retry(backoff={"initial": 0}), [("queues[0].retry.backoff.initial", ">= 0.001")]),
-    ("backoff-exp-too-many", retry(attempts=100, backoff={"initial": 0.001, "max": 4000000}), [("queues[0].retry.backoff", "delay queues, at most 32")]),
-    ("backoff-ttl", retry(backoff=[5000000]), [("queues[0].retry.backoff", "at most 4294967.295 seconds")]),
+    ("backoff-century", retry(backoff=[5, 3162240001]), [("queues[0].retry.backoff", "[1] must be at most 3162240000 seconds")]),
+    ("backoff-exp-max-century", retry(backoff={"initial": 1, "max": 4e9}), [("queues[0].retry.backoff.max", "at most 3162240000 seconds")]),
     ("backoff-single-inf", retry(backoff=float("inf")), [("queues[0].retry.backoff", "finite")]),
     ("backoff-101", retry(backoff=[1] * 101), [("queues[0].retry.backoff", "at most 100 values")]),
-    ("backoff-clash", retry(backoff=[1234.5671, 1234.5689]), [("queues[0].retry.backoff", "share the delay queue name")]),
     ("redeliveries-0", cfg(q(max_redeliveries=0)), [("queues[0].max_redeliveries", ">= 1")]),
     ("redeliveries-big", cfg(q(max_redeliveries=1001)), [("queues[0].max_redeliveries", "at most 1000")]),
     ("tasks-neg", cfg(q(max_tasks_per_worker=-1)), [("queues[0].max_tasks_per_worker", ">= 0")]),
@@ -356,11 +354,17 @@ GOOD: list[tuple[str, str]] = [
                                                       "client_ca_file": "{tmp}/cert.pem"}, basic_auth={"prom": HASH})),
     ("listen-localhost", metrics(listen="localhost:9464")),
     ("edges", cfg(q(prefetch=65535, workers=256, timeout=0.1, max_body="512MiB", max_redeliveries=1000,
-                    retry={"attempts": 100, "backoff": [0, 0.001, 4294967.295]}),
+                    retry={"attempts": 100, "backoff": [0, 0.001, 3162240000]}),
                   broker={"heartbeat": 65535}, shutdown_timeout=0)),
     ("unicode-name", cfg(q(name="café-Aufgaben"))),
     ("name-240-bytes", cfg(q(name="n" * 240))),
     ("backoff-number", retry(backoff=7)),
+    # Retries wait in the shared delay levels: no queue per value, so no limit on how
+    # many distinct values, how close they are, or a TTL's 2^32-1 ms.
+    ("backoff-past-a-ttl", retry(attempts=4, backoff=[5000000, 9000000, 4294967.296])),
+    ("backoff-close-values", retry(attempts=3, backoff=[1234.5671, 1234.5689])),
+    ("backoff-exp-many-delays", retry(attempts=100, backoff={"initial": 0.001, "max": 4000000})),
+    ("name-240-bytes-long-backoff", cfg(q(name="n" * 240, retry={"backoff": [4294967.295]}))),
     ("backoff-exponential", retry(attempts=8, backoff={"initial": 1, "max": 300, "jitter": 0.25})),
     ("backoff-exponential-plain", retry(attempts=100, backoff={"initial": 60, "max": 3600, "jitter": 0})),
     ("anchors-and-merge", "base: &base {handler: {python: 'm:f'}, workers: 2}\n".replace("base:", "x-base:")
@@ -507,7 +511,7 @@ def test_good_files_parse_to_what_they_say(corpus):
     cfg = config.load(str(corpus["good-edges"][0]))
     q = cfg.queues[0]
     assert (q.prefetch, q.workers, q.timeout, q.max_body, q.retry.attempts) == (65535, 256, 0.1, 512 << 20, 100)
-    assert q.retry.backoff == (0.0, 0.001, 4294967.295) and cfg.broker.heartbeat == 65535
+    assert q.retry.backoff == (0.0, 0.001, 3162240000.0) and cfg.broker.heartbeat == 65535
     cfg = config.load(str(corpus["good-metrics-auth"][0]))
     assert cfg.metrics_listen == ("::1", 9464)
     assert cfg.metrics_tls.cert_file.endswith("cert.pem") and cfg.metrics_tls.client_ca_file

@@ -47,7 +47,7 @@ CONFIGS = [
 ]
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGHUP,
            signal.SIGCHLD, signal.SIGUSR1, signal.SIGRTMIN + 1, signal.SIGRTMAX, 100]
-EXITS = ([code << 8 for code in (0, 1, 3, 4, 6, 7, 9, 10, 70, 255)]
+EXITS = ([code << 8 for code in (0, 1, 3, 4, 6, 7, 9, 10, 11, 70, 255)]
          + [signal.SIGKILL, signal.SIGSEGV, signal.SIGTERM, signal.SIGRTMIN, signal.SIGRTMIN + 1,
             signal.SIGRTMAX])
 

@@ -34,6 +34,7 @@ def _status_signal(sig):
     (None, _status_exit(exitcodes.WORKER_QUEUE_MISSING), False, GAVE_UP),
     (None, _status_exit(exitcodes.WORKER_CONSUMER_TIMEOUT), True, "consumer_timeout"),
     (None, _status_exit(exitcodes.WORKER_RECYCLE), True, RECYCLED),
+    (None, _status_exit(exitcodes.WORKER_CANCELLED), True, "cancelled"),
     (None, _status_signal(signal.SIGKILL), True, CRASHED),
     (None, _status_signal(signal.SIGKILL), False, CRASHED),   # killed, not a broken start
     (None, _status_exit(exitcodes.WORKER_CRASH), True, CRASHED),

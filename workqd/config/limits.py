@@ -4,6 +4,8 @@ Ranges of single keys are declared in ``schema``; these are the limits shared by
 several keys, or checked across keys, or guarding the file itself.
 """
 
+from ..delays import MAX_DELAY
+
 DEFAULT_PATH = "/etc/workqd/workqd.yaml"
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 # RabbitMQ's default consumer_timeout (3.10): a delivery unacked for longer is
@@ -23,12 +25,13 @@ MAX_NUMBER_CHARS = 64     # int("9" * 5000) raises; "1:2:3:..." is quadratic
 # Numbers the broker, pika or Python's clocks would refuse.
 U16 = 65535               # AMQP "short": prefetch_count, heartbeat, port
 MAX_SECONDS = 365 * 86400  # task timeout, shutdown_timeout (threading waits overflow far above)
-MAX_BACKOFF = 4294967.295  # x-message-ttl is at most 2^32-1 milliseconds
+# A retry waits in the shared delay levels, which count up to a century (several
+# passes when longer than one pass holds): any backoff up to that works.
+MAX_BACKOFF = float(MAX_DELAY)
 MAX_ATTEMPTS = 100
 MAX_DEFERRALS = 1000
-MAX_DELAY_QUEUES = 32      # per queue: each is a queue on the broker (quorum: a Raft group)
 DEFAULT_JITTER = 0.5       # backoff: {initial, max}: up to half of each delay is random
-JITTER_STEPS = 4           # a delay queue has one TTL, so jitter takes this many values
+JITTER_STEPS = 4           # jitter takes this many values per step
 MAX_REDELIVERIES = 1000
 MAX_TASKS_PER_WORKER = 10**9
 MAX_MEMORY = 1 << 40

@@ -15,7 +15,6 @@ from .limits import BROKER_CONSUMER_TIMEOUT, MAX_CONFIG_BYTES, MAX_TOTAL_WORKERS
 from .model import Config, Queue
 from .queues import check_names, queue
 from .reader import Reader
-from .yamlsafe import parse_yaml
 
 
 def parse(data: Any, path: str, file_mode: int | None = None) -> Config:
@@ -87,6 +86,9 @@ def load(path: str) -> Config:
         source = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError([f"{path}: not UTF-8 text (byte {e.start})"]) from None
+    # PyYAML is imported by the first file read, not by every importer of the config
+    # package: workq-submit without -c and the client never read one.
+    from .yamlsafe import parse_yaml
     return parse(parse_yaml(source, path), path, st.st_mode)
 
 

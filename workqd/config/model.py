@@ -45,9 +45,8 @@ class Retry:
     attempts: int = 3
     backoff: tuple[float, ...] = (5.0, 30.0)   # before try 2, 3, ...; the last repeats
     # A fraction of each delay that is random (``backoff: {initial, max, jitter}``), so
-    # tasks failed by one outage come back spread out, not in the same second. Each
-    # delay has a queue with a fixed TTL, so the random part takes one of JITTER_STEPS
-    # values, each with its own delay queue.
+    # tasks failed by one outage come back spread out, not in the same second. The
+    # random part takes one of JITTER_STEPS values.
     jitter: float = 0.0
     # Deferrals (RetryLater, exit 75) one task may have before it counts as failed.
     max_deferrals: int = 10
@@ -64,9 +63,10 @@ class Retry:
                      % len(steps)]
 
     def delays(self) -> list[float]:
-        """Every delay a retry (or a deferral) of this queue can wait, each with its own
-        delay queue: try N waits delay_before(N); a deferral of try N waits the delay of
-        try N + 1, so with deferrals on the last try's delay is one further."""
+        """Every delay a retry (or a deferral) of this queue can wait (each had a delay
+        queue of its own in earlier versions): try N waits delay_before(N); a deferral of
+        try N waits the delay of try N + 1, so with deferrals on the last try's delay is
+        one further."""
         used = self.backoff[:max(0, self.attempts - 1 + (1 if self.max_deferrals else 0))]
         return sorted({d for b in used for d in self._steps(b) if d > 0})
 
@@ -80,8 +80,8 @@ class Retry:
 
 
 def jitter_step(seconds: float) -> float:
-    """Round a jittered delay to two significant digits (at least 1 ms), so that
-    nearby values share one delay queue and names stay short."""
+    """Round a jittered delay to two significant digits (at least 1 ms): a few distinct
+    delays per step, with short names among the old delay queues' check_names guards."""
     return max(0.001, float(f"{seconds:.2g}"))
 
 

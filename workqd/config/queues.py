@@ -14,8 +14,7 @@ from . import schema
 from .convert import is_number, queue_name, seconds, whole
 from .errors import Invalid, number, show
 from .handler import handler
-from .limits import (DEFAULT_JITTER, MAX_ATTEMPTS, MAX_BACKOFF, MAX_DELAY_QUEUES,
-                     MAX_NAME_BYTES, OWNED_ARGUMENTS)
+from .limits import DEFAULT_JITTER, MAX_ATTEMPTS, MAX_BACKOFF, MAX_NAME_BYTES, OWNED_ARGUMENTS
 from .model import Autoscale, Binding, Queue, Retry
 from .reader import Reader
 
@@ -82,11 +81,7 @@ def retry(r: Reader, raw: Any, key: str) -> Retry:
                                    fields.get("attempts", Retry.attempts)))
     else:
         fields.update(r.fields(data, key, {"backoff": backoff}))
-    result = Retry(**fields)
-    if len(result.delays()) > MAX_DELAY_QUEUES:
-        r.problem(f"{key}.backoff", f"needs {len(result.delays())} delay queues, at most "
-                  f"{MAX_DELAY_QUEUES} are allowed: fewer attempts, a lower max or no jitter")
-    return result
+    return Retry(**fields)
 
 
 def backoff(value: Any) -> tuple[float, ...]:
@@ -104,13 +99,6 @@ def backoff(value: Any) -> tuple[float, ...]:
             out.append(convert(b))
         except Invalid as e:
             raise Invalid(f"[{j}] {e}") from None
-    # Each delay has its own queue "<name>.delay.<delay:g>s" with a TTL in whole
-    # milliseconds: two delays sharing a name but not a TTL would clash on the broker.
-    ttl: dict[str, int] = {}
-    for b in out:
-        if ttl.setdefault(f"{b:g}", int(b * 1000)) != int(b * 1000):
-            raise Invalid(f"{b!r} and another value share the delay queue name "
-                          f".delay.{b:g}s; round them to differ in the first 6 digits")
     return tuple(out)
 
 
@@ -212,11 +200,15 @@ def _binding(r: Reader, raw: Any, where: str) -> Binding | None:
 
 
 def side_queues(q: Queue) -> list[str]:
+    """The dead-letter queue, then the names of the per-backoff delay queues of earlier
+    versions: no longer declared, but one may still be on the broker, holding tasks."""
     return [q.dead_letter_queue] + [vocab.delay_queue(q.name, d) for d in q.retry.delays()]
 
 
 def check_names(r: Reader, queues: list[tuple[int, Queue]]) -> None:
-    """Unique names, side queues within 255 bytes and not colliding with another queue."""
+    """Unique names; the dead-letter queue within 255 bytes; no side queue's name taken
+    by another queue. An old delay queue's name too long for the broker was never
+    declared, so it limits neither the name nor the backoff."""
     owner: dict[str, int] = {}
     for i, q in queues:
         if q.name in owner:
@@ -224,8 +216,8 @@ def check_names(r: Reader, queues: list[tuple[int, Queue]]) -> None:
         else:
             owner[q.name] = i
     for i, q in queues:
-        for side in side_queues(q):
-            if len(side.encode("utf-8")) > MAX_NAME_BYTES:
+        for k, side in enumerate(side_queues(q)):
+            if k == 0 and len(side.encode("utf-8")) > MAX_NAME_BYTES:
                 r.problem(f"queues[{i}].name", f'its side queue "{side}" would be longer than '
                           f"{MAX_NAME_BYTES} bytes; shorten the name")
             elif side in owner:

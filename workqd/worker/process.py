@@ -558,7 +558,7 @@ class Worker:
         d.duration = time.monotonic() - d.started
         d.error = f"cancelled by workqctl cancel at {_utc(at)} while running"
         self._settle(d, vocab.DEAD_LETTER, vocab.REASON_CANCELLED)
-        self.stop(exitcodes.WORKER_RECYCLE)
+        self.stop(exitcodes.WORKER_CANCELLED)
 
     def _follow_pause(self) -> None:
         """The master's paused word: cancel the consumer (running tasks finish and are

@@ -222,13 +222,19 @@ class Pool:
     def consuming(self) -> int:
         return sum(1 for p in self.procs.values() if p.slot.consuming)
 
+    def limited(self) -> int:
+        """Workers ready to consume, held back by the queue's concurrency cap."""
+        return sum(1 for p in self.procs.values()
+                   if p.slot.state == slotmod.LIMITED and not p.slot.draining)
+
     def fully_consuming(self) -> bool:
         """Every worker is where it should be: consuming, or, paused, connected and holding."""
         cur = self.current()
         return len(cur) >= self.size and all(self._in_place(p) for p in cur)
 
     def _in_place(self, proc: WorkerProc) -> bool:
-        return proc.slot.state == slotmod.PAUSED if self.paused else proc.slot.consuming
+        # Waiting for a concurrency slot is where a worker of a capped queue should be.
+        return proc.slot.state == slotmod.PAUSED if self.paused else proc.slot.serving
 
     def holding(self) -> int:
         """Workers connected but not consuming because the pool is paused."""
@@ -482,7 +488,7 @@ class Pool:
 
     def note_progress(self) -> None:
         """Leave BACKOFF once a worker of this pool consumes again."""
-        if any(p.slot.consuming for p in self.procs.values()):
+        if any(p.slot.serving for p in self.procs.values()):
             self.boot_failures = 0
             if self.state == BACKOFF:
                 self.transition(RUNNING)

@@ -112,6 +112,12 @@ def tokens_due(elapsed: float, rate: float, emitted: int, burst: int) -> int:
     return max(0, min(due, burst))
 
 
+def tokens_to_publish(due: int, ready: int, burst: int) -> int:
+    """Of ``due`` tokens, those that fit beside the ``ready`` ones under ``burst``; the
+    rest would only be dropped by the queue's max-length."""
+    return max(0, min(due, burst - ready))
+
+
 def generator_wait(elapsed: float, rate: float, emitted: int) -> float:
     """Seconds until the generator's next token is due (at least one tick)."""
     next_at = (emitted + 1) / rate
@@ -162,3 +168,17 @@ def max_concurrent(intervals: Iterable[tuple[float, float]]) -> int:
         now += step
         best = max(best, now)
     return best
+
+
+def first_reaching(intervals: Iterable[tuple[float, float]], level: int,
+                   after: float) -> float | None:
+    """The first instant at or after ``after`` when ``level`` intervals are open at once."""
+    spans = list(intervals)
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans],
+                    key=lambda x: (x[0], x[1]))
+    now = 0
+    for t, step in events:
+        now += step
+        if now >= level and t >= after:
+            return t
+    return None

@@ -315,15 +315,25 @@ class Limits:
         self._connection.channel(on_open_callback=opened)
 
     def _generate(self) -> None:
+        """One turn of the generator: ask how many tokens are ready (a passive declare),
+        then publish the ones due that fit under the burst. Tokens nobody takes are
+        not published at all, so an idle rate-limited queue costs the broker one
+        declare per turn, not ``rate`` publishes a second."""
         channel = self._gen_channel
         if channel is None or not channel.is_open or self._closed:
             return
-        elapsed = time.monotonic() - self._gen_started
-        due = pure.tokens_due(elapsed, self._limits.rate, self._gen_emitted, self._limits.burst)
-        for _ in range(due):
-            channel.basic_publish("", self._token_queue, b"")
-        # Behind by more than a burst (a stalled loop): the queue would drop the rest.
-        self._gen_emitted = max(self._gen_emitted + due,
-                                int(elapsed * self._limits.rate) - self._limits.burst)
-        self._later(pure.generator_wait(elapsed, self._limits.rate, self._gen_emitted),
-                    self._generate)
+
+        def counted(frame):
+            if channel is not self._gen_channel or not channel.is_open or self._closed:
+                return
+            elapsed = time.monotonic() - self._gen_started
+            lim = self._limits
+            due = pure.tokens_due(elapsed, lim.rate, self._gen_emitted, lim.burst)
+            for _ in range(pure.tokens_to_publish(due, frame.method.message_count, lim.burst)):
+                channel.basic_publish("", self._token_queue, b"")
+            # Behind by more than a burst (a stalled loop): those are not owed.
+            self._gen_emitted = max(self._gen_emitted + due,
+                                    int(elapsed * lim.rate) - lim.burst)
+            self._later(pure.generator_wait(elapsed, lim.rate, self._gen_emitted),
+                        self._generate)
+        channel.queue_declare(self._token_queue, passive=True, callback=counted)

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
@@ -39,8 +41,14 @@ from workqd import limits  # noqa: E402
 import benchtasks  # noqa: E402
 
 
-def start_daemons(python, workdir, n, queue, env) -> list[Workqd]:
-    ds = [Workqd(python, workdir, [queue], env).start() for _ in range(n)]
+def start_daemons(python, workdir, n, queue, env, heartbeat: int | None = None) -> list[Workqd]:
+    ds = []
+    for _ in range(n):
+        d = Workqd(python, workdir, [queue], env)
+        if heartbeat is not None:
+            d.config["broker"]["heartbeat"] = heartbeat
+            d.path.write_text(yaml.safe_dump(d.config, sort_keys=False))
+        ds.append(d.start())
     for d in ds:
         d.wait_ready(60)
     return ds
@@ -80,22 +88,26 @@ def cap_run(args, python, workdir, admin) -> dict:
     env = {"BENCH_LOG": str(log)}
     queue = Workqd.queue(q, "quorum", args.workers, 1, "benchtasks:sleep_ms",
                          limits={"concurrency": args.cap})
-    ds = start_daemons(python, workdir, args.daemons, queue, env)
+    ds = start_daemons(python, workdir, args.daemons, queue, env, args.heartbeat)
     killed_at = None
     killed_pids: set[int] = set()
     try:
         publish(admin, q, [f"t{i} {args.sleep * 1000:g}".encode() for i in range(args.tasks)])
-        if args.kill:
+        if args.kill or args.freeze:
             wait_for(lambda: sum(1 for e in read_log_lines(log) if e["e"] == "start")
                      >= args.tasks // 3, 120, 0.02, "a third of the tasks started")
             holder = next(d for d in ds if d.metrics().get(
                 f'workqd_limit_slots_held{{queue="{q}"}}', 0) > 0)
             killed_pids = set(process_tree(holder.pid))
-            os.killpg(holder.pid, signal.SIGKILL)
+            # SIGSTOP: a host that vanished without closing its sockets (power cut, lost
+            # network); only the broker's heartbeat check notices it.
+            os.killpg(holder.pid, signal.SIGKILL if args.kill else signal.SIGSTOP)
             killed_at = time.monotonic()
         ended = lambda: len({e["id"] for e in read_log_lines(log) if e["e"] == "end"})  # noqa
         wait_for(lambda: ended() >= args.tasks, 600, 0.1, "every task ended")
     finally:
+        if args.freeze and killed_pids:
+            os.killpg(holder.pid, signal.SIGKILL)   # never thawed: its tasks ran elsewhere
         stop_all(ds)
     lines = read_log_lines(log)
     spans = []
@@ -106,7 +118,8 @@ def cap_run(args, python, workdir, admin) -> dict:
             spans.append((ts[0], killed_at))   # cut by the kill
     starts = [e["t"] for e in lines if e["e"] == "start"]
     ends = [e["t"] for e in lines if e["e"] == "end"]
-    out = {"run": "cap-kill" if args.kill else "cap", "daemons": args.daemons,
+    out = {"run": "cap-kill" if args.kill else "cap-freeze" if args.freeze else "cap",
+           "daemons": args.daemons, "heartbeat": args.heartbeat,
            "workers_each": args.workers, "cap": args.cap, "tasks": args.tasks,
            "task_seconds": args.sleep, "max_running": limits.max_concurrent(spans),
            "seconds": round(max(ends) - min(starts), 2),
@@ -199,7 +212,10 @@ def main(argv=None) -> int:
     p.add_argument("--cap", type=int, default=3)
     p.add_argument("--tasks", type=int, default=None)
     p.add_argument("--sleep", type=float, default=0.2)
-    p.add_argument("--kill", action="store_true")
+    p.add_argument("--kill", action="store_true", help="kill -9 a slot holder's daemon mid-run")
+    p.add_argument("--freeze", action="store_true",
+                   help="SIGSTOP a slot holder's daemon mid-run (a lost host)")
+    p.add_argument("--heartbeat", type=int, default=10, help="broker.heartbeat of the daemons")
     p.add_argument("--rate", type=float, default=20.0)
     p.add_argument("--burst", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)

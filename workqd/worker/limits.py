@@ -45,10 +45,13 @@ RETRY_AFTER_ERROR = 5.0   # seconds before trying a channel again that the broke
 
 class Limits:
     def __init__(self, queue: Queue, ioloop, slot: Slot,
-                 may_take_slot: Callable[[], bool], on_slot: Callable[[], None]):
+                 may_take_slot: Callable[[], bool], on_slot: Callable[[], None],
+                 publish: Callable[[str, Callable[[], bool]], None]):
         """``may_take_slot``: False while this worker still runs a task of an earlier
         connection (its lock went with that connection). ``on_slot``: called when a
-        concurrency slot is taken, so the worker consumes."""
+        concurrency slot is taken, so the worker consumes. ``publish(queue, wanted)``:
+        sends one token on the worker's publishing connection, not on this one, so a
+        broker alarm that blocks publishers cannot block this connection's acks."""
         self.queue = queue
         self._limits = queue.limits
         self._connection = None   # the session's, once open
@@ -56,6 +59,7 @@ class Limits:
         self._slot = slot
         self._may_take_slot = may_take_slot
         self._on_slot = on_slot
+        self._publish = publish
         self._closed = False
         self._timers: list = []
         # Concurrency: the slot held (1..N), the probe under way, when waiting began.
@@ -77,6 +81,7 @@ class Limits:
         self._gen_started = 0.0
         self._gen_emitted = 0
         self._gen_probing = False
+        self._gen_stopped = False
         self._bits = 0
 
     # --- life ---------------------------------------------------------------------
@@ -104,6 +109,11 @@ class Limits:
         self._timers.clear()
         self.held = None
         self._slot.set_limit(0)
+
+    def stop_generating(self) -> None:
+        """The worker is leaving: no more tokens from here (its lock goes with its
+        connection, and another worker's generator takes over)."""
+        self._gen_stopped = True
 
     @property
     def may_consume(self) -> bool:
@@ -320,7 +330,7 @@ class Limits:
         not published at all, so an idle rate-limited queue costs the broker one
         declare per turn, not ``rate`` publishes a second."""
         channel = self._gen_channel
-        if channel is None or not channel.is_open or self._closed:
+        if channel is None or not channel.is_open or self._closed or self._gen_stopped:
             return
 
         def counted(frame):
@@ -329,8 +339,13 @@ class Limits:
             elapsed = time.monotonic() - self._gen_started
             lim = self._limits
             due = pure.tokens_due(elapsed, lim.rate, self._gen_emitted, lim.burst)
+            # A token still unsent a turn later (the publishing connection is down) is
+            # dropped: sent late, it would add to the next turn's.
+            stale_after = time.monotonic() + pure.generator_wait(elapsed, lim.rate, 0)
+            wanted = lambda: (not self._closed and not self._gen_stopped  # noqa: E731
+                              and time.monotonic() < stale_after)
             for _ in range(pure.tokens_to_publish(due, frame.method.message_count, lim.burst)):
-                channel.basic_publish("", self._token_queue, b"")
+                self._publish(self._token_queue, wanted)
             # Behind by more than a burst (a stalled loop): those are not owed.
             self._gen_emitted = max(self._gen_emitted + due,
                                     int(elapsed * lim.rate) - lim.burst)

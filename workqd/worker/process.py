@@ -22,6 +22,7 @@ import signal
 import struct
 import time
 
+import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
@@ -155,6 +156,8 @@ class Worker:
                 self._wake_master()
             if self._session is not None:
                 self._session.stop_consuming()
+            if self._gate is not None:
+                self._gate.stop_generating()
             if requeue_buffered:
                 waiting = self._gate.take_waiting() if self._gate is not None else []
                 for d in [*waiting, *self._handler.take_unstarted()]:
@@ -219,9 +222,15 @@ class Worker:
             on_message=self._on_message, on_closed=self._guard(self._on_closed))
         if self.queue.limits.any:
             self._gate = Limits(self.queue, self._ioloop, self.slot,
-                                lambda: not self._handler.busy(), self._guard(self._follow_pause))
+                                lambda: not self._handler.busy(), self._guard(self._follow_pause),
+                                self._publish_token)
         self._session.held = self._hold()
         self._session.open()
+
+    def _publish_token(self, queue: str, wanted) -> None:
+        """A rate token from this worker's generator, unconfirmed (a lost one only
+        lowers the rate for a moment)."""
+        self._publisher.publish(queue, b"", _TOKEN_PROPS, False, done=None, wanted=wanted)
 
     def _awaiting_cancels(self) -> bool:
         """Before consuming: has the host's poller not read the cancel log yet?"""
@@ -615,6 +624,9 @@ class Worker:
                          self.queue.name)
         else:
             s.consume_again()   # _on_consuming logs it
+
+
+_TOKEN_PROPS = pika.BasicProperties()
 
 
 def _utc(ms: int) -> str:

@@ -251,7 +251,9 @@ class Pool:
         if a is None or self.paused or self.removed or self.state == FATAL:
             return
         cur = self.current()
-        idle = [p for p in cur if p.slot.consuming and not p.slot.busy]
+        # A worker holding a task until its rate token comes is not idle either.
+        idle = [p for p in cur if p.slot.consuming and not p.slot.busy
+                and not p.slot.limit & slotmod.WAITS_TOKEN]
         if idle and not ready:   # a worker between two tasks while tasks wait is not idle
             self._idle_since = self._idle_since or now
         else:

@@ -72,11 +72,12 @@ def capped(qname: str, cap: int, workers: int = 4, **extra) -> dict:
                         limits={"concurrency": cap}, **extra)
 
 
-def status(d) -> dict:
-    out = subprocess.run([*CTL, "-c", str(d.path), "status", "--json"], capture_output=True,
-                         text=True, timeout=30, env=d.env())
+def status(d, *, text: bool = False):
+    """``workqctl status --json`` as an object, or the table as text."""
+    out = subprocess.run([*CTL, "-c", str(d.path), "status", *([] if text else ["--json"])],
+                         capture_output=True, text=True, timeout=30, env=d.env())
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return out.stdout if text else json.loads(out.stdout)
 
 
 def test_a_cap_of_three_over_three_daemons_runs_exactly_three_at_once(daemon, amqp, qname):
@@ -95,6 +96,9 @@ def test_a_cap_of_three_over_three_daemons_runs_exactly_three_at_once(daemon, am
     st = [status(d)["queues"][0]["limits"]["concurrency"] for d in daemons]
     assert [s["cap"] for s in st] == [3, 3, 3]
     assert sum(s["held_here"] for s in st) == 3
+    table = status(daemons[0], text=True)
+    assert "concurrency cap 3 (all hosts): " in table, table
+    assert "limited" in "".join(status(d, text=True) for d in daemons)
     assert sum(d.metric("workqd_limit_wait_seconds_total", queue=qname, limit="concurrency")
                for d in daemons) > 0
 
@@ -180,6 +184,7 @@ def test_tasks_waiting_for_a_token_go_back_when_the_daemon_stops(daemon, amqp, q
     assert d.http("/readyz")[0] == 200
     st = status(d)["queues"][0]["limits"]["rate"]
     assert st["tasks_waiting"] >= 2 and st["generator_here"]
+    assert "rate 6/min, burst 1 (all hosts): " in status(d, text=True)
     assert d.stop() == 0
     # Nothing lost, nothing run twice: what did not start is back in the queue.
     ran = len(d.ledger.events("start"))

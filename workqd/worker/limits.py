@@ -325,7 +325,7 @@ class Limits:
         self._connection.channel(on_open_callback=opened)
 
     def _generate(self) -> None:
-        """One turn of the generator: ask how many tokens are ready (a passive declare),
+        """One turn of the generator: ask how many tokens are ready (a declare),
         then publish the ones due that fit under the burst. Tokens nobody takes are
         not published at all, so an idle rate-limited queue costs the broker one
         declare per turn, not ``rate`` publishes a second."""
@@ -351,4 +351,8 @@ class Limits:
                                     int(elapsed * lim.rate) - lim.burst)
             self._later(pure.generator_wait(elapsed, lim.rate, self._gen_emitted),
                         self._generate)
-        channel.queue_declare(self._token_queue, passive=True, callback=counted)
+        # A full declare, not a passive one: it answers the same count, and it makes the
+        # bucket again should it have expired while the queue was idle.
+        channel.queue_declare(self._token_queue, durable=True,
+                              arguments=pure.token_queue_arguments(self._limits.burst),
+                              callback=counted)

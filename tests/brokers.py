@@ -401,7 +401,11 @@ class Cluster:
         """Short name of the quorum queue's leader (``wqa``), from list_queues."""
         info = self.queue_info(queue, via)
         leader = info and info.get("leader")
-        return str(leader).split("@")[0] if leader else None
+        if not leader:
+            return None
+        short = str(leader).split("@")[0]
+        # The Erlang name carries the offset's suffix; the nodes are known without it.
+        return short[:-len(NAME_SUFFIX)] if NAME_SUFFIX and short.endswith(NAME_SUFFIX) else short
 
     def quorum_status(self, queue: str, via: str | None = None) -> list[dict]:
         return self.nodes[via or self.any_up()].json("rabbitmq-queues", "quorum_status", queue)

@@ -73,7 +73,8 @@ def families(snap: Snapshot):
         "workqd_pool_max_workers", "The pool's configured maximum (its size when not "
         "autoscaled).", labels=["queue"])
     cap = GaugeMetricFamily(
-        "workqd_limit_concurrency", "The queue's cluster-wide concurrency cap (limits.concurrency).",
+        "workqd_limit_concurrency",
+        "The queue's cluster-wide concurrency cap (limits.concurrency).",
         labels=["queue"])
     held = GaugeMetricFamily(
         "workqd_limit_slots_held", "Concurrency slots of the queue held by this host's workers.",

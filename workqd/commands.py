@@ -46,7 +46,10 @@ def limits_status(q: state.QueueView) -> dict | None:
         return None
     out: dict = {}
     if lim.concurrency:
+        # Only a slot holder consumes, so the queue's consumers (as last polled) are the
+        # slots in use on every host together.
         out["concurrency"] = {"cap": lim.concurrency, "held_here": q.slots_held,
+                              "in_use": q.depth[1] if q.depth else None,
                               "workers_waiting": q.waiting_slot}
     if lim.rate:
         out["rate"] = {"rate": lim.rate_text, "per_second": lim.rate, "burst": lim.burst,

@@ -174,8 +174,9 @@ def _limit_lines(lim: dict | None) -> list[str]:
     out = []
     c = lim.get("concurrency")
     if c:
-        out.append(f"  concurrency cap {c['cap']} (all hosts): {c['held_here']} slot(s) held "
-                   f"here, {c['workers_waiting']} worker(s) waiting for a slot")
+        in_use = "" if c.get("in_use") is None else f"{c['in_use']} in use on all hosts, "
+        out.append(f"  concurrency cap {c['cap']} (all hosts): {in_use}{c['held_here']} slot(s) "
+                   f"held here, {c['workers_waiting']} worker(s) waiting for a slot")
     r = lim.get("rate")
     if r:
         gen = "; this host generates the tokens" if r["generator_here"] else ""

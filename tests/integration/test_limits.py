@@ -96,8 +96,10 @@ def test_a_cap_of_three_over_three_daemons_runs_exactly_three_at_once(daemon, am
     st = [status(d)["queues"][0]["limits"]["concurrency"] for d in daemons]
     assert [s["cap"] for s in st] == [3, 3, 3]
     assert sum(s["held_here"] for s in st) == 3
+    wait_for(lambda: status(daemons[0])["queues"][0]["limits"]["concurrency"]["in_use"] == 3,
+             30, what="3 slots in use on all hosts, from the polled consumers")
     table = status(daemons[0], text=True)
-    assert "concurrency cap 3 (all hosts): " in table, table
+    assert "concurrency cap 3 (all hosts): 3 in use on all hosts, " in table, table
     assert "limited" in "".join(status(d, text=True) for d in daemons)
     assert sum(d.metric("workqd_limit_wait_seconds_total", queue=qname, limit="concurrency")
                for d in daemons) > 0

@@ -31,11 +31,30 @@ def queue_status(q: state.QueueView) -> dict:
         "in_flight": sum(1 for w in q.workers if w.state == state.W_BUSY),
         "ready": depth[0] if depth else None, "consumers": depth[1] if depth else None,
         "dead_letters": depth[2] if depth else None,
+        "limits": limits_status(q),
         "workers": [{"number": w.number, "pid": w.pid, "state": w.state,
                      "message_id": w.message_id, "running_for": w.busy_for,
                      "tasks_done": w.tasks_done, "rss": rss_bytes(w.pid)}
                     for w in sorted(q.workers, key=lambda w: (w.number, w.pid))],
     }
+
+
+def limits_status(q: state.QueueView) -> dict | None:
+    """The queue's cluster-wide limits as this host sees them; None without limits."""
+    lim = q.limits
+    if lim is None or not lim.any:
+        return None
+    out: dict = {}
+    if lim.concurrency:
+        # Only a slot holder consumes, so the queue's consumers (as last polled) are the
+        # slots in use on every host together.
+        out["concurrency"] = {"cap": lim.concurrency, "held_here": q.slots_held,
+                              "in_use": q.depth[1] if q.depth else None,
+                              "workers_waiting": q.waiting_slot}
+    if lim.rate:
+        out["rate"] = {"rate": lim.rate_text, "per_second": lim.rate, "burst": lim.burst,
+                       "tasks_waiting": q.waiting_token, "generator_here": q.leads_rate}
+    return out
 
 
 def status(snap: state.Snapshot, queue: str | None, pid: int, socket_path: str) -> dict:

@@ -155,6 +155,7 @@ def render_status(st: dict) -> str:
     for q in st["queues"]:
         lines.append("")
         lines.append(f"{q['name']}:")
+        lines += _limit_lines(q.get("limits"))
         wrows = [("  WORKER", "PID", "STATE", "MESSAGE", "RUNNING FOR", "DONE", "RSS")]
         for w in q["workers"]:
             wrows.append((f"  #{w['number']}", str(w["pid"]), w["state"],
@@ -164,6 +165,24 @@ def render_status(st: dict) -> str:
     # Names, message ids and readiness text come from queues and publishers: a
     # control character in them (C0 or C1, such as CSI) must not steer the terminal.
     return "\n".join(config_mod.escape(line) for line in lines)
+
+
+def _limit_lines(lim: dict | None) -> list[str]:
+    """A capped or rated queue's limits, as this host takes part in them."""
+    if not lim:
+        return []
+    out = []
+    c = lim.get("concurrency")
+    if c:
+        in_use = "" if c.get("in_use") is None else f"{c['in_use']} in use on all hosts, "
+        out.append(f"  concurrency cap {c['cap']} (all hosts): {in_use}{c['held_here']} slot(s) "
+                   f"held here, {c['workers_waiting']} worker(s) waiting for a slot")
+    r = lim.get("rate")
+    if r:
+        gen = "; this host generates the tokens" if r["generator_here"] else ""
+        out.append(f"  rate {r['rate']}, burst {r['burst']} (all hosts): "
+                   f"{r['tasks_waiting']} task(s) waiting for a token{gen}")
+    return out
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

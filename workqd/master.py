@@ -29,7 +29,7 @@ from .notify import Notifier
 from .poller import PollerProcess
 from .pool import FATAL, Pool
 from .signals import SignalQueue, signame
-from .slots import OUTCOME_WORDS, W_REDELIVERED, NoFreeSlot, SlotTable, Totals
+from .slots import OUTCOME_WORDS, W_REDELIVERED, WAITS_TOKEN, NoFreeSlot, SlotTable, Totals
 from .vocab import RESTART_REASONS
 
 log = logging.getLogger("workqd.master")
@@ -669,7 +669,8 @@ def _service_sample(pool: Pool, depth) -> service.Sample | None:
     procs = [p for p in pool.procs.values() if p.slot.consuming]
     return service.Sample(
         ready=depth[0], broker_consumers=depth[1], consuming=len(procs),
-        idle=sum(1 for p in procs if not p.slot.busy),
+        # A worker holding a task until a rate token comes is not idle.
+        idle=sum(1 for p in procs if not p.slot.busy and not p.slot.limit & WAITS_TOKEN),
         progress=frozenset((p.pid, p.slot.tasks_done, p.slot.busy) for p in pool.procs.values()))
 
 

@@ -16,9 +16,10 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.utils import floatToGoString
 
-from .slots import (BUCKET_WORDS, BUCKETS, OUTCOME_WORDS, W_DURATION_SUM, W_REDELIVERED,
-                    W_WAIT_SUM, WAIT_BUCKET_WORDS)
-from .state import W_BUSY, W_IDLE, W_PAUSED, W_STARTING, Snapshot
+from .slots import (BUCKET_WORDS, BUCKETS, OUTCOME_WORDS, W_DURATION_SUM, W_LIMIT_TOKENS,
+                    W_LIMIT_WAITED_SLOT, W_LIMIT_WAITED_TOKEN, W_REDELIVERED, W_WAIT_SUM,
+                    WAIT_BUCKET_WORDS)
+from .state import W_BUSY, W_IDLE, W_LIMITED, W_PAUSED, W_STARTING, Snapshot
 from .vocab import OUTCOMES, RESTART_REASONS
 
 _LE = (*map(floatToGoString, BUCKETS), "+Inf")
@@ -44,7 +45,8 @@ def families(snap: Snapshot):
         "workqd_worker_restarts", "Workers replaced, by reason (crash, recycle, timeout, "
         "consumer_timeout, cancelled, reload).", labels=["queue", "reason"])
     workers = GaugeMetricFamily(
-        "workqd_workers", "Worker processes by state (starting, idle, busy, paused).",
+        "workqd_workers", "Worker processes by state (starting, idle, busy, paused, limited: "
+        "waiting for a concurrency slot).",
         labels=["queue", "state"])
     ready = GaugeMetricFamily(
         "workqd_queue_messages_ready", "Messages ready in the queue, as last polled by the "
@@ -70,6 +72,26 @@ def families(snap: Snapshot):
     most = GaugeMetricFamily(
         "workqd_pool_max_workers", "The pool's configured maximum (its size when not "
         "autoscaled).", labels=["queue"])
+    cap = GaugeMetricFamily(
+        "workqd_limit_concurrency",
+        "The queue's cluster-wide concurrency cap (limits.concurrency).",
+        labels=["queue"])
+    held = GaugeMetricFamily(
+        "workqd_limit_slots_held", "Concurrency slots of the queue held by this host's workers.",
+        labels=["queue"])
+    rate = GaugeMetricFamily(
+        "workqd_limit_rate", "The queue's cluster-wide rate limit, in task starts per second.",
+        labels=["queue"])
+    limit_waiting = GaugeMetricFamily(
+        "workqd_limit_waiting", "Held back by a cluster-wide limit now: workers waiting for a "
+        "concurrency slot (limit=concurrency), tasks waiting for a rate token (limit=rate).",
+        labels=["queue", "limit"])
+    limit_waited = CounterMetricFamily(
+        "workqd_limit_wait_seconds", "Seconds spent waiting for a limit: by workers for a "
+        "concurrency slot, by tasks for a rate token.", labels=["queue", "limit"])
+    tokens = CounterMetricFamily(
+        "workqd_limit_tokens_taken", "Rate tokens this host's workers took (one per task "
+        "start).", labels=["queue"])
     for q in snap.queues:
         least.add_metric([q.name], q.min_workers)
         most.add_metric([q.name], q.max_workers)
@@ -92,13 +114,24 @@ def families(snap: Snapshot):
         wait.add_metric([q.name], cumulative, c[W_WAIT_SUM])
         for reason in RESTART_REASONS:
             restarts.add_metric([q.name, reason], q.restarts[reason])
-        states = {W_STARTING: 0, W_IDLE: 0, W_BUSY: 0, W_PAUSED: 0}
+        states = {W_STARTING: 0, W_IDLE: 0, W_BUSY: 0, W_PAUSED: 0, W_LIMITED: 0}
         for w in q.workers:
             if w.state in states:   # an idle draining worker is leaving: not capacity
                 states[w.state] += 1
         in_flight.add_metric([q.name], states[W_BUSY])
         for state, n in states.items():
             workers.add_metric([q.name, state], n)
+        lim = q.limits
+        if lim is not None and lim.concurrency:
+            cap.add_metric([q.name], lim.concurrency)
+            held.add_metric([q.name], q.slots_held)
+            limit_waiting.add_metric([q.name, "concurrency"], q.waiting_slot)
+            limit_waited.add_metric([q.name, "concurrency"], c[W_LIMIT_WAITED_SLOT])
+        if lim is not None and lim.rate:
+            rate.add_metric([q.name], lim.rate)
+            limit_waiting.add_metric([q.name, "rate"], q.waiting_token)
+            limit_waited.add_metric([q.name, "rate"], c[W_LIMIT_WAITED_TOKEN])
+            tokens.add_metric([q.name], c[W_LIMIT_TOKENS])
         if q.depth is not None:
             ready.add_metric([q.name], q.depth[0])
             consumers.add_metric([q.name], q.depth[1])
@@ -115,7 +148,8 @@ def families(snap: Snapshot):
                               labels=["version"])
     build.add_metric([snap.version], 1)
     return (processed, redelivered, in_flight, duration, wait, restarts, workers, ready, consumers,
-            dead, blocked, paused, size, least, most, broker, delayed, build)
+            dead, blocked, paused, size, least, most, cap, held, rate, limit_waiting, limit_waited,
+            tokens, broker, delayed, build)
 
 
 class _Collector:

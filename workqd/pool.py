@@ -226,13 +226,19 @@ class Pool:
     def consuming(self) -> int:
         return sum(1 for p in self.procs.values() if p.slot.consuming)
 
+    def limited(self) -> int:
+        """Workers ready to consume, held back by the queue's concurrency cap."""
+        return sum(1 for p in self.procs.values()
+                   if p.slot.state == slotmod.LIMITED and not p.slot.draining)
+
     def fully_consuming(self) -> bool:
         """Every worker is where it should be: consuming, or, paused, connected and holding."""
         cur = self.current()
         return len(cur) >= self.size and all(self._in_place(p) for p in cur)
 
     def _in_place(self, proc: WorkerProc) -> bool:
-        return proc.slot.state == slotmod.PAUSED if self.paused else proc.slot.consuming
+        # Waiting for a concurrency slot is where a worker of a capped queue should be.
+        return proc.slot.state == slotmod.PAUSED if self.paused else proc.slot.serving
 
     def holding(self) -> int:
         """Workers connected but not consuming because the pool is paused."""
@@ -249,7 +255,9 @@ class Pool:
         if a is None or self.paused or self.removed or self.state == FATAL:
             return
         cur = self.current()
-        idle = [p for p in cur if p.slot.consuming and not p.slot.busy]
+        # A worker holding a task until its rate token comes is not idle either.
+        idle = [p for p in cur if p.slot.consuming and not p.slot.busy
+                and not p.slot.limit & slotmod.WAITS_TOKEN]
         if idle and not ready:   # a worker between two tasks while tasks wait is not idle
             self._idle_since = self._idle_since or now
         else:
@@ -490,7 +498,7 @@ class Pool:
 
     def note_progress(self) -> None:
         """Leave BACKOFF once a worker of this pool consumes again."""
-        if any(p.slot.consuming for p in self.procs.values()):
+        if any(p.slot.serving for p in self.procs.values()):
             self.boot_failures = 0
             if self.state == BACKOFF:
                 self.transition(RUNNING)

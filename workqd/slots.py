@@ -37,7 +37,12 @@ from .vocab import OUTCOMES
 # PAUSED: connected and declared, consumer cancelled because the master asked (paused word).
 # IMPORTING: loading its handler; the master applies the queue's import budget instead
 # of the liveness clock, since an import runs no I/O loop that could tick.
-FREE, STARTING, CONNECTING, CONSUMING, PAUSED, IMPORTING = range(6)
+# LIMITED: connected and declared, no consumer because the queue's concurrency cap is
+# taken by other workers (workqd/worker/limits.py): waiting for a slot is not a fault.
+FREE, STARTING, CONNECTING, CONSUMING, PAUSED, IMPORTING, LIMITED = range(7)
+
+# Bits of the limit word (I/O thread): what the worker waits for, what it holds.
+WAITS_SLOT, WAITS_TOKEN, HOLDS_SLOT, LEADS_RATE = 1, 2, 4, 8
 
 # 10 ms to 4 h: handlers range from no-ops to batch jobs.
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -54,8 +59,12 @@ W_BUSY_SINCE = W_BLOCKED + 1        # monotonic time the running task started (h
 W_PAUSED = W_BUSY_SINCE + 1          # 1: take no tasks (master writes, worker I/O thread reads)
 W_WAIT_SUM = W_PAUSED + 1            # queue wait histogram: sum (handler thread)
 W_WAIT_BUCKETS = W_WAIT_SUM + 1      # len(BUCKETS) + 1 words (handler thread)
+W_LIMIT = W_WAIT_BUCKETS + len(BUCKETS) + 1   # WAITS_*/HOLDS_SLOT/LEADS_RATE bits (I/O thread)
+W_LIMIT_WAITED_SLOT = W_LIMIT + 1    # seconds waited for a concurrency slot (I/O thread)
+W_LIMIT_WAITED_TOKEN = W_LIMIT + 2   # seconds tasks waited for a rate token (I/O thread)
+W_LIMIT_TOKENS = W_LIMIT + 3         # rate tokens taken (I/O thread)
 # The held message: its digest identifies it (poison counting), a prefix shows it.
-W_MSGID_DIGEST = W_WAIT_BUCKETS + len(BUCKETS) + 1   # DIGEST_BYTES bytes (handler thread)
+W_MSGID_DIGEST = W_LIMIT_TOKENS + 1  # DIGEST_BYTES bytes (handler thread)
 W_MSGID_LEN = W_MSGID_DIGEST + 2     # bytes of the shown prefix
 W_MSGID_CUT = W_MSGID_LEN + 1        # bytes of the id left out of the prefix
 W_MSGID = W_MSGID_CUT + 1            # MSGID_BYTES bytes: the id's UTF-8, cut on a character
@@ -71,8 +80,9 @@ WAIT_BUCKET_WORDS = tuple(range(W_WAIT_BUCKETS, W_WAIT_BUCKETS + len(BUCKETS) + 
 
 # Counters a slot holds, folded into the master's totals when its worker dies.
 COUNTER_WORDS = (W_REDELIVERED, W_DURATION_SUM, *range(W_OUTCOMES, W_CONSUMED), W_WAIT_SUM,
-                 *WAIT_BUCKET_WORDS)
-FLOAT_WORDS = {W_TICK, W_DURATION_SUM, W_BUSY_SINCE, W_WAIT_SUM}
+                 *WAIT_BUCKET_WORDS, W_LIMIT_WAITED_SLOT, W_LIMIT_WAITED_TOKEN, W_LIMIT_TOKENS)
+FLOAT_WORDS = {W_TICK, W_DURATION_SUM, W_BUSY_SINCE, W_WAIT_SUM, W_LIMIT_WAITED_SLOT,
+               W_LIMIT_WAITED_TOKEN}
 
 
 # Crash table entries, in 8-byte words: how often a message was held by a worker
@@ -260,6 +270,16 @@ class Slot:
     def set_draining(self) -> None:
         self._q[self._base + W_DRAINING] = 1
 
+    def set_limit(self, bits: int) -> None:
+        """What the worker waits for and holds of its queue's limits (I/O thread)."""
+        self._q[self._base + W_LIMIT] = bits
+
+    def waited(self, word: int, seconds: float) -> None:
+        """Add ``seconds`` waited for a slot (W_LIMIT_WAITED_SLOT) or a token (I/O thread)."""
+        self._d[self._base + word] += seconds
+        if word == W_LIMIT_WAITED_TOKEN:
+            self._q[self._base + W_LIMIT_TOKENS] += 1
+
     # --- written by the master ------------------------------------------
 
     def set_paused(self, paused: bool) -> None:
@@ -295,6 +315,17 @@ class Slot:
     @property
     def paused(self) -> bool:
         return bool(self._q[self._base + W_PAUSED])
+
+    @property
+    def limit(self) -> int:
+        """The limit word: WAITS_SLOT, WAITS_TOKEN, HOLDS_SLOT, LEADS_RATE bits."""
+        return self._q[self._base + W_LIMIT]
+
+    @property
+    def serving(self) -> bool:
+        """Consuming, or ready to and held back only by its queue's concurrency cap."""
+        b = self._base
+        return self._q[b + W_STATE] in (CONSUMING, LIMITED) and not self._q[b + W_DRAINING]
 
     @property
     def busy_since(self) -> float:

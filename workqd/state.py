@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
-from .slots import CONSUMING, PAUSED
+from .slots import CONSUMING, HOLDS_SLOT, LEADS_RATE, LIMITED, PAUSED, WAITS_SLOT, WAITS_TOKEN
 
 # Master phases, with their allowed transitions (checked by Master.enter).
 STARTING, READY, RELOADING, STOPPING = "starting", "ready", "reloading", "stopping"
@@ -21,6 +21,7 @@ PHASES = {STARTING: {READY, STOPPING}, READY: {RELOADING, STOPPING},
 # Worker states as exported (label `state` of workqd_workers).
 W_STARTING, W_IDLE, W_BUSY, W_DRAINING = "starting", "idle", "busy", "draining"
 W_PAUSED = "paused"   # connected, idle, its queue paused (workqctl pause/quiet)
+W_LIMITED = "limited"  # connected, waiting for one of its queue's concurrency slots
 # Queue states as `workqctl status` shows them (QueueView.state).
 Q_RUNNING, Q_PAUSED, Q_DRAINING, Q_FAILED = "running", "paused", "draining", "failed"
 HEALTHY_LOOP_AGE = 10.0   # seconds: a master loop older than this is stalled
@@ -34,6 +35,7 @@ class WorkerView:
     message_id: str | None
     busy_for: float | None = None   # seconds the running task has run, None when idle
     tasks_done: int = 0             # tasks this worker settled
+    limit: int = 0                  # slots.WAITS_SLOT/WAITS_TOKEN/HOLDS_SLOT/LEADS_RATE bits
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,28 @@ class QueueView:
     state: str = Q_RUNNING     # Q_RUNNING, Q_PAUSED, Q_DRAINING or Q_FAILED
     min_workers: int = 0       # autoscale bounds; both equal the configured size otherwise
     max_workers: int = 0
+    limits: object = None      # the queue's config.Limits
+    limited: int = 0           # workers waiting for a concurrency slot, not consuming
+
+    def count_limit(self, bit: int) -> int:
+        """Workers whose limit word has ``bit`` (slots.WAITS_SLOT, HOLDS_SLOT, ...)."""
+        return sum(1 for w in self.workers if w.limit & bit)
+
+    @property
+    def slots_held(self) -> int:
+        return self.count_limit(HOLDS_SLOT)
+
+    @property
+    def waiting_slot(self) -> int:
+        return self.count_limit(WAITS_SLOT)
+
+    @property
+    def waiting_token(self) -> int:
+        return self.count_limit(WAITS_TOKEN)
+
+    @property
+    def leads_rate(self) -> bool:
+        return self.count_limit(LEADS_RATE) > 0
 
 
 @dataclass(frozen=True)
@@ -73,7 +97,8 @@ class Snapshot:
         if paused:
             return False, "; ".join(f"queue {n}: paused" for n in paused) + " (workqctl resume)"
         for q in self.queues:
-            if q.consuming == 0:
+            # Held back by a cluster-wide concurrency cap is working as configured.
+            if q.consuming == 0 and q.limited == 0:
                 return False, f"queue {q.name}: no worker is consuming"
         if not self.broker_connected:
             return False, "broker not reachable from the master"
@@ -107,11 +132,14 @@ def worker_view(proc, now: float) -> WorkerView:
         st = W_IDLE
     elif slot.state == PAUSED:
         st = W_PAUSED
+    elif slot.state == LIMITED:
+        st = W_LIMITED
     else:
         st = W_STARTING
     if st == W_BUSY:
         busy_for = max(0.0, now - slot.busy_since)
-    return WorkerView(proc.number, proc.pid, st, slot.message_id(), busy_for, slot.tasks_done)
+    return WorkerView(proc.number, proc.pid, st, slot.message_id(), busy_for, slot.tasks_done,
+                      slot.limit)
 
 
 def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, int, int]],
@@ -140,6 +168,7 @@ def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, in
             name=name, size=live[0].size, pool_state=live[0].state,
             paused=live[0].paused, configured=live[0].queue.workers,
             min_workers=live[0].queue.workers, max_workers=live[0].queue.most_workers,
+            limits=live[0].queue.limits, limited=sum(p.limited() for p in live),
             state=queue_state(live[0]),
             counters=frozen(counters), restarts=frozen(group[0].restarts),
             workers=workers, consuming=sum(p.consuming() for p in live),

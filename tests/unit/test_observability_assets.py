@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from workqd import state
+from workqd.config import Limits
 from workqd.metrics import Exposition
 from workqd.slots import COUNTER_WORDS, OUTCOME_WORDS, SlotTable
 from workqd.vocab import DEAD_LETTER, RESTART_REASONS, SUCCESS
@@ -53,7 +54,8 @@ def _snapshot() -> state.Snapshot:
     q = state.QueueView(name="tasks", size=1, pool_state="running",
                         counters=state.frozen(counters), restarts=state.frozen(restarts),
                         workers=(state.WorkerView(1, 4242, state.W_BUSY, "m-1"),), consuming=1,
-                        depth=(5, 1, 2))
+                        depth=(5, 1, 2),
+                        limits=Limits(concurrency=3, rate=20.0, rate_text="20/s", burst=1))
     return state.Snapshot(phase=state.READY, queues=(q,), broker_connected=True, loop_age=0.0,
                           version="0.0-test", delayed=7)
 

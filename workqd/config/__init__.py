@@ -33,14 +33,14 @@ from .limits import (BROKER_CONSUMER_TIMEOUT, DEFAULT_JITTER, DEFAULT_PATH, DEFA
                      MAX_SECRET_BYTES, MAX_SOCKET_PATH, MAX_TASKS_PER_WORKER, MAX_TOTAL_WORKERS,
                      MAX_VALUES, OWNED_ARGUMENTS, U16)
 from .load import check_listen, load, parse
-from .model import (TLS, Autoscale, Binding, Broker, Config, Handler, MetricsTLS, Queue, Retry,
-                    jitter_step)
+from .model import (TLS, Autoscale, Binding, Broker, Config, Handler, Limits, MetricsTLS, Queue,
+                    Retry, jitter_step)
 from .urls import URL_OPTIONS, URL_OPTIONS_OVERRIDDEN, amqp_url, url_warnings
 
 __all__ = [
     "TLS", "Autoscale", "BROKER_CONSUMER_TIMEOUT", "Binding", "Broker", "Config", "ConfigError",
     "DEFAULT_JITTER", "DEFAULT_PATH", "DEFAULT_URL", "HIDDEN_VARIABLES", "Handler", "Invalid",
-    "JITTER_STEPS", "MAX_ATTEMPTS", "MAX_BACKOFF", "MAX_BODY", "MAX_CONFIG_BYTES",
+    "JITTER_STEPS", "Limits", "MAX_ATTEMPTS", "MAX_BACKOFF", "MAX_BODY", "MAX_CONFIG_BYTES",
     "MAX_DEFERRALS", "MAX_DEPTH", "MAX_MEMORY", "MAX_NAME_BYTES",
     "MAX_NODES", "MAX_NUMBER_CHARS", "MAX_REDELIVERIES", "MAX_SECONDS", "MAX_SECRET_BYTES",
     "MAX_SOCKET_PATH", "MAX_TASKS_PER_WORKER", "MAX_TOTAL_WORKERS", "MAX_VALUES", "MetricsTLS",

@@ -94,6 +94,20 @@ class Autoscale:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """``limits: {concurrency, rate, burst}``: caps shared by every daemon with the same
+    setting, kept on the broker (workqd/limits.py, docs/limits.md)."""
+    concurrency: int = 0      # tasks of the queue running at once, cluster-wide; 0: no cap
+    rate: float = 0.0         # task starts per second, cluster-wide; 0: no rate limit
+    rate_text: str = ""       # the rate as written, normalised ("50/s"): names its bucket
+    burst: int = 1            # starts the bucket may save up while idle
+
+    @property
+    def any(self) -> bool:
+        return bool(self.concurrency or self.rate)
+
+
+@dataclass(frozen=True)
 class Binding:
     exchange: str
     routing_key: str = ""
@@ -125,6 +139,7 @@ class Queue:
     declare_side_queues: bool = True  # False: no .dead/.delay queues, so no retries
     arguments: tuple[tuple[str, Any], ...] = ()  # extra x-arguments for the declare
     bindings: tuple[Binding, ...] = ()
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def most_workers(self) -> int:

@@ -15,7 +15,8 @@ from .convert import is_number, queue_name, seconds, whole
 from .errors import Invalid, number, show
 from .handler import handler
 from .limits import DEFAULT_JITTER, MAX_ATTEMPTS, MAX_BACKOFF, MAX_NAME_BYTES, OWNED_ARGUMENTS
-from .model import Autoscale, Binding, Queue, Retry
+from ..limits import RateError, longest_name, parse_rate
+from .model import Autoscale, Binding, Limits, Queue, Retry
 from .reader import Reader
 
 _WHOLE_ARGUMENTS = {"x-max-length": whole(0), "x-max-length-bytes": whole(0),
@@ -38,8 +39,29 @@ def queue(r: Reader, raw: Any, i: int) -> Queue | None:
     kwargs = r.settings(data, key, "queues[]", workers=workers)
     kwargs.update(_autoscale_fields(kwargs))
     kwargs.update(_ownership(r, data, key, kwargs))
+    if data.get("limits") is not None:
+        kwargs["limits"] = limits(r, data["limits"], f"{key}.limits", name)
     return Queue(name=name, handler=program, retry=retry(r, data.get("retry"), f"{key}.retry"),
                  **kwargs)
+
+
+def limits(r: Reader, raw: Any, key: str, name: str) -> Limits:
+    """``limits: {concurrency, rate, burst}``; the rate as "50/s", "300/min" or "10/h"."""
+    data = r.section(raw, key, "queues[].limits")
+    fields = r.settings(data, key, "queues[].limits")
+    if data.get("rate") is not None:
+        try:
+            fields["rate"], fields["rate_text"] = parse_rate(data["rate"])
+        except RateError as e:
+            r.problem(f"{key}.rate", str(e))
+    elif "burst" in fields:
+        r.problem(f"{key}.burst", "applies to a rate; set rate too")
+    got = Limits(**fields)
+    longest = longest_name(name, got.concurrency, got.rate_text, got.burst)
+    if len(longest.encode("utf-8")) > MAX_NAME_BYTES:
+        r.problem(key, f'the broker name "{longest}" it needs would be longer than '
+                  f"{MAX_NAME_BYTES} bytes; shorten the queue's name")
+    return got
 
 
 def workers(value: Any) -> int | Autoscale:

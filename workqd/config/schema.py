@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import convert
+from ..limits import MAX_BURST, MAX_CONCURRENCY
 from .files import readable_file
 from .limits import (DEFAULT_JITTER, DEFAULT_URL, MAX_ATTEMPTS, MAX_BACKOFF, MAX_BODY,
                      MAX_DEFERRALS, MAX_MEMORY, MAX_REDELIVERIES, MAX_SECONDS,
@@ -198,6 +199,14 @@ KEYS: tuple[Key, ...] = (
           "false: someone else's queue, consumed as it is, only checked to exist."),
     _flag("queues[].declare_side_queues", True,
           "false: no .dead and .delay queues, so no retries (declare: false or type: classic)."),
+    Key("queues[].limits", "mapping", None,
+        "Cluster-wide limits, shared by every daemon with the same setting (docs/limits.md)."),
+    _whole("queues[].limits.concurrency", 0, 0, MAX_CONCURRENCY,
+           "Tasks of this queue running at once across all daemons; 0: no cap."),
+    Key("queues[].limits.rate", "rate", None,
+        'Task starts across all daemons, e.g. "50/s", "300/min", "10/h"; unset: no limit.'),
+    _whole("queues[].limits.burst", 1, 1, MAX_BURST,
+           "Starts the rate may save up while the queue is idle, taken at once later."),
     Key("queues[].arguments", "mapping", None,
         "Extra x-arguments for the declaration; the ones workqd sets itself are refused."),
     Key("queues[].bindings", "list", None,

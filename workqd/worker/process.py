@@ -22,6 +22,7 @@ import signal
 import struct
 import time
 
+import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
@@ -29,10 +30,11 @@ from .. import delays, exitcodes, frames, logsetup, runner, vocab
 from ..broker import Failover, redact
 from ..cancels import CancelTable
 from ..config import Broker, Queue
-from ..slots import CONNECTING, IMPORTING, PAUSED, Slot, message_digest
+from ..slots import CONNECTING, IMPORTING, LIMITED, PAUSED, Slot, message_digest
 from . import intake, timing
 from .handler import HandlerThread
 from .intake import Delivery
+from .limits import Limits
 from .policy import decide, postpone
 from .publisher import Publisher
 from .session import CONSUMER_CHECK_EVERY, Session, Verdict
@@ -73,6 +75,9 @@ class Worker:
         self._cancels_deadline = 0.0   # until when the first connection waits for it
         self._stopping_cancelled: Delivery | None = None   # its command is being stopped
         self._run = None          # the handler's runner (a command's can be stopped)
+        # The queue's cluster-wide limits on the current connection (None: no limits).
+        self._gate: Limits | None = None
+        self._rated = bool(queue.limits.rate)
 
     # --- life cycle --------------------------------------------------------
 
@@ -151,8 +156,11 @@ class Worker:
                 self._wake_master()
             if self._session is not None:
                 self._session.stop_consuming()
+            if self._gate is not None:
+                self._gate.stop_generating()
             if requeue_buffered:
-                for d in self._handler.take_unstarted():
+                waiting = self._gate.take_waiting() if self._gate is not None else []
+                for d in [*waiting, *self._handler.take_unstarted()]:
                     d.settler.requeue(d)
         self._finish_if_idle()
 
@@ -212,8 +220,17 @@ class Worker:
             self._handler.idle, self, self._publisher,
             on_consuming=self._guard(self._on_consuming),
             on_message=self._on_message, on_closed=self._guard(self._on_closed))
-        self._session.held = self.slot.paused
+        if self.queue.limits.any:
+            self._gate = Limits(self.queue, self._ioloop, self.slot,
+                                lambda: not self._handler.busy(), self._guard(self._follow_pause),
+                                self._publish_token)
+        self._session.held = self._hold()
         self._session.open()
+
+    def _publish_token(self, queue: str, wanted) -> None:
+        """A rate token from this worker's generator, unconfirmed (a lost one only
+        lowers the rate for a moment)."""
+        self._publisher.publish(queue, b"", _TOKEN_PROPS, False, done=None, wanted=wanted)
 
     def _awaiting_cancels(self) -> bool:
         """Before consuming: has the host's poller not read the cancel log yet?"""
@@ -237,6 +254,15 @@ class Worker:
             return
         self._failover.succeeded()
         self._publisher.prefer(session.url)
+        gate = self._gate
+        if gate is not None and not gate.started:
+            gate.start(session.connection)
+        if not session.consuming and not self.slot.paused:   # held by the concurrency cap
+            self.slot.set_state(LIMITED)
+            self._wake_master()
+            log.info("connected to %s; waiting for one of the %d concurrency slots of %s",
+                     redact(session.url), self.queue.limits.concurrency, self.queue.name)
+            return
         if not session.consuming:   # held: the master paused this queue
             self.slot.set_state(PAUSED)
             self._wake_master()
@@ -258,6 +284,10 @@ class Worker:
             return
         self._session = None
         self.slot.set_state(CONNECTING)
+        if self._gate is not None:
+            self._gate.take_waiting()   # the broker requeued those too
+            self._gate.close()
+            self._gate = None
         # The broker requeued everything unacked on that channel: what the handler
         # thread has not started yet must not run here as well.
         self._handler.take_unstarted()
@@ -316,7 +346,12 @@ class Worker:
                 return
             self._received += 1
             if self._recycles and self._last_task_taken():
-                self._take_last(d)
+                if self._rated:
+                    self._gate.take(d, self._take_last)
+                else:
+                    self._take_last(d)
+            elif self._rated:
+                self._gate.take(d, self._handler.submit)
             else:
                 self._handler.submit(d)
         except Exception:
@@ -560,26 +595,38 @@ class Worker:
         self._settle(d, vocab.DEAD_LETTER, vocab.REASON_CANCELLED)
         self.stop(exitcodes.WORKER_CANCELLED)
 
+    def _hold(self) -> bool:
+        """Hold no consumer: the master paused the queue, or no concurrency slot is ours."""
+        return self.slot.paused or (self._gate is not None and not self._gate.may_consume)
+
     def _follow_pause(self) -> None:
-        """The master's paused word: cancel the consumer (running tasks finish and are
-        acked on this channel) or consume again."""
+        """The master's paused word and the concurrency slot: cancel the consumer (running
+        tasks finish and are acked on this channel) or consume again."""
         s = self._session
         if s is None or self._stopping:
             return
-        paused = self.slot.paused
-        if paused == s.held:
+        hold = self._hold()
+        if hold == s.held:
+            # Paused while waiting for a slot, or resumed still waiting: say which.
+            want = PAUSED if self.slot.paused else LIMITED
+            if hold and self.slot.state in (PAUSED, LIMITED) and self.slot.state != want:
+                self.slot.set_state(want)
+                self._wake_master()
             return
-        if paused:
+        if hold:
             s.held = True
             was_consuming = s.consuming
             s.stop_consuming()
             if was_consuming:
-                self.slot.set_state(PAUSED)
+                self.slot.set_state(PAUSED if self.slot.paused else LIMITED)
                 self._wake_master()
                 log.info("paused: consumer of %s cancelled; a running task finishes",
                          self.queue.name)
         else:
             s.consume_again()   # _on_consuming logs it
+
+
+_TOKEN_PROPS = pika.BasicProperties()
 
 
 def _utc(ms: int) -> str:

@@ -50,3 +50,11 @@ def status(snap: state.Snapshot, queue: str | None, pid: int, socket_path: str) 
             "broker_connected": snap.broker_connected, "ready": ready, "readiness": why,
             "delayed": snap.delayed, "cancels": snap.cancels,
             "queues": [queue_status(q) for q in queues]}
+
+
+def schedules(snap: state.Snapshot, pid: int) -> dict:
+    """The `schedules` answer: each schedule as this daemon sees it."""
+    return {"pid": pid, "broker_connected": snap.broker_connected,
+            "schedules": [{"name": s.name, "queue": s.queue, "leading": s.leading,
+                           "leader": s.leader, "last_fired": s.last_fired, "next": s.next,
+                           "fired": s.fired} for s in snap.schedules]}

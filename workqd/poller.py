@@ -22,9 +22,11 @@ import os
 import select
 import signal
 import time
+from dataclasses import replace
 
-from . import cancels, logsetup
+from . import cancels, logsetup, schedules
 from .slots import message_digest
+from .state import ScheduleView
 
 log = logging.getLogger("workqd.master")
 
@@ -50,6 +52,8 @@ class PollerProcess:
         self.connected = False
         self.depth: dict[str, tuple[int, int, int]] = {}   # queue -> (ready, consumers, dead)
         self.delayed: int | None = None   # messages in the vhost's delay levels; None: unknown
+        self.schedules: tuple[ScheduleView, ...] = ()   # as the child last reported them
+        self._fired_before: dict[str, int] = {}   # firings counted by earlier pollers
         self._report_r = self._nudge_w = -1
         self._buf = b""
         self._sel = None
@@ -108,6 +112,9 @@ class PollerProcess:
 
     def on_exit(self, now: float) -> None:
         """The master reaped the poller."""
+        # Its firings stay counted: workqd_schedule_fired_total never goes backwards.
+        self._fired_before = {v.name: v.fired for v in self.schedules}
+        self.schedules = tuple(replace(v, leading=False) for v in self.schedules)
         self._close_pipes()
         self.pid = 0
         # A crash waits, so a poller that dies at once does not spin; a replacement
@@ -156,6 +163,7 @@ class PollerProcess:
                             {q: tuple(v) for q, v in report["depth"].items()},
                             delayed if type(delayed) is int else None)
                 self._note_cancels(report.get("cancels"))
+                self.schedules = schedule_views(report.get("schedules"), self._fired_before)
             except (ValueError, KeyError, TypeError, AttributeError):
                 log.debug("bad report from the queue poller: %r", line[:200])
 
@@ -177,6 +185,28 @@ class PollerProcess:
             self.cancels_held = held
 
 
+def schedule_views(raw, fired_before: dict[str, int]) -> tuple[ScheduleView, ...]:
+    """The child's schedules report as views, firings of earlier children added; a field
+    of the wrong type reads as unknown."""
+    if not isinstance(raw, dict):
+        return ()
+    views = []
+    for name, v in raw.items():
+        if not isinstance(v, dict):
+            continue
+        fired = v.get("fired")
+        fired = fired if type(fired) is int and fired >= 0 else 0
+        views.append(ScheduleView(
+            name=str(name), queue=str(v.get("queue", "")), leading=v.get("leading") is True,
+            leader=str(v.get("leader") or ""), last_fired=_stamp(v.get("last_fired")),
+            next=_stamp(v.get("next")), fired=fired + fired_before.get(name, 0)))
+    return tuple(views)
+
+
+def _stamp(v) -> float | None:
+    return float(v) if type(v) in (int, float) else None
+
+
 def _kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -196,6 +226,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
     failover = Failover(cfg.broker.urls)
     conn = None
     follower = _Cancels(table) if table is not None else None
+    scheduler = schedules.Scheduler(cfg.schedules)
     load_deadline = time.monotonic() + LOAD_WAIT
     while True:
         error = ""
@@ -209,6 +240,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
                 failover.succeeded()
             if follower is not None:
                 follower.follow(conn)
+            scheduler.tick(conn)
             depth = _poll(conn, cfg, dead_letter_queue)
             delayed = poll_delayed(conn)
         except (pika.exceptions.AMQPError, OSError, ValueError) as e:
@@ -228,6 +260,8 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
         report = {"connected": not error, "error": error, "depth": depth, "delayed": delayed}
         if table is not None:
             report["cancels"] = table.count()
+        if cfg.schedules:
+            report["schedules"] = scheduler.report()
         try:
             os.write(report_fd, json.dumps(report).encode() + b"\n")
         except BrokenPipeError:
@@ -242,6 +276,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
                 # served at least every IO_EVERY seconds, the nudge pipe between.
                 try:
                     conn.process_data_events(time_limit=min(left, IO_EVERY))
+                    scheduler.tick(conn)   # fires what is due: slots are met within IO_EVERY
                 except (pika.exceptions.AMQPError, OSError):
                     conn = None
                     # Connect again soon, not at the next round: cancels keep coming.

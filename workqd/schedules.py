@@ -37,6 +37,11 @@ MAX_FIRE = 120          # slots one leader fires in one step: a bound, not a rat
 CLAIM_EVERY = 2.0       # seconds between a follower's tries to take the lead
 FOLLOW_EVERY = 5.0      # seconds between a follower's reads of the record
 RECORD_READ = 5         # messages read from the record queue to find its newest
+# The record queue keeps one message. Followers read it with get and requeue, which
+# counts as a delivery; RabbitMQ 4 drops a quorum queue's message after 20 by default,
+# so the limit is set out of reach (a read every 5 s per host).
+RECORD_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "drop-head",
+                    "x-delivery-limit": 1_000_000_000}
 H_SCHEDULE = "x-workq-schedule"   # header: the schedule a firing came from
 H_SLOT = "x-workq-slot"           # header: the slot it fired for, UTC ISO 8601
 
@@ -144,7 +149,9 @@ class State:
     handled: float | None = None  # the newest slot handled (fired or skipped), as recorded
     fired_at: float | None = None  # the newest slot fired, as recorded
     leader: str = ""              # who wrote the record last (the leader, as far as known)
-    leading: bool = False
+    holding: bool = False         # this connection declared the leader queue
+    leading: bool = False         # holding, and the record read: firing
+    empty_reads: int = 0          # record reads that found nothing since the claim
     fired: int = 0                # firings this host published, confirmed
     unroutable: bool = False      # the last firing came back unroutable: logged once
     next_claim: float = 0.0
@@ -174,14 +181,18 @@ class Scheduler:
             return
         if self.session is None or self.session.conn is not conn:
             for st in self.states.values():
-                st.leading = False   # leadership died with the old connection
+                st.holding = st.leading = False   # leadership died with the old connection
                 st.next_claim = st.next_read = 0.0
             self.session = _Session(conn, self)
         self.session.step(self.clock())
 
     def report(self) -> dict:
         now = self.clock()
-        return {name: st.view(now) for name, st in self.states.items()}
+        connected = self.session is not None and self.session.conn.is_open
+        views = {name: st.view(now) for name, st in self.states.items()}
+        for v in views.values():
+            v["leading"] = v["leading"] and connected
+        return views
 
 
 class _Session:
@@ -194,15 +205,28 @@ class _Session:
         self.declared: set[str] = set()   # record queues declared on this connection
 
     def step(self, now: float) -> None:
+        import pika.exceptions
         for st in self.sched.states.values():
-            if not st.leading and now >= st.next_claim:
-                st.next_claim = now + CLAIM_EVERY
-                self._claim(st, now)
-            if st.leading:
-                self._fire_due(st, now)
-            elif now >= st.next_read:
-                st.next_read = now + FOLLOW_EVERY
-                self._read(st)
+            try:
+                self._step_one(st, now)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                # A channel refused (a record queue deleted under it, say): the next
+                # step opens another; the connection and the leadership stay.
+                log.warning("schedule %s: the broker closed a channel: %s", st.schedule.name,
+                            e.reply_text)
+                self.declared.discard(st.schedule.name)
+
+    def _step_one(self, st: State, now: float) -> None:
+        if not st.holding and now >= st.next_claim:
+            st.next_claim = now + CLAIM_EVERY
+            self._claim(st)
+        if st.holding and not st.leading:
+            self._take_over(st, now)
+        if st.leading:
+            self._fire_due(st, now)
+        elif now >= st.next_read:
+            st.next_read = now + FOLLOW_EVERY
+            self._read(st)
 
     def _ch(self):
         if self.channel is None or not self.channel.is_open:
@@ -210,7 +234,7 @@ class _Session:
             self.channel.confirm_delivery()
         return self.channel
 
-    def _claim(self, st: State, now: float) -> None:
+    def _claim(self, st: State) -> None:
         import pika.exceptions
         name = st.schedule.name
         ch = self.conn.channel()
@@ -222,15 +246,24 @@ class _Session:
                             e.reply_text)
             return
         ch.close()
-        if not self._read(st):
+        st.holding, st.empty_reads = True, 0
+
+    def _take_over(self, st: State, now: float) -> None:
+        """Start firing once the record is read. An empty record queue is read twice, a
+        step apart: a follower may hold the one record for a moment while it reads it."""
+        found = self._read(st)
+        if found is None:
             return   # the record is unreadable: leading blind could repeat slots
-        st.leading = True
+        if not found and st.empty_reads == 0:
+            st.empty_reads = 1
+            return
         if st.handled is None:
             # Never fired anywhere: it starts now, not with the slots of the past.
             st.handled = float(int(now))
-        log.info("schedule %s: this host leads it now (last fired %s)", name,
-                 iso(st.fired_at) if st.fired_at is not None else "never")
+        st.leading = True
         st.leader = self.sched.host
+        log.info("schedule %s: this host leads it now (last fired %s)", st.schedule.name,
+                 iso(st.fired_at) if st.fired_at is not None else "never")
         self._record(st)
 
     def _declare_record(self, name: str):
@@ -238,8 +271,7 @@ class _Session:
         ch = self._ch()
         if name not in self.declared:
             try:
-                ch.queue_declare(record_queue(name), durable=True, arguments={
-                    "x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "drop-head"})
+                ch.queue_declare(record_queue(name), durable=True, arguments=RECORD_ARGUMENTS)
             except pika.exceptions.ChannelClosedByBroker as e:
                 log.warning("schedule %s: cannot declare its record %s: %s", name,
                             record_queue(name), e.reply_text)
@@ -247,12 +279,13 @@ class _Session:
             self.declared.add(name)
         return self._ch()
 
-    def _read(self, st: State) -> bool:
-        """Take the newest record into ``st``; False when the record queue is refused."""
+    def _read(self, st: State) -> bool | None:
+        """Take the newest record into ``st``: True if there was one, False if none, None
+        when the record queue is refused."""
         import pika.exceptions
         ch = self._declare_record(st.schedule.name)
         if ch is None:
-            return False
+            return None
         newest = None
         tags = []
         try:
@@ -269,11 +302,13 @@ class _Session:
         except pika.exceptions.ChannelClosedByBroker as e:
             log.warning("schedule %s: cannot read its record: %s", st.schedule.name,
                         e.reply_text)
+            self.declared.discard(st.schedule.name)
+            return None
+        if newest is None:
             return False
-        if newest is not None:
-            handled, fired_at, leader = newest
-            if st.handled is None or handled >= st.handled:
-                st.handled, st.fired_at, st.leader = handled, fired_at, leader
+        handled, fired_at, leader = newest
+        if st.handled is None or handled >= st.handled:
+            st.handled, st.fired_at, st.leader = handled, fired_at, leader
         return True
 
     def _record(self, st: State) -> None:

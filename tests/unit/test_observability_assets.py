@@ -54,8 +54,10 @@ def _snapshot() -> state.Snapshot:
                         counters=state.frozen(counters), restarts=state.frozen(restarts),
                         workers=(state.WorkerView(1, 4242, state.W_BUSY, "m-1"),), consuming=1,
                         depth=(5, 1, 2))
+    sched = state.ScheduleView(name="nightly", queue="reports", leading=True, leader="h1",
+                               last_fired=1.7e9, next=1.7e9 + 86400, fired=3)
     return state.Snapshot(phase=state.READY, queues=(q,), broker_connected=True, loop_age=0.0,
-                          version="0.0-test", delayed=7)
+                          version="0.0-test", delayed=7, schedules=(sched,))
 
 
 @pytest.fixture(scope="module")

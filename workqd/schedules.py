@@ -203,6 +203,7 @@ class _Session:
         self.sched = scheduler
         self.channel = None        # confirms on: firings and records
         self.declared: set[str] = set()   # record queues declared on this connection
+        self.refusals: dict[str, str] = {}  # schedule -> the broker's last refusal, logged
 
     def step(self, now: float) -> None:
         import pika.exceptions
@@ -273,9 +274,13 @@ class _Session:
             try:
                 ch.queue_declare(record_queue(name), durable=True, arguments=RECORD_ARGUMENTS)
             except pika.exceptions.ChannelClosedByBroker as e:
-                log.warning("schedule %s: cannot declare its record %s: %s", name,
-                            record_queue(name), e.reply_text)
+                if self.refusals.get(name) != e.reply_text:   # a lasting refusal: one line
+                    self.refusals[name] = e.reply_text
+                    log.warning("schedule %s: cannot declare its record %s, so no host can "
+                                "fire it: %s", name, record_queue(name), e.reply_text)
                 return None
+            if self.refusals.pop(name, None) is not None:
+                log.info("schedule %s: its record %s is usable again", name, record_queue(name))
             self.declared.add(name)
         return self._ch()
 

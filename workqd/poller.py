@@ -26,7 +26,6 @@ from dataclasses import replace
 
 from . import cancels, logsetup, schedules
 from .slots import message_digest
-from .state import ScheduleView
 
 log = logging.getLogger("workqd.master")
 
@@ -52,7 +51,7 @@ class PollerProcess:
         self.connected = False
         self.depth: dict[str, tuple[int, int, int]] = {}   # queue -> (ready, consumers, dead)
         self.delayed: int | None = None   # messages in the vhost's delay levels; None: unknown
-        self.schedules: tuple[ScheduleView, ...] = ()   # as the child last reported them
+        self.schedules: tuple = ()   # state.ScheduleView each, as the child last reported
         self._fired_before: dict[str, int] = {}   # firings counted by earlier pollers
         self._report_r = self._nudge_w = -1
         self._buf = b""
@@ -163,7 +162,7 @@ class PollerProcess:
                             {q: tuple(v) for q, v in report["depth"].items()},
                             delayed if type(delayed) is int else None)
                 self._note_cancels(report.get("cancels"))
-                self.schedules = schedule_views(report.get("schedules"), self._fired_before)
+                self.schedules = schedules.views(report.get("schedules"), self._fired_before)
             except (ValueError, KeyError, TypeError, AttributeError):
                 log.debug("bad report from the queue poller: %r", line[:200])
 
@@ -183,28 +182,6 @@ class PollerProcess:
     def _note_cancels(self, held) -> None:
         if isinstance(held, int) and not isinstance(held, bool) and held >= 0:
             self.cancels_held = held
-
-
-def schedule_views(raw, fired_before: dict[str, int]) -> tuple[ScheduleView, ...]:
-    """The child's schedules report as views, firings of earlier children added; a field
-    of the wrong type reads as unknown."""
-    if not isinstance(raw, dict):
-        return ()
-    views = []
-    for name, v in raw.items():
-        if not isinstance(v, dict):
-            continue
-        fired = v.get("fired")
-        fired = fired if type(fired) is int and fired >= 0 else 0
-        views.append(ScheduleView(
-            name=str(name), queue=str(v.get("queue", "")), leading=v.get("leading") is True,
-            leader=str(v.get("leader") or ""), last_fired=_stamp(v.get("last_fired")),
-            next=_stamp(v.get("next")), fired=fired + fired_before.get(name, 0)))
-    return tuple(views)
-
-
-def _stamp(v) -> float | None:
-    return float(v) if type(v) in (int, float) else None
 
 
 def _kill(pid: int, sig: int) -> None:

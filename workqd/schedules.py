@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 from . import cron
+from .state import ScheduleView
 
 log = logging.getLogger("workqd.master")
 
@@ -139,6 +140,30 @@ def host_name() -> str:
     return f"{socket.gethostname()} (pid {os.getpid()})"
 
 
+# --- the master's part: the poller's report ------------------------------------
+
+def views(raw, fired_before: dict[str, int]) -> tuple[ScheduleView, ...]:
+    """The poller child's report of its schedules as the master's views, with the firings
+    of earlier pollers added; a field of the wrong type reads as unknown."""
+    if not isinstance(raw, dict):
+        return ()
+    out = []
+    for name, v in raw.items():
+        if not isinstance(v, dict):
+            continue
+        fired = v.get("fired")
+        fired = fired if type(fired) is int and fired >= 0 else 0
+        out.append(ScheduleView(
+            name=str(name), queue=str(v.get("queue", "")), leading=v.get("leading") is True,
+            leader=str(v.get("leader") or ""), last_fired=_stamp(v.get("last_fired")),
+            next=_stamp(v.get("next")), fired=fired + fired_before.get(name, 0)))
+    return tuple(out)
+
+
+def _stamp(v) -> float | None:
+    return float(v) if type(v) in (int, float) else None
+
+
 # --- the poller child's part -----------------------------------------------------
 
 @dataclass
@@ -221,7 +246,7 @@ class _Session:
         if not st.holding and now >= st.next_claim:
             st.next_claim = now + CLAIM_EVERY
             self._claim(st)
-        if st.holding and not st.leading:
+        if st.holding and not st.leading and now >= st.next_read:
             self._take_over(st, now)
         if st.leading:
             self._fire_due(st, now)
@@ -247,14 +272,15 @@ class _Session:
                             e.reply_text)
             return
         ch.close()
-        st.holding, st.empty_reads = True, 0
+        st.holding, st.empty_reads, st.next_read = True, 0, 0.0
 
     def _take_over(self, st: State, now: float) -> None:
         """Start firing once the record is read. An empty record queue is read twice, a
         step apart: a follower may hold the one record for a moment while it reads it."""
         found = self._read(st)
         if found is None:
-            return   # the record is unreadable: leading blind could repeat slots
+            st.next_read = now + CLAIM_EVERY   # unreadable: leading blind could repeat slots
+            return
         if not found and st.empty_reads == 0:
             st.empty_reads = 1
             return

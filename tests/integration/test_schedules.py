@@ -125,3 +125,31 @@ def test_a_schedule_to_a_missing_queue_logs_one_line(daemon, qname, amqp, tmp_pa
         assert d.proc.poll() is None
     finally:
         amqp.delete(schedules.record_queue(name))
+
+
+def test_a_record_queue_declared_otherwise_is_one_line_and_no_firing(daemon, qname, amqp,
+                                                                      tmp_path):
+    """Someone declared workq.schedule.<name> as a classic queue: the leader cannot keep
+    its record, so it fires nothing rather than fire blind, says so once, and stays up."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    target = f"t.fired.{name}"
+    amqp.declare(target, "classic")
+    amqp.declare(schedules.record_queue(name), "classic")
+    try:
+        d = daemon([queue_config(qname, workers=1)],
+                   schedules=[{"name": name, "every": "1s", "queue": target}])
+        line = f"cannot declare its record {schedules.record_queue(name)}, so no host can fire"
+        wait_for(lambda: line in d.log(), 30, what=lambda: f"the refusal; log:\n{d.log()}")
+        # Reports 5 s apart show the next slot moving on (nothing handled, so it follows
+        # the clock); two of them span several tries (every 2 s) that logged nothing more.
+        nxt = "workqd_schedule_next_fire_timestamp_seconds"
+        wait_for(lambda: d.metric(nxt, schedule=name) > 0, 30, what="a report")
+        first = d.metric(nxt, schedule=name)
+        wait_for(lambda: d.metric(nxt, schedule=name) >= first + 6, 30,
+                 what="two more reports")
+        assert d.log().count(line) == 1, d.log()
+        assert d.metric("workqd_schedule_leader", schedule=name) == 0
+        assert amqp.count(target) == 0
+        assert d.proc.poll() is None
+    finally:
+        amqp.delete(target, schedules.record_queue(name))

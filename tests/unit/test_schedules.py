@@ -128,3 +128,22 @@ def test_plan_skips_missed_then_fires_on_time_ones():
 ])
 def test_record_of(body, expected):
     assert schedules._record_of(body) == expected
+
+
+def test_views_of_a_report_add_earlier_pollers_firings():
+    raw = {"s": {"leading": True, "leader": "h (pid 5)", "fired": 3, "queue": "q",
+                 "last_fired": 1.7e9, "next": 1.7e9 + 2}}
+    (v,) = schedules.views(raw, {"s": 10})
+    assert (v.name, v.queue, v.leading, v.leader, v.fired) == ("s", "q", True, "h (pid 5)", 13)
+    assert (v.last_fired, v.next) == (1.7e9, 1.7e9 + 2)
+
+
+@pytest.mark.parametrize("raw", [None, [], "x", {"s": 5}])
+def test_views_of_a_bad_report_are_empty(raw):
+    assert schedules.views(raw, {}) == ()
+
+
+def test_views_read_a_bad_field_as_unknown():
+    (v,) = schedules.views({"s": {"leading": 1, "fired": -4, "last_fired": "soon",
+                                  "next": True}}, {})
+    assert (v.leading, v.fired, v.last_fired, v.next, v.leader) == (False, 0, None, None, "")

@@ -52,9 +52,14 @@ def status(snap: state.Snapshot, queue: str | None, pid: int, socket_path: str) 
             "queues": [queue_status(q) for q in queues]}
 
 
-def schedules(snap: state.Snapshot, pid: int) -> dict:
-    """The `schedules` answer: each schedule as this daemon sees it."""
-    return {"pid": pid, "broker_connected": snap.broker_connected,
-            "schedules": [{"name": s.name, "queue": s.queue, "leading": s.leading,
-                           "leader": s.leader, "last_fired": s.last_fired, "next": s.next,
-                           "fired": s.fired} for s in snap.schedules]}
+def schedules(snap: state.Snapshot, pid: int, configured: list[tuple[str, str]]) -> dict:
+    """The `schedules` answer: each schedule of the config (name, queue) as this daemon
+    sees it; one its poller has not reported on yet has no times and no leader."""
+    seen = {s.name: s for s in snap.schedules}
+    rows = []
+    for name, queue in configured:
+        s = seen.get(name)
+        rows.append({"name": name, "queue": queue, "leading": bool(s and s.leading),
+                     "leader": s.leader if s else "", "last_fired": s.last_fired if s else None,
+                     "next": s.next if s else None, "fired": s.fired if s else 0})
+    return {"pid": pid, "broker_connected": snap.broker_connected, "schedules": rows}

@@ -523,7 +523,8 @@ class Master:
         if event == phases.HTTP:
             return self.answer_http(req)
         if req["cmd"] == "schedules":
-            return {"ok": True, **commands.schedules(self.snapshot(), self.pid)}
+            return {"ok": True, **commands.schedules(
+                self.snapshot(), self.pid, [(s.name, s.queue) for s in self.cfg.schedules])}
         return {"ok": True, **commands.status(self.snapshot(), req.get("queue"), self.pid,
                                               self.control.path if self.control else "")}
 

@@ -250,7 +250,7 @@ class _Session:
             self._take_over(st, now)
         if st.leading:
             self._fire_due(st, now)
-        elif now >= st.next_read:
+        elif not st.holding and now >= st.next_read:
             st.next_read = now + FOLLOW_EVERY
             self._read(st)
 

@@ -11,7 +11,8 @@ pipe) and is respawned by the master if it dies.
 
 On the same connection it reads the cancel log (cancels.py) as it grows and
 writes each cancel into the master's shared table, so its wait between rounds
-lets the connection deliver at least every IO_EVERY seconds.
+lets the connection deliver at least every IO_EVERY seconds. At the same pace it
+runs the schedules (schedules.py): leadership, the record, the firings.
 """
 
 from __future__ import annotations

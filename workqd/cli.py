@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         for warning in (*cfg.warnings, *listen_warnings):
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{args.config}: OK ({len(cfg.queues)} queue(s), "
-              f"{sum(q.workers for q in cfg.queues)} workers)")
+              f"{sum(q.workers for q in cfg.queues)} workers"
+              + (f", {len(cfg.schedules)} schedule(s))" if cfg.schedules else ")"))
         return exitcodes.OK
     logsetup.configure(cfg.log_level, f"master (pid {os.getpid()})", cfg.log_format)
     from .master import Master  # imports pika and prometheus_client: not needed for --check

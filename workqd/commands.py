@@ -69,3 +69,16 @@ def status(snap: state.Snapshot, queue: str | None, pid: int, socket_path: str) 
             "broker_connected": snap.broker_connected, "ready": ready, "readiness": why,
             "delayed": snap.delayed, "cancels": snap.cancels,
             "queues": [queue_status(q) for q in queues]}
+
+
+def schedules(snap: state.Snapshot, pid: int, configured: list[tuple[str, str]]) -> dict:
+    """The `schedules` answer: each schedule of the config (name, queue) as this daemon
+    sees it; one its poller has not reported on yet has no times and no leader."""
+    seen = {s.name: s for s in snap.schedules}
+    rows = []
+    for name, queue in configured:
+        s = seen.get(name)
+        rows.append({"name": name, "queue": queue, "leading": bool(s and s.leading),
+                     "leader": s.leader if s else "", "last_fired": s.last_fired if s else None,
+                     "next": s.next if s else None, "fired": s.fired if s else 0})
+    return {"pid": pid, "broker_connected": snap.broker_connected, "schedules": rows}

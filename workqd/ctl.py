@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s = sub.add_parser("status", help="queues and workers")
     s.add_argument("queue", nargs="?")
     s.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
+    s = sub.add_parser("schedules", help="periodic tasks: next and last firing, who leads")
+    s.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
     s = sub.add_parser("pause", help="cancel a queue's consumers; running tasks finish")
     s.add_argument("queue")
     s = sub.add_parser("resume", help="consume again (one queue, or every queue after quiet)")
@@ -185,6 +187,22 @@ def _limit_lines(lim: dict | None) -> list[str]:
     return out
 
 
+def _when(t) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def render_schedules(answer: dict) -> str:
+    rows = [("SCHEDULE", "QUEUE", "NEXT", "LAST FIRED", "LEADER", "FIRED HERE")]
+    for s in answer["schedules"]:
+        leader = "this host" if s["leading"] else (s["leader"] or "unknown")
+        rows.append((s["name"], s["queue"], _when(s["next"]), _when(s["last_fired"]), leader,
+                     str(s["fired"])))
+    lines = _table(rows) if answer["schedules"] else ["no schedules in this daemon's config"]
+    if not answer.get("broker_connected", True):
+        lines.append("broker not reachable from the master: this is what it last read")
+    return "\n".join(config_mod.escape(line) for line in lines)
+
+
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     rows = [tuple(config_mod.escape(c) for c in r) for r in rows]   # widths as shown
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -218,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.CTL_REFUSED
     if args.cmd == "status":
         print(json.dumps(answer, indent=2) if args.json else render_status(answer))
+    elif args.cmd == "schedules":
+        print(json.dumps(answer, indent=2) if args.json else render_schedules(answer))
     elif args.cmd == "scale":
         print(config_mod.escape(f"queue {answer['queue']}: {answer['was']} -> "
                                 f"{answer['workers']} workers (until the next reload)"))

@@ -490,7 +490,7 @@ class Master:
             self.phase, [*self.pools.values(), *self._orphans], self.poller.depth,
             self._unserved_sign, self._queue_state, self.poller.connected,
             now - self.last_loop, __version__, now, delayed=self.poller.delayed,
-            cancels=self.poller.cancels_held)
+            cancels=self.poller.cancels_held, schedules=self.poller.schedules)
 
     def _unserved_sign(self, name: str) -> str:
         _, judge = self._service.get(name, (None, None))
@@ -512,15 +512,19 @@ class Master:
     def serve_control(self, req: dict) -> dict:
         """One workqctl request (control.py has parsed and checks the envelope)."""
         cmd = req["cmd"]
-        if cmd == "status":
+        if cmd in ("status", "schedules"):
             return self.dispatch(phases.STATUS, req=req)
         if cmd in self.STEERING:
             return self.dispatch(phases.STEER, req=req)
-        raise ProtocolError(f"unknown command {cmd!r} (status, pause, resume, quiet, scale)")
+        raise ProtocolError(f"unknown command {cmd!r} (status, schedules, pause, resume, quiet, "
+                            f"scale)")
 
     def do_serve(self, event: str, req):
         if event == phases.HTTP:
             return self.answer_http(req)
+        if req["cmd"] == "schedules":
+            return {"ok": True, **commands.schedules(
+                self.snapshot(), self.pid, [(s.name, s.queue) for s in self.cfg.schedules])}
         return {"ok": True, **commands.status(self.snapshot(), req.get("queue"), self.pid,
                                               self.control.path if self.control else "")}
 

@@ -144,12 +144,32 @@ def families(snap: Snapshot):
         "deferrals and delayed submissions of every queue), as last polled.")
     if snap.delayed is not None:
         delayed.add_metric([], snap.delayed)
+    last_fired = GaugeMetricFamily(
+        "workqd_schedule_last_fired_timestamp_seconds", "The newest slot of the schedule fired "
+        "by any host, as this host last read it (seconds since the epoch).",
+        labels=["schedule"])
+    next_fire = GaugeMetricFamily(
+        "workqd_schedule_next_fire_timestamp_seconds", "The schedule's next slot after the last "
+        "one handled: in the past means overdue (seconds since the epoch).", labels=["schedule"])
+    fired = CounterMetricFamily(
+        "workqd_schedule_fired", "Firings of the schedule this host published (confirmed).",
+        labels=["schedule"])
+    leader = GaugeMetricFamily(
+        "workqd_schedule_leader", "1 on the host that leads the schedule (fires it), else 0.",
+        labels=["schedule"])
+    for sc in snap.schedules:
+        if sc.last_fired is not None:
+            last_fired.add_metric([sc.name], sc.last_fired)
+        if sc.next is not None:
+            next_fire.add_metric([sc.name], sc.next)
+        fired.add_metric([sc.name], sc.fired)
+        leader.add_metric([sc.name], 1 if sc.leading else 0)
     build = GaugeMetricFamily("workqd_build_info", "workqd version, always 1.",
                               labels=["version"])
     build.add_metric([snap.version], 1)
     return (processed, redelivered, in_flight, duration, wait, restarts, workers, ready, consumers,
             dead, blocked, paused, size, least, most, cap, held, rate, limit_waiting, limit_waited,
-            tokens, broker, delayed, build)
+            tokens, broker, delayed, last_fired, next_fire, fired, leader, build)
 
 
 class _Collector:

@@ -11,7 +11,8 @@ pipe) and is respawned by the master if it dies.
 
 On the same connection it reads the cancel log (cancels.py) as it grows and
 writes each cancel into the master's shared table, so its wait between rounds
-lets the connection deliver at least every IO_EVERY seconds.
+lets the connection deliver at least every IO_EVERY seconds. At the same pace it
+runs the schedules (schedules.py): leadership, the record, the firings.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import select
 import signal
 import time
 import uuid
+from dataclasses import replace
 
-from . import cancels, logsetup
+from . import cancels, logsetup, schedules
 from .slots import message_digest
 
 log = logging.getLogger("workqd.master")
@@ -51,6 +53,8 @@ class PollerProcess:
         self.connected = False
         self.depth: dict[str, tuple[int, int, int]] = {}   # queue -> (ready, consumers, dead)
         self.delayed: int | None = None   # messages in the vhost's delay levels; None: unknown
+        self.schedules: tuple = ()   # state.ScheduleView each, as the child last reported
+        self._fired_before: dict[str, int] = {}   # firings counted by earlier pollers
         self._report_r = self._nudge_w = -1
         self._buf = b""
         self._sel = None
@@ -109,6 +113,9 @@ class PollerProcess:
 
     def on_exit(self, now: float) -> None:
         """The master reaped the poller."""
+        # Its firings stay counted: workqd_schedule_fired_total never goes backwards.
+        self._fired_before = {v.name: v.fired for v in self.schedules}
+        self.schedules = tuple(replace(v, leading=False) for v in self.schedules)
         self._close_pipes()
         self.pid = 0
         # A crash waits, so a poller that dies at once does not spin; a replacement
@@ -157,6 +164,7 @@ class PollerProcess:
                             {q: tuple(v) for q, v in report["depth"].items()},
                             delayed if type(delayed) is int else None)
                 self._note_cancels(report.get("cancels"))
+                self.schedules = schedules.views(report.get("schedules"), self._fired_before)
             except (ValueError, KeyError, TypeError, AttributeError):
                 log.debug("bad report from the queue poller: %r", line[:200])
 
@@ -197,6 +205,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
     failover = Failover(cfg.broker.urls)
     conn = None
     follower = _Cancels(table) if table is not None else None
+    scheduler = schedules.Scheduler(cfg.schedules)
     load_deadline = time.monotonic() + LOAD_WAIT
     while True:
         error = ""
@@ -210,6 +219,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
                 failover.succeeded()
             if follower is not None:
                 follower.follow(conn)
+            scheduler.tick(conn)
             depth = _poll(conn, cfg, dead_letter_queue)
             delayed = poll_delayed(conn)
         except (pika.exceptions.AMQPError, OSError, ValueError) as e:
@@ -229,6 +239,8 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
         report = {"connected": not error, "error": error, "depth": depth, "delayed": delayed}
         if table is not None:
             report["cancels"] = table.count()
+        if cfg.schedules:
+            report["schedules"] = scheduler.report()
         try:
             os.write(report_fd, json.dumps(report).encode() + b"\n")
         except BrokenPipeError:
@@ -243,6 +255,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
                 # served at least every IO_EVERY seconds, the nudge pipe between.
                 try:
                     conn.process_data_events(time_limit=min(left, IO_EVERY))
+                    scheduler.tick(conn)   # fires what is due: slots are met within IO_EVERY
                 except (pika.exceptions.AMQPError, OSError):
                     conn = None
                     # Connect again soon, not at the next round: cancels keep coming.

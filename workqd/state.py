@@ -80,6 +80,18 @@ class QueueView:
 
 
 @dataclass(frozen=True)
+class ScheduleView:
+    """One schedule as this daemon's poller last reported it (schedules.py)."""
+    name: str
+    queue: str
+    leading: bool              # this host fires it now
+    leader: str                # who leads, as the record last said ("" unknown)
+    last_fired: float | None   # the newest slot fired (by any host), seconds since the epoch
+    next: float | None         # the next slot
+    fired: int = 0             # firings this host published
+
+
+@dataclass(frozen=True)
 class Snapshot:
     phase: str
     queues: tuple[QueueView, ...]
@@ -88,6 +100,7 @@ class Snapshot:
     version: str
     delayed: int | None = None  # messages in the vhost's delay levels, as last polled
     cancels: int | None = None  # cancels this host holds (the cancel log), None until read
+    schedules: tuple[ScheduleView, ...] = ()
 
     def readiness(self) -> tuple[bool, str]:
         """For /readyz: (ready, one-line reason)."""
@@ -146,7 +159,7 @@ def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, in
                   unserved: Callable[[str], str], queue_state: Callable[[object], str],
                   broker_connected: bool, loop_age: float, version: str,
                   now: float, delayed: int | None = None,
-                  cancels: int | None = None) -> Snapshot:
+                  cancels: int | None = None, schedules: tuple = ()) -> Snapshot:
     """The picture of ``pools`` (the master's pool.Pool objects, live and draining)."""
     views: dict[str, QueueView] = {}
     merged: dict[str, list] = {}
@@ -176,4 +189,5 @@ def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, in
             blocked=sum(1 for p in group for proc in p.procs.values() if proc.slot.blocked),
             unserved=unserved(name))
     return Snapshot(phase=phase, queues=tuple(views.values()), broker_connected=broker_connected,
-                    loop_age=loop_age, version=version, delayed=delayed, cancels=cancels)
+                    loop_age=loop_age, version=version, delayed=delayed, cancels=cancels,
+                    schedules=tuple(schedules))

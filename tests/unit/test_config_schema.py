@@ -37,6 +37,9 @@ def with_key(path: str, value) -> dict:
     node = data
     *parents, name = path.split(".")
     for part in parents:
+        if part == "schedules[]":
+            node = data.setdefault("schedules", [{"name": "s", "queue": "tasks", "every": 60}])[0]
+            continue
         node = node["queues"][0] if part == "queues[]" else node.setdefault(part, {})
     node[name] = value
     return data

@@ -124,6 +124,7 @@ class FakePoller:
         self.delayed: int | None = None
         self.rounds = 0
         self.cancels_held = None
+        self.schedules = ()
 
     def manage(self, now: float) -> None:
         if not self.pid:

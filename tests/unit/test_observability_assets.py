@@ -56,8 +56,10 @@ def _snapshot() -> state.Snapshot:
                         workers=(state.WorkerView(1, 4242, state.W_BUSY, "m-1"),), consuming=1,
                         depth=(5, 1, 2),
                         limits=Limits(concurrency=3, rate=20.0, rate_text="20/s", burst=1))
+    sched = state.ScheduleView(name="nightly", queue="reports", leading=True, leader="h1",
+                               last_fired=1.7e9, next=1.7e9 + 86400, fired=3)
     return state.Snapshot(phase=state.READY, queues=(q,), broker_connected=True, loop_age=0.0,
-                          version="0.0-test", delayed=7)
+                          version="0.0-test", delayed=7, schedules=(sched,))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ The package, one owner per module:
   yamlsafe  PyYAML's safe loader under node, depth and alias limits
   schema    every key declared once: type, default, limits, reload, one line of docs
   reader    walks mappings, reads the schema's simple keys, collects problems
-  sections, handler, queues   the readers of what needs code
+  sections, handler, queues, schedules   the readers of what needs code
   load      load, parse, check_listen
   docgen    writes the key reference of workqd.yaml(5) and etc/workqd/workqd.yaml
 """

@@ -15,6 +15,7 @@ from .limits import BROKER_CONSUMER_TIMEOUT, MAX_CONFIG_BYTES, MAX_TOTAL_WORKERS
 from .model import Config, Queue
 from .queues import check_names, queue
 from .reader import Reader
+from .schedules import schedules
 
 
 def parse(data: Any, path: str, file_mode: int | None = None) -> Config:
@@ -35,6 +36,7 @@ def parse(data: Any, path: str, file_mode: int | None = None) -> Config:
     kwargs.update(sections.log(r, top.get("log")))
     kwargs.update(r.settings(top, "", ""))
     queues = _queues(r, top.get("queues"))
+    kwargs["schedules"] = schedules(r, top.get("schedules"))
     if kwargs.get("metrics_basic_auth") and "metrics_tls" not in kwargs:
         r.warning("metrics.basic_auth", "without metrics.tls, passwords cross the network in "
                   "clear text")

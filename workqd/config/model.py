@@ -157,6 +157,19 @@ class Queue:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """A periodic task (schedules.py): exactly one of cron and every is set."""
+    name: str
+    queue: str
+    cron: str | None = None
+    every: float | None = None      # seconds, whole
+    timezone: str = "UTC"
+    body: str = ""
+    headers: tuple[tuple[str, Any], ...] = ()
+    catch_up: str = "none"          # none | last
+
+
+@dataclass(frozen=True)
 class MetricsTLS:
     cert_file: str
     key_file: str
@@ -176,6 +189,7 @@ class Config:
     metrics_tls: MetricsTLS | None = None
     metrics_basic_auth: tuple[tuple[str, str], ...] = ()  # (user, webauth hash line); () = open
     control_socket: str | None = None   # None: control.server_path() picks it
+    schedules: tuple[Schedule, ...] = ()
 
     def queue(self, name: str) -> Queue:
         for q in self.queues:

@@ -214,6 +214,26 @@ KEYS: tuple[Key, ...] = (
     Key("queues[].bindings[].exchange", "exchange name", None,
         "An existing exchange, not the default one.", required=True),
     Key("queues[].bindings[].routing_key", "string", "", "Binding key (at most 255 bytes)."),
+
+    Key("schedules", "list", None,
+        "Periodic tasks: each fires once per slot however many hosts run it (one leads)."),
+    Key("schedules[].name", "schedule name", None,
+        "1 to 100 of A-Z a-z 0-9 . _ -; unique; names its broker queues and message ids.",
+        required=True),
+    Key("schedules[].cron", "cron expression", None,
+        "Five fields (minute hour day-of-month month day-of-week) or @daily etc.; or every."),
+    Key("schedules[].every", "duration", None,
+        "Fire every 90s, 15m, 2h, 1d (whole seconds, at multiples since the epoch); or cron."),
+    Key("schedules[].timezone", "time zone", "UTC",
+        "zoneinfo name (Europe/Berlin) the cron expression is read in."),
+    Key("schedules[].queue", "queue name", None,
+        "Queue the task is published to (need not be one of this file's queues).",
+        required=True),
+    Key("schedules[].body", "string", "", "The task's body."),
+    Key("schedules[].headers", "mapping", None, "Headers of the task: strings or numbers."),
+    _choice("schedules[].catch_up", "none", ("none", "last"),
+            "After more than a minute without a leader: none skips the missed slots, "
+            "last fires the newest one."),
 )
 
 BY_PATH: dict[str, Key] = {k.path: k for k in KEYS}

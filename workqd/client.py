@@ -9,14 +9,14 @@ publisher confirms, the headers workq-submit writes. It raises ``SubmitError`` (
 never blocks longer than ``confirm_timeout``) when the broker refuses, cannot route,
 blocks publishers (an alarm) or does not answer.
 
-``submit`` and ``cancel`` share one connection per process, owned by one I/O
+``submit``, ``submit_many`` and ``cancel`` share one connection per process, owned by one I/O
 thread of the client's, so heartbeats flow while the application is idle and any
 number of the application's threads may submit at once: each hands its message to
 the I/O thread and waits for its own confirm. A connection belongs to the process
 that opened it: after a fork (a prefork web server) the child notices the new pid
-and opens its own. A batch (``submit_many``, ``submit_batch``; workq-submit is a
-command line over them) runs in its caller's thread on a connection of its own,
-pipelined and failing over between nodes (see "batches" below).
+and opens its own. A batch (``submit_batch``; workq-submit is a command line over
+it) runs in its caller's thread on a connection of its own, pipelined and failing
+over between nodes (see "batches" below).
 """
 
 from __future__ import annotations
@@ -284,35 +284,34 @@ class Client:
     def submit_many(self, bodies, queue: str = "tasks", message_ids=None,
                     headers: dict | None = None, priority: int | None = None,
                     delay: float | None = None, at: datetime.datetime | None = None,
-                    expires: float | datetime.datetime | None = None,
-                    hooks: BatchHooks | None = None) -> list[str]:
-        """Publish several tasks pipelined, on a connection of the batch's own that fails
-        over to the next node (publishing again what was not confirmed); returns the ids
-        once every task is confirmed, else raises SubmitError naming the first one not."""
+                    expires: float | datetime.datetime | None = None) -> list[str]:
+        """Publish several tasks pipelined on the process's one connection (all sent, then
+        all confirms awaited); returns their ids once every one is confirmed, else raises
+        SubmitError naming the first one not. A batch too big to wait for as a whole, or
+        one that should fail over mid-way, is submit_batch's."""
         bodies = [b.encode() if isinstance(b, str) else bytes(b) for b in bodies]
         ids = list(message_ids or [None] * len(bodies))
         if len(ids) != len(bodies):
             raise ValueError("message_ids must have one id per body")
-        fresh = iter(message_ids(sum(1 for i in ids if not i)))
+        fresh = iter(new_message_ids(sum(1 for i in ids if not i)))
         ids = [i or next(fresh) for i in ids]
         now = time.time()
         due = _due(now, delay, at)
         expiry = _expiry(now, expires)
-        if due is not None:
-            with self._lock:
-                self._prepare(lambda ch: self._prepare_delays(ch, queue),
-                              self._levels_declared and queue in self._bound)
-        batch = self.submit_batch([Outgoing(mid, body) for mid, body in zip(ids, bodies)],
-                                  queue, headers=headers, priority=priority, due=due,
-                                  expires_ms=None if expiry is None else int(expiry * 1000),
-                                  hooks=hooks)
-        for i, task in enumerate(batch.tasks):
-            if i in batch.failed:
-                raise SubmitError(f"task {task.message_id}: {batch.failed[i]}", task.message_id)
-            if i not in batch.confirmed:
-                kind, why = batch.error or (NOT_CONFIRMED, "not confirmed")
-                raise SubmitError(f"task {task.message_id}: {why}; it may or may not be "
-                                  f"queued", task.message_id, kind)
+        requests = [self._request(body, queue, mid, headers, priority, now, due, expiry)
+                    for body, mid in zip(bodies, ids)]
+        deadline = time.monotonic() + self.confirm_timeout
+        link = self._connected(deadline, delayed=due is not None, queue=queue)
+        for req in requests:
+            link.send(req)
+        for req, mid in zip(requests, ids):
+            if not req.done.wait(max(0.0, deadline - time.monotonic())):
+                link.close()   # the confirm may never come: start afresh next time
+                raise SubmitError(f"task {mid}: no confirm from {redact(link.url)} within "
+                                  f"{self.confirm_timeout:g}s (a broker alarm or a hung node); "
+                                  f"it may or may not be queued", mid)
+            if req.error is not None:
+                raise SubmitError(f"task {mid}: {req.error}", mid)
         return ids
 
     def submit_batch(self, tasks: list[Outgoing], queue: str = "tasks", *,
@@ -512,7 +511,7 @@ def _expiry(now: float, expires) -> float | None:
 
 # --- batches ---------------------------------------------------------------
 #
-# A batch (submit_many, workq-submit) runs in the caller's thread on an I/O loop and a
+# A batch (submit_batch, workq-submit) runs in the caller's thread on an I/O loop and a
 # connection of its own: up to WINDOW tasks in flight, each confirm freeing room for
 # more, so 20,000 tasks cost a few round trips. When a connection is lost mid-batch the
 # tasks still waiting for their confirm are published again on the next node
@@ -545,7 +544,7 @@ class Outgoing(NamedTuple):
         return self.message_id if self.line is None else f"{self.message_id} (line {self.line})"
 
 
-def message_ids(n: int) -> list[str]:
+def new_message_ids(n: int) -> list[str]:
     """``n`` random ids, each what ``uuid.uuid4().hex`` gives, from one read of the
     system's randomness instead of one per id."""
     raw = bytearray(os.urandom(16 * n))

@@ -169,7 +169,7 @@ def build_tasks(args: argparse.Namespace) -> list[Outgoing]:
         mid = utf8("--message-id", args.message_id)
         return [Outgoing(mid, bodies[0][0], bodies[0][1])]
     return [Outgoing(mid, body, line)
-            for mid, (body, line) in zip(client_mod.message_ids(len(bodies)), bodies)]
+            for mid, (body, line) in zip(client_mod.new_message_ids(len(bodies)), bodies)]
 
 
 def password_override(args: argparse.Namespace) -> str | None:

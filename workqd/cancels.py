@@ -17,6 +17,11 @@ takes an entry only once its stamp is set, so it never sees half an entry as who
 A word after the entries says the poller has read the log to its end once: a
 worker waits for it (a few seconds at most) before it consumes, so a restarted
 daemon does not run a task whose cancel it has not read yet.
+
+One more word, about the vhost's delay levels rather than cancels, lives here because
+this is the one mapping the poller writes and every worker reads: whether the poller
+has declared the levels on its connection. A worker then declares only its own
+queues and binding instead of re-asserting some ninety shared objects per connection.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ H_CANCELLED_MS = "x-workq-cancelled-ms"
 _ENTRY = struct.Struct("@16sq")  # digest, cancelled at (ms since the epoch; 0 = empty)
 _LOADED = struct.Struct("@q")    # after the entries: 1 once the log was read to its end
 _WRITTEN = struct.Struct("@q")   # after that: entries ever written (0: nothing to look up)
+_LEVELS = struct.Struct("@q")    # after that: LEVELS_* (the poller's word on the delay levels)
+LEVELS_UNKNOWN = 0               # the poller has not tried yet
+LEVELS_DECLARED = 1              # the poller declared every level, exchange and binding
+LEVELS_REFUSED = 2               # the broker refused them: workers declare (and report) it
 CAPACITY = 1 << 16               # entries: 1.5 MiB of address space, touched as used
 PROBES = 32                      # slots looked at before the oldest in reach is replaced
 
@@ -49,9 +58,11 @@ class CancelTable:
         self.capacity = capacity
         self.retention = retention
         # Anonymous mappings are shared with the children forked after this.
-        self._mm = mmap.mmap(-1, capacity * _ENTRY.size + _LOADED.size + _WRITTEN.size)
+        self._mm = mmap.mmap(-1, capacity * _ENTRY.size + _LOADED.size + _WRITTEN.size
+                             + _LEVELS.size)
         self._loaded_at = capacity * _ENTRY.size
         self._written_at = self._loaded_at + _LOADED.size
+        self._levels_at = self._written_at + _WRITTEN.size
         self.replaced = 0        # live entries given up for room (the poller logs it)
 
     def _home(self, digest: bytes) -> int:
@@ -116,6 +127,15 @@ class CancelTable:
     def set_loaded(self) -> None:
         """The poller only: every cancel in the log up to now is in the table."""
         _LOADED.pack_into(self._mm, self._loaded_at, 1)
+
+    @property
+    def levels(self) -> int:
+        """Any process: the poller's LEVELS_* word on the vhost's delay levels."""
+        return _LEVELS.unpack_from(self._mm, self._levels_at)[0]
+
+    def set_levels(self, word: int) -> None:
+        """The poller only."""
+        _LEVELS.pack_into(self._mm, self._levels_at, word)
 
     def count(self, now_ms: int | None = None) -> int:
         """Cancels held within the retention. Reads the whole table (a few

@@ -23,7 +23,7 @@ import select
 import signal
 import time
 
-from . import cancels, logsetup
+from . import cancels, forks, logsetup
 from .slots import message_digest
 
 log = logging.getLogger("workqd.master")
@@ -66,7 +66,7 @@ class PollerProcess:
     def _spawn(self) -> None:
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         nudge_r, nudge_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        pid = forks.fork()
         if pid == 0:
             code = 0
             try:

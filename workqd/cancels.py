@@ -107,8 +107,8 @@ class CancelTable:
         # Most hosts never cancel anything: then every delivery's look-up is one read.
         if not _WRITTEN.unpack_from(self._mm, self._written_at)[0]:
             return 0
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        stale = now_ms - int(self.retention * 1000)
+        # A host that has some cancels: nearly every id's first probe is an empty slot,
+        # so the clock is read only for an id found.
         home = self._home(digest)
         for k in range(PROBES):
             i = (home + k) & (self.capacity - 1)
@@ -116,7 +116,8 @@ class CancelTable:
             if not at:
                 return 0
             if d == digest:
-                return at if at >= stale else 0
+                now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+                return at if at >= now_ms - int(self.retention * 1000) else 0
         return 0
 
     @property

@@ -342,9 +342,10 @@ class Worker:
 
     def _cancelled(self, d: Delivery) -> bool:
         """True when ``d``'s id was cancelled: it is dead-lettered here, unrun."""
-        if self._cancels is None:
+        table = self._cancels   # per delivery: the look-up without a helper's frame
+        if table is None:
             return False
-        at = self._cancelled_at(d.task)
+        at = table.cancelled_at(message_digest(d.task.message_id))
         if not at:
             return False
         self._refuse(d, vocab.REASON_CANCELLED, f"cancelled by workqctl cancel at {_utc(at)}")

@@ -35,6 +35,7 @@ RETENTION = 7 * 86400            # seconds a cancel is kept (the stream's x-max-
 H_CANCELLED_MS = "x-workq-cancelled-ms"
 
 _ENTRY = struct.Struct("@16sq")  # digest, cancelled at (ms since the epoch; 0 = empty)
+assert _ENTRY.size == 24         # three words: cancelled_at reads the stamp as word 3i + 2
 _LOADED = struct.Struct("@q")    # after the entries: 1 once the log was read to its end
 _WRITTEN = struct.Struct("@q")   # after that: entries ever written (0: nothing to look up)
 _LEVELS = struct.Struct("@q")    # after that: LEVELS_* (the poller's word on the delay levels)
@@ -63,6 +64,10 @@ class CancelTable:
         self._loaded_at = capacity * _ENTRY.size
         self._written_at = self._loaded_at + _LOADED.size
         self._levels_at = self._written_at + _WRITTEN.size
+        # The same memory as 64-bit words, for the per-delivery look-up: an entry is
+        # three words (two of digest, then the stamp), the written count a word after.
+        self._words = memoryview(self._mm).cast("q")
+        self._written_word = self._written_at // 8
         self.replaced = 0        # live entries given up for room (the poller logs it)
 
     def _home(self, digest: bytes) -> int:
@@ -105,17 +110,23 @@ class CancelTable:
         """Any process: when this id was cancelled (ms since the epoch), 0 when it was
         not, within the retention."""
         # Most hosts never cancel anything: then every delivery's look-up is one read.
-        if not _WRITTEN.unpack_from(self._mm, self._written_at)[0]:
+        words = self._words
+        if not words[self._written_word]:
             return 0
         # A host that has some cancels: nearly every id's first probe is an empty slot,
-        # so the clock is read only for an id found. (``_home``, inlined: per delivery.)
-        home = int.from_bytes(digest[:8], "little") & (self.capacity - 1)
+        # so that costs one more word read; the clock is read only for an id found. The
+        # stamp is read before the digest: the poller writes it last.
+        mask = self.capacity - 1
+        home = int.from_bytes(digest[:8], "little") & mask
+        if not words[home * 3 + 2]:
+            return 0
         for k in range(PROBES):
-            i = (home + k) & (self.capacity - 1)
-            d, at = _ENTRY.unpack_from(self._mm, i * _ENTRY.size)
+            i = (home + k) & mask
+            at = words[i * 3 + 2]
             if not at:
                 return 0
-            if d == digest:
+            off = i * _ENTRY.size
+            if self._mm[off:off + 16] == digest:
                 now_ms = int(time.time() * 1000) if now_ms is None else now_ms
                 return at if at >= now_ms - int(self.retention * 1000) else 0
         return 0

@@ -102,6 +102,10 @@ class PollerProcess:
     def reconfigure(self, cfg) -> None:
         """New queues or broker: replace the poller."""
         self.cfg = cfg
+        if self.cancel_table is not None:
+            # The broker may have changed: workers started from now on wait for the
+            # replacement's word on the delay levels, not the one before.
+            self.cancel_table.set_levels(cancels.LEVELS_UNKNOWN)
         if self.pid:
             _kill(self.pid, signal.SIGTERM)  # reaped by the master, then respawned
             self._replacing = True

@@ -106,3 +106,10 @@ def test_a_daemon_without_side_queues_declares_no_levels():
     conn = _Conn()
     assert poller._Levels(cfg, table).keep(conn) is None
     assert conn.declared == 0 and table.levels == cancels.LEVELS_UNKNOWN
+
+
+def test_a_reload_that_replaces_the_poller_makes_new_workers_wait_for_its_word():
+    table = CancelTable(capacity=64)
+    table.set_levels(cancels.LEVELS_DECLARED)
+    poller.PollerProcess(CFG, lambda: None, table).reconfigure(CFG)
+    assert table.levels == cancels.LEVELS_UNKNOWN

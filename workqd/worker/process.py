@@ -25,9 +25,8 @@ import time
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from .. import delays, exitcodes, frames, logsetup, runner, vocab
+from .. import cancels, delays, exitcodes, frames, logsetup, runner, vocab
 from ..broker import Failover, redact
-from .. import cancels
 from ..cancels import CancelTable
 from ..config import Broker, Queue
 from ..slots import CONNECTING, IMPORTING, PAUSED, Slot, message_digest
@@ -235,8 +234,8 @@ class Worker:
 
     def _declares_levels(self) -> bool:
         """Must this worker's session declare the vhost's delay levels itself? Only when
-        the host's poller has not (no table, not yet, or the broker refused it theirs:
-        then the worker's own declaration reports why, and the worker stops)."""
+        the host's poller has not (no table, not yet, or the broker refused the poller's
+        declaration: then the worker's own reports why, and the worker stops)."""
         return self._cancels is None or self._cancels.levels != cancels.LEVELS_DECLARED
 
     def _on_consuming(self, session: Session) -> None:

@@ -6,6 +6,10 @@ every process that maps them, what ``ps`` and ``top`` show) and of Pss
 (/proc/PID/smaps_rollup; shared pages split between the processes sharing them,
 so the sum is what the tree really costs). The figure the targets use is RSS.
 
+With ``tasks``, the queue holds that many no-op tasks before the system starts, and
+memory is read once they have all run: what the workers hold once they have worked
+(their garbage collector has run, and touched what they inherited), not only at start.
+
 Start-to-ready: from spawning ``workqd`` until /readyz answers 200 and until
 /metrics shows every worker consuming.
 """
@@ -15,20 +19,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import Admin, BenchError, Workqd, memory_kib, queue_name, wait_for
+from common import Admin, BenchError, StampDir, Workqd, bodies, fill, memory_kib, queue_name, wait_for
 import systems as systems_mod
 
 
 def idle_memory(system: systems_mod.System, workers: int, qtype: str = "classic",
-                admin: Admin | None = None) -> dict:
+                admin: Admin | None = None, tasks: int = 0) -> dict:
     own = admin is None
     admin = admin or Admin()
     q = queue_name(f"mem.{system.name}")
     extra_queues, exchanges = system.leftovers(q)
     procs = None
+    stamps = StampDir() if tasks else None
     try:
         admin.declare(q, system.queue_arguments(q, qtype))
-        procs = system.start(q, qtype, workers, 1, {"BENCH_STAMP_DIR": "/nonexistent"})
+        if tasks:
+            fill(q, system.messages(q, bodies(tasks, 100)), admin)
+        procs = system.start(q, qtype, workers, 1,
+                             {"BENCH_STAMP_DIR": stamps.path if stamps else "/nonexistent"})
         expected = 1 if system.name == systems_mod.CELERY else workers
 
         def consuming():
@@ -36,6 +44,9 @@ def idle_memory(system: systems_mod.System, workers: int, qtype: str = "classic"
                 raise BenchError(f"{system.name} exited: {procs.last_line()}")
             return admin.consumers(q) >= expected
         wait_for(consuming, 60, 0.01, f"{expected} consumers on {q}")
+        if stamps:
+            wait_for(lambda: stamps.count() >= tasks, 60 + tasks / 200, 0.05,
+                     f"{tasks} tasks run")
         if isinstance(procs, Workqd):
             wait_for(lambda: procs.metric("workqd_workers", queue=q, state="idle") == workers,
                      30, 0.01, "every worker idle")
@@ -51,10 +62,12 @@ def idle_memory(system: systems_mod.System, workers: int, qtype: str = "classic"
                 break
             prev = cur
         return {"system": system.name, "workers": workers, "processes": len(pids),
-                "rss_mib": cur[0] / 1024, "pss_mib": cur[1] / 1024}
+                "tasks": tasks, "rss_mib": cur[0] / 1024, "pss_mib": cur[1] / 1024}
     finally:
         if procs is not None:
             procs.stop()
+        if stamps:
+            stamps.remove()
         admin.delete(q, *extra_queues)
         admin.delete_exchange(*exchanges)
         if own:

@@ -18,6 +18,11 @@ A word after the entries says the poller has read the log to its end once: a
 worker waits for it (a few seconds at most) before it consumes, so a restarted
 daemon does not run a task whose cancel it has not read yet. The end is the
 poller's own mark entry (``H_MARK``), appended with a confirm before it reads.
+
+One more word, about the vhost's delay levels rather than cancels, lives here because
+this is the one mapping the poller writes and every worker reads: whether the poller
+has declared the levels on its connection. A worker then declares only its own
+queues and binding instead of re-asserting some ninety shared objects per connection.
 """
 
 from __future__ import annotations
@@ -35,8 +40,13 @@ H_CANCELLED_MS = "x-workq-cancelled-ms"
 H_MARK = "x-workq-log-mark"
 
 _ENTRY = struct.Struct("@16sq")  # digest, cancelled at (ms since the epoch; 0 = empty)
+assert _ENTRY.size == 24         # three words: cancelled_at reads the stamp as word 3i + 2
 _LOADED = struct.Struct("@q")    # after the entries: 1 once the log was read to its end
 _WRITTEN = struct.Struct("@q")   # after that: entries ever written (0: nothing to look up)
+_LEVELS = struct.Struct("@q")    # after that: LEVELS_* (the poller's word on the delay levels)
+LEVELS_UNKNOWN = 0               # the poller has not tried yet
+LEVELS_DECLARED = 1              # the poller declared every level, exchange and binding
+LEVELS_REFUSED = 2               # the broker refused them: workers declare (and report) it
 CAPACITY = 1 << 16               # entries: 1.5 MiB of address space, touched as used
 PROBES = 32                      # slots looked at before the oldest in reach is replaced
 
@@ -54,9 +64,15 @@ class CancelTable:
         self.capacity = capacity
         self.retention = retention
         # Anonymous mappings are shared with the children forked after this.
-        self._mm = mmap.mmap(-1, capacity * _ENTRY.size + _LOADED.size + _WRITTEN.size)
+        self._mm = mmap.mmap(-1, capacity * _ENTRY.size + _LOADED.size + _WRITTEN.size
+                             + _LEVELS.size)
         self._loaded_at = capacity * _ENTRY.size
         self._written_at = self._loaded_at + _LOADED.size
+        self._levels_at = self._written_at + _WRITTEN.size
+        # The same memory as 64-bit words, for the per-delivery look-up: an entry is
+        # three words (two of digest, then the stamp), the written count a word after.
+        self._words = memoryview(self._mm).cast("q")
+        self._written_word = self._written_at // 8
         self.replaced = 0        # live entries given up for room (the poller logs it)
 
     def _home(self, digest: bytes) -> int:
@@ -99,18 +115,25 @@ class CancelTable:
         """Any process: when this id was cancelled (ms since the epoch), 0 when it was
         not, within the retention."""
         # Most hosts never cancel anything: then every delivery's look-up is one read.
-        if not _WRITTEN.unpack_from(self._mm, self._written_at)[0]:
+        words = self._words
+        if not words[self._written_word]:
             return 0
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        stale = now_ms - int(self.retention * 1000)
-        home = self._home(digest)
+        # A host that has some cancels: nearly every id's first probe is an empty slot,
+        # so that costs one more word read; the clock is read only for an id found. The
+        # stamp is read before the digest: the poller writes it last.
+        mask = self.capacity - 1
+        home = int.from_bytes(digest[:8], "little") & mask
+        if not words[home * 3 + 2]:
+            return 0
         for k in range(PROBES):
-            i = (home + k) & (self.capacity - 1)
-            d, at = _ENTRY.unpack_from(self._mm, i * _ENTRY.size)
+            i = (home + k) & mask
+            at = words[i * 3 + 2]
             if not at:
                 return 0
-            if d == digest:
-                return at if at >= stale else 0
+            off = i * _ENTRY.size
+            if self._mm[off:off + 16] == digest:
+                now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+                return at if at >= now_ms - int(self.retention * 1000) else 0
         return 0
 
     @property
@@ -121,6 +144,15 @@ class CancelTable:
     def set_loaded(self) -> None:
         """The poller only: every cancel in the log up to now is in the table."""
         _LOADED.pack_into(self._mm, self._loaded_at, 1)
+
+    @property
+    def levels(self) -> int:
+        """Any process: the poller's LEVELS_* word on the vhost's delay levels."""
+        return _LEVELS.unpack_from(self._mm, self._levels_at)[0]
+
+    def set_levels(self, word: int) -> None:
+        """The poller only."""
+        _LEVELS.pack_into(self._mm, self._levels_at, word)
 
     def count(self, now_ms: int | None = None) -> int:
         """Cancels held within the retention. Reads the whole table (a few

@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import replace
 
-from . import cancels, logsetup, schedules
+from . import cancels, forks, logsetup, schedules
 from .slots import message_digest
 
 log = logging.getLogger("workqd.master")
@@ -39,6 +39,7 @@ IO_EVERY = 0.25               # seconds the connection may wait unread: cancels 
 CANCEL_PREFETCH = 500         # cancel log entries in flight to the poller
 LOAD_WAIT = 10.0              # seconds to read the log to its end before workers go ahead
 FUTURE_SLACK_MS = 86_400_000  # a cancel stamped further ahead than this is someone's bug
+DELAYED_EVERY = 10.0          # seconds between counts of the delay levels (23 questions)
 
 
 class PollerProcess:
@@ -70,7 +71,7 @@ class PollerProcess:
     def _spawn(self) -> None:
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         nudge_r, nudge_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        pid = forks.fork()
         if pid == 0:
             code = 0
             try:
@@ -106,6 +107,10 @@ class PollerProcess:
     def reconfigure(self, cfg) -> None:
         """New queues or broker: replace the poller."""
         self.cfg = cfg
+        if self.cancel_table is not None:
+            # The broker may have changed: workers started from now on wait for the
+            # replacement's word on the delay levels, not the one before.
+            self.cancel_table.set_levels(cancels.LEVELS_UNKNOWN)
         if self.pid:
             _kill(self.pid, signal.SIGTERM)  # reaped by the master, then respawned
             self._replacing = True
@@ -207,6 +212,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
     follower = _Cancels(table) if table is not None else None
     scheduler = schedules.Scheduler(cfg.schedules)
     load_deadline = time.monotonic() + LOAD_WAIT
+    levels = _Levels(cfg, table)
     while True:
         error = ""
         depth = {}
@@ -217,11 +223,11 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
                                                "workqd master (queue poller)")
                 conn = pika.BlockingConnection(params)
                 failover.succeeded()
+            delayed = levels.keep(conn)   # first: workers wait for the levels, as for the log
             if follower is not None:
                 follower.follow(conn)
             scheduler.tick(conn)
             depth = _poll(conn, cfg, dead_letter_queue)
-            delayed = poll_delayed(conn)
         except (pika.exceptions.AMQPError, OSError, ValueError) as e:
             error = f"{redact(failover.current)}: {e!r}"
             failover.failed()
@@ -291,11 +297,12 @@ def _poll(conn, cfg, dead_letter_queue) -> dict:
     return depth
 
 
-def poll_delayed(conn) -> int | None:
+def poll_delayed(conn, missing: list | None = None) -> int | None:
     """Messages waiting in the vhost's delay levels (delays.py): retries, deferrals and
     delayed submissions of every queue. None when the vhost has no levels yet. A passive
     declare of something missing closes the channel: one check of the delivery exchange
-    first, so a vhost without levels costs one closed channel per round, not 23."""
+    first, so a vhost without levels costs one closed channel per round, not 23.
+    ``missing`` gets the names of what was not there."""
     import pika.exceptions
 
     from . import delays
@@ -303,16 +310,71 @@ def poll_delayed(conn) -> int | None:
     try:
         ch.exchange_declare(delays.DELIVER_EXCHANGE, passive=True)
     except pika.exceptions.ChannelClosedByBroker:
+        if missing is not None:
+            missing.append(delays.DELIVER_EXCHANGE)
         return None
     total = 0
     for n in range(delays.LEVELS):
         try:
             total += ch.queue_declare(delays.level_name(n), passive=True).method.message_count
         except pika.exceptions.ChannelClosedByBroker:
-            ch = conn.channel()   # a level someone deleted: the workers declare it again
+            ch = conn.channel()   # a level someone deleted: declared again (_Levels)
+            if missing is not None:
+                missing.append(delays.level_name(n))
     if ch.is_open:
         ch.close()
     return total
+
+
+class _Levels:
+    """The vhost's delay levels as this host's poller keeps them: declared once per
+    connection for every worker of the host, which the shared table tells them (a
+    worker then declares only its own queue's binding to them, not ninety shared
+    objects per connection); declared again when a count finds a piece missing; and
+    counted for the delayed gauge every DELAYED_EVERY seconds, not every round."""
+
+    def __init__(self, cfg, table):
+        # Only a daemon with a queue that declares side queues creates the levels.
+        self.wanted = any(q.declare_side_queues for q in cfg.queues)
+        self.table = table
+        self.declared_on = None    # the connection they were last declared on
+        self.counted_on = None     # ... and counted on, when, and the count
+        self.counted_at = 0.0
+        self.count: int | None = None
+        self.refused = False       # the broker refused the last declaration
+
+    def keep(self, conn) -> int | None:
+        if self.wanted and self.declared_on is not conn:
+            self._declare(conn)
+        now = time.monotonic()
+        if self.counted_on is not conn or now - self.counted_at >= DELAYED_EVERY:
+            missing: list[str] = []
+            self.count = poll_delayed(conn, missing)
+            self.counted_on, self.counted_at = conn, now
+            if missing and self.declared_on is conn and not self.refused:
+                log.warning("delay levels missing on the broker (%s): declaring them again",
+                            ", ".join(missing))
+                self.declared_on = None
+        return self.count
+
+    def _declare(self, conn) -> None:
+        import pika.exceptions
+
+        from . import cancels, delays
+        self.declared_on = conn   # a refusal is not asked again on this connection
+        try:
+            ch = conn.channel()
+            delays.declare(ch)
+            ch.close()
+        except pika.exceptions.ChannelClosedByBroker as e:
+            # Workers then declare the levels themselves, and say what is wrong.
+            log.warning("cannot declare the delay levels: %s %s", e.reply_code, e.reply_text)
+            word = cancels.LEVELS_REFUSED
+        else:
+            word = cancels.LEVELS_DECLARED
+        self.refused = word == cancels.LEVELS_REFUSED
+        if self.table is not None:
+            self.table.set_levels(word)
 
 
 # --- the cancel log ------------------------------------------------------------

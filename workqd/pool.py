@@ -27,7 +27,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
-from . import exitcodes
+from . import exitcodes, forks
 from . import slots as slotmod
 from .cancels import CancelTable
 from .config import Broker, Queue
@@ -319,7 +319,7 @@ class Pool:
         return proc
 
     def _fork(self, worker: Worker) -> int:
-        pid = os.fork()
+        pid = forks.fork()
         if pid == 0:  # the child never returns from here
             code = exitcodes.WORKER_CRASH
             try:

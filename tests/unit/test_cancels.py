@@ -141,12 +141,26 @@ def test_a_worker_waits_for_the_log_until_it_is_read_or_its_wait_is_over(caplog)
     w._cancels_deadline = time.monotonic() + 60
     assert w._awaiting_cancels()
     table.set_loaded()
-    assert not w._awaiting_cancels()
+    assert w._awaiting_cancels()        # the poller has not tried the delay levels yet
+    table.set_levels(cancels.LEVELS_DECLARED)
+    assert not w._awaiting_cancels() and not w._declares_levels()
+    table.set_levels(cancels.LEVELS_REFUSED)
+    assert not w._awaiting_cancels() and w._declares_levels()
     late = _worker(CancelTable(capacity=64))
     late._cancels_deadline = time.monotonic() - 1
     assert not late._awaiting_cancels() and not late._awaiting_cancels()
     assert caplog.text.count("the cancel log is not read after") == 1
-    assert not _worker(None)._awaiting_cancels()
+    assert not _worker(None)._awaiting_cancels() and _worker(None)._declares_levels()
+    # A queue that declares no side queues does not wait for the levels.
+    cfg = config.parse({"queues": [{"name": "q", "handler": {"python": "m:f"},
+                                    "declare_side_queues": False, "type": "classic"}]},
+                       "t.yaml")
+    loaded = CancelTable(capacity=64)
+    loaded.set_loaded()
+    bare = Worker(1, cfg.queues[0], cfg.broker, SlotTable(capacity=4).allocate(1), -1, "info",
+                  loaded)
+    bare._cancels_deadline = time.monotonic() + 60
+    assert not bare._awaiting_cancels()
 
 
 # --- a running command is stopped on the I/O thread's word -------------------------

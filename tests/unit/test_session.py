@@ -79,3 +79,55 @@ def test_consumer_check_sees_a_lost_consumer_and_a_starved_one():
     # A single-active-consumer queue (or someone else's): idle consumers are normal.
     assert consumer_check(3, 17, 0, False, False) == ""
     assert "counts no consumer" in consumer_check(0, 17, 0, False, False)
+
+
+# --- what a session declares ----------------------------------------------------------
+
+class _Channel:
+    """Answers every declaration at once and records it, in order."""
+    is_open = True
+
+    def __init__(self):
+        self.calls = []
+
+    def _answer(self, what, *args, callback=None, **kwargs):
+        self.calls.append((what, args[0] if args else kwargs.get("prefetch_count")))
+        if callback is not None:
+            callback(None)
+
+    def __getattr__(self, name):
+        if name in ("queue_declare", "exchange_declare", "queue_bind", "queue_unbind",
+                    "exchange_bind", "basic_qos"):
+            return lambda *a, **k: self._answer(name, *a, **k)
+        raise AttributeError(name)
+
+    def basic_consume(self, queue, *a, **k):
+        self.calls.append(("basic_consume", queue))
+        return "tag"
+
+
+def _declared(declare_levels: bool) -> list:
+    from workqd.worker.session import Session
+    consuming = []
+    s = Session(QUEUE, CFG.broker, "amqp://x", "t", None, 1, lambda: True, None, None,
+                declare_levels, on_consuming=consuming.append, on_message=None,
+                on_closed=None)
+    s.channel = _Channel()
+    s._declare()
+    assert consuming == [s] and s.consuming
+    return s.channel.calls
+
+
+def test_a_worker_declares_its_own_queues_and_binding_when_the_poller_declared_the_levels():
+    from workqd import delays
+    calls = _declared(declare_levels=False)
+    assert calls == [("queue_declare", "q"), ("queue_declare", "q.dead"),
+                     ("queue_unbind", "q"), ("queue_bind", "q"), ("basic_qos", 1),
+                     ("basic_consume", "q")]
+    # Without the poller's word it declares every level itself, before it consumes: a
+    # retry publishes into them.
+    calls = _declared(declare_levels=True)
+    exchanges, levels, binds = delays.topology()
+    assert len(calls) == 6 + len(exchanges) + len(levels) + len(binds)
+    assert ("queue_declare", delays.level_name(delays.LEVELS - 1)) in calls
+    assert calls[-2:] == [("basic_qos", 1), ("basic_consume", "q")]

@@ -26,7 +26,7 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from .. import delays, exitcodes, frames, logsetup, runner, vocab
+from .. import cancels, delays, exitcodes, frames, logsetup, runner, vocab
 from ..broker import Failover, redact
 from ..cancels import CancelTable
 from ..config import Broker, Queue
@@ -44,7 +44,8 @@ log = logging.getLogger("workqd.worker")
 TICK = 0.25    # seconds between liveness ticks and Python-handler timeout checks
 # Before its first connection a worker waits this long at most for the host's
 # poller to have read the cancel log once, so it does not run a task cancelled
-# while this daemon was down; past it, cancels reach it as they are read.
+# while this daemon was down, and to have declared the delay levels; past it,
+# cancels reach it as they are read, and it declares the levels itself.
 CANCELS_WAIT = 5.0
 CANCELS_LOOK = 0.05   # seconds between looks meanwhile
 
@@ -217,7 +218,7 @@ class Worker:
         self._session = Session(
             self.queue, self.broker, self._failover.current,
             f"workqd {self.name} pid {self.pid}", self._ioloop, self._ack_batch,
-            self._handler.idle, self, self._publisher,
+            self._handler.idle, self, self._publisher, self._declares_levels(),
             on_consuming=self._guard(self._on_consuming),
             on_message=self._on_message, on_closed=self._guard(self._on_closed))
         if self.queue.limits.any:
@@ -233,17 +234,26 @@ class Worker:
         self._publisher.publish(queue, b"", _TOKEN_PROPS, False, done=None, wanted=wanted)
 
     def _awaiting_cancels(self) -> bool:
-        """Before consuming: has the host's poller not read the cancel log yet?"""
+        """Before consuming: has the host's poller not read the cancel log yet, or not
+        tried the delay levels yet?"""
         table = self._cancels
-        if table is None or table.loaded:
+        if table is None or (table.loaded and (table.levels != cancels.LEVELS_UNKNOWN
+                                               or not self.queue.declare_side_queues)):
             return False
         if time.monotonic() < self._cancels_deadline:
             return True
         if self._cancels_deadline:
-            log.warning("the cancel log is not read after %gs; consuming without waiting "
-                        "for it", CANCELS_WAIT)
+            why = ("the cancel log is not read" if not table.loaded
+                   else "the host's poller has not declared the delay levels")
+            log.warning("%s after %gs; consuming without waiting for it", why, CANCELS_WAIT)
             self._cancels_deadline = 0.0
         return False
+
+    def _declares_levels(self) -> bool:
+        """Must this worker's session declare the vhost's delay levels itself? Only when
+        the host's poller has not (no table, not yet, or the broker refused the poller's
+        declaration: then the worker's own reports why, and the worker stops)."""
+        return self._cancels is None or self._cancels.levels != cancels.LEVELS_DECLARED
 
     def _on_consuming(self, session: Session) -> None:
         if session is not self._session:
@@ -366,9 +376,10 @@ class Worker:
 
     def _cancelled(self, d: Delivery) -> bool:
         """True when ``d``'s id was cancelled: it is dead-lettered here, unrun."""
-        if self._cancels is None:
+        table = self._cancels   # per delivery: the look-up without a helper's frame
+        if table is None:
             return False
-        at = self._cancelled_at(d.task)
+        at = table.cancelled_at(message_digest(d.task.message_id))
         if not at:
             return False
         self._refuse(d, vocab.REASON_CANCELLED, f"cancelled by workqctl cancel at {_utc(at)}")

@@ -124,15 +124,18 @@ def consumer_arguments(queue: Queue) -> dict:
     return {"x-consumer-timeout": int(min(seconds, CONSUMER_TIMEOUT_MAX) * 1000)}
 
 
-def _shared(item) -> bool:
-    """A piece of the vhost's delay levels, or this queue's binding to them."""
-    return isinstance(item, (delays.Exchange, delays.Level, delays.Bind))
+def _level_piece(item) -> bool:
+    """A piece of the vhost's delay levels themselves, shared by every queue (not this
+    queue's own binding to the delivery exchange, nor the removal of its stray one)."""
+    if isinstance(item, delays.Bind):
+        return item.source != delays.DELIVER_EXCHANGE
+    return isinstance(item, (delays.Exchange, delays.Level))
 
 
 class Session:
     def __init__(self, queue: Queue, broker: Broker, url: str, connection_name: str, ioloop,
                  ack_batch: int, handler_idle: Callable[[], bool], events, publisher,
-                 on_consuming: Callable[["Session"], None],
+                 declare_levels: bool, on_consuming: Callable[["Session"], None],
                  on_message: Callable[[object, object, object, bytes], None],
                  on_closed: Callable[["Session", Verdict], None]):
         self.queue = queue
@@ -144,6 +147,7 @@ class Session:
         self._handler_idle = handler_idle
         self._events = events
         self._publisher = publisher
+        self._declare_levels = declare_levels
         self._on_consuming = on_consuming
         # pika's own consumer callback (channel, method, props, body), registered as it
         # is: no frame of ours between pika and the worker on the per-task path. The
@@ -157,7 +161,6 @@ class Session:
         self._declaring = False
         # Declaration, config Binding, or a delay level's delays.Exchange/Level/Bind.
         self._pending: list = []
-        self._after_consume: list = []   # the shared delay levels: declared once consuming
         self._declaring_item: tuple[object, bool] | None = None
         self._verdict: Verdict | None = None   # why the channel went, if the broker said
         self._misses = 0   # consumer checks in a row that found something wrong
@@ -238,21 +241,20 @@ class Session:
         channel.add_on_cancel_callback(self._on_cancelled)
 
     def _declare(self) -> None:
-        # The vhost's delay levels (some ninety declarations) are re-asserted after the
-        # consumer is registered, not before: a worker takes tasks as soon as its own
-        # queues are in place, so a recycled worker's replacement is consuming before
-        # the one it replaces has finished its last task.
+        # The vhost's delay levels (some ninety declarations) are declared once per host
+        # by the master's poller (poller.py), which says so in the shared table before
+        # any worker connects: a worker then declares its own queues and its delivery
+        # binding only, so a recycled worker's replacement consumes at once, and the
+        # broker is not asked ninety questions per worker connection. A worker declares
+        # the levels itself (``declare_levels``) when the poller did not, and then before
+        # it consumes: a retry publishes into the levels, so they exist before the first
+        # task can run.
         items = declarations(self.queue)
-        self._pending = [i for i in items if not _shared(i)]
-        self._after_consume = [i for i in items if _shared(i)]
+        if not self._declare_levels:
+            items = [i for i in items if not _level_piece(i)]
+        self._pending = items
         self._declaring = True
         self._declare_next()
-
-    def _declare_shared(self) -> None:
-        if self._after_consume:
-            self._pending, self._after_consume = self._after_consume, []
-            self._declaring = True
-            self._declare_next()
 
     def _declare_next(self, _frame=None, legacy: bool = False) -> None:
         channel = self.channel
@@ -330,7 +332,6 @@ class Session:
                 self.queue.name, self._on_message, auto_ack=False,
                 arguments=consumer_arguments(self.queue))
             self._on_consuming(self)
-        self._declare_shared()
 
     def _on_cancelled(self, frame) -> None:
         # basic.cancel from the broker: the queue was deleted, or its node went down.

@@ -471,8 +471,10 @@ class _CancelReader:
             if self.mark is not None and props.message_id == self.mark:
                 # Read back: every cancel confirmed before it is in the table.
                 self.mark, self.to_load = None, 0
-                self._check_loaded()
-            return   # a reader's mark, this one's or another host's: not a cancel
+            # A reader's mark, this one's or another host's, is not a cancel; it counts
+            # toward the log's length all the same, and may be the last entry of it.
+            self._check_loaded()
+            return
         entry = cancel_entry(props, int(time.time() * 1000))
         if isinstance(entry, str):
             self.ignored += 1

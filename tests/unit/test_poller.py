@@ -113,3 +113,31 @@ def test_a_reload_that_replaces_the_poller_makes_new_workers_wait_for_its_word()
     table.set_levels(cancels.LEVELS_DECLARED)
     poller.PollerProcess(CFG, lambda: None, table).reconfigure(CFG)
     assert table.levels == cancels.LEVELS_UNKNOWN
+
+
+class _Method:
+    delivery_tag = 1
+
+
+class _Acks:
+    def basic_ack(self, tag):
+        pass
+
+
+def _reader_by_count(to_load: int, table: CancelTable) -> "poller._CancelReader":
+    """A reader whose mark the broker refused: it goes by the log's length."""
+    r = poller._CancelReader.__new__(poller._CancelReader)
+    r.table, r.mark, r.to_load = table, None, to_load
+    r.read = r.added = r.ignored = 0
+    return r
+
+
+def test_a_log_that_ends_in_another_readers_mark_is_read_to_its_end():
+    table = CancelTable()
+    r = _reader_by_count(2, table)
+    cancel = pika.BasicProperties(message_id="m1", headers={cancels.H_CANCELLED_MS: 1})
+    mark = pika.BasicProperties(message_id="workqd-log-mark-x", headers={cancels.H_MARK: 1})
+    r._on_entry(_Acks(), _Method(), cancel, b"")
+    assert not table.loaded
+    r._on_entry(_Acks(), _Method(), mark, b"")
+    assert table.loaded

@@ -75,8 +75,12 @@ def test_three_daemons_fire_each_slot_once_and_survive_a_killed_leader(
     answer = json.loads(ctl(follower, "schedules", "--json").stdout)
     (row,) = answer["schedules"]
     assert row["name"] == name and row["queue"] == target and row["leading"] is False
-    (own,) = json.loads(ctl(leader, "schedules", "--json").stdout)["schedules"]
-    assert own["leading"] is True and own["fired"] >= 1 and own["next"] > own["last_fired"]
+
+    def own_row():   # the master hears of firings with the poller's next report line
+        (row,) = json.loads(ctl(leader, "schedules", "--json").stdout)["schedules"]
+        return row if row["fired"] >= 1 else None
+    own = wait_for(own_row, 20, what="the leader's firings in its status")
+    assert own["leading"] is True and own["next"] > own["last_fired"]
     wait_for(lambda: json.loads(ctl(follower, "schedules", "--json").stdout)["schedules"][0]
              ["leader"] == own["leader"], 20, what=f"the follower naming {own['leader']}")
     text = ctl(leader, "schedules").stdout

@@ -17,6 +17,7 @@ runs the schedules (schedules.py): leadership, the record, the firings.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ MAX_LINE = 1 << 20            # a report longer than this is a bug: dropped
 IO_EVERY = 0.25               # seconds the connection may wait unread: cancels arrive within
 CANCEL_PREFETCH = 500         # cancel log entries in flight to the poller
 LOAD_WAIT = 10.0              # seconds to read the log to its end before workers go ahead
+MARK_BLOCKED_TIMEOUT = 2.0    # seconds a blocked mark publish may wait (an alarm)
 FUTURE_SLACK_MS = 86_400_000  # a cancel stamped further ahead than this is someone's bug
 DELAYED_EVERY = 10.0          # seconds between counts of the delay levels (23 questions)
 
@@ -225,7 +227,7 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
                 failover.succeeded()
             delayed = levels.keep(conn)   # first: workers wait for the levels, as for the log
             if follower is not None:
-                follower.follow(conn)
+                follower.follow(conn, params)
             scheduler.tick(conn)
             depth = _poll(conn, cfg, dead_letter_queue)
         except (pika.exceptions.AMQPError, OSError, ValueError) as e:
@@ -387,14 +389,14 @@ class _Cancels:
         self.reader: _CancelReader | None = None
         self._refusal = ""      # the last refusal logged, so a lasting one is logged once
 
-    def follow(self, conn) -> None:
-        """Keep one reader on ``conn``. A refusal of the log is logged, the depth polling
-        goes on, and the next round tries again."""
+    def follow(self, conn, params) -> None:
+        """Keep one reader on ``conn`` (opened with ``params``). A refusal of the log is
+        logged, the depth polling goes on, and the next round tries again."""
         import pika.exceptions
         if self.reader is not None and self.reader.conn is conn and self.reader.consuming:
             return
         try:
-            self.reader = _CancelReader(conn, self.table)
+            self.reader = _CancelReader(conn, self.table, params)
         except pika.exceptions.ChannelClosedByBroker as e:
             self.reader = None
             if e.reply_text != self._refusal:
@@ -414,7 +416,7 @@ class _CancelReader:
     """One consumer of the cancel log on its own channel; built per connection, so a
     reconnect reads the log again from its start (the table keeps what it has)."""
 
-    def __init__(self, conn, table):
+    def __init__(self, conn, table, params=None):
         import pika.exceptions
         self.conn = conn
         self.table = table
@@ -431,7 +433,7 @@ class _CancelReader:
         # The log's end: this reader's mark, appended now. When the mark cannot be
         # written (no write permission on the default exchange), the log's length as the
         # broker counts it, which lags by seconds behind the newest entries.
-        self.mark = self._append_mark(conn)
+        self.mark = self._append_mark(params) if params is not None else None
         self.to_load = ok.method.message_count
         self.read = self.added = self.ignored = 0
         self.channel.basic_qos(prefetch_count=CANCEL_PREFETCH)
@@ -439,25 +441,34 @@ class _CancelReader:
             cancels.STREAM, self._on_entry, arguments={"x-stream-offset": "first"})
         self._check_loaded()
 
-    def _append_mark(self, conn) -> str | None:
-        """Appends this reader's mark, confirmed, on a channel of its own; None when the
-        broker refuses it."""
+    def _append_mark(self, params) -> str | None:
+        """Appends this reader's mark, confirmed, on a short connection of its own; None
+        when the broker refuses it or blocks publishers. Never on the poller's connection:
+        in a memory or disk alarm RabbitMQ stops reading a connection that publishes, and
+        the depth polling and the cancels on it would stop with it."""
         import pika
         import pika.exceptions
         mark = f"workqd-log-mark-{os.getpid()}-{uuid.uuid4().hex}"
-        ch = conn.channel()
+        params = copy.copy(params)
+        # A blocked publisher is cut after this long instead of waiting out the alarm.
+        params.blocked_connection_timeout = MARK_BLOCKED_TIMEOUT
+        pub = None
         try:
+            pub = pika.BlockingConnection(params)
+            ch = pub.channel()
             ch.confirm_delivery()
             ch.basic_publish("", cancels.STREAM, b"",
                              pika.BasicProperties(message_id=mark, headers={cancels.H_MARK: 1}))
-        except (pika.exceptions.ChannelClosedByBroker, pika.exceptions.UnroutableError,
-                pika.exceptions.NackError) as e:
-            log.info("cannot mark the end of the cancel log %s (%s): its length as the broker "
+        except (pika.exceptions.AMQPError, OSError) as e:
+            log.info("cannot mark the end of the cancel log %s (%r): its length as the broker "
                      "counts it stands in", cancels.STREAM, e)
             return None
         finally:
-            if ch.is_open:
-                ch.close()
+            if pub is not None and pub.is_open:
+                try:
+                    pub.close()
+                except (pika.exceptions.AMQPError, OSError):
+                    pass
         return mark
 
     @property

@@ -381,9 +381,9 @@ def test_workers_consume_again_after_the_queue_is_deleted_and_redeclared(healed_
     later = client.publish(q, [f"after={i} sleep=0" for i in range(20)])
     try:
         wait_for(lambda: d.ledger.ended_ids() >= set(later) or exited([d]), 90, interval=0.5,
-                 what=f"tasks published after delete_queue + re-declare consumed "
-                      f"(consumers on {q}: {client.consumers(q)}; "
-                      f"/readyz {d.http('/readyz')}; log tail:\n{d.log()[-2000:]})")
+                 what=lambda: f"tasks published after delete_queue + re-declare consumed "
+                              f"(consumers on {q}: {client.consumers(q)}; "
+                              f"/readyz {d.http('/readyz')}; log tail:\n{d.log()[-4000:]})")
         assert_running([d])
     finally:
         print(f"delete_queue: consumers on the new {q} {time.time() - t_delete:.1f}s later: "

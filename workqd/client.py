@@ -28,7 +28,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -262,24 +261,10 @@ class Client:
         ``delay`` (seconds) or ``at`` (an aware datetime) hold the task back until then;
         ``expires`` (seconds from now, or an aware datetime) makes a task delivered
         later than that dead-lettered unrun as ``expired``."""
-        body = body.encode() if isinstance(body, str) else bytes(body)
-        mid = message_id or uuid.uuid4().hex
-        now = time.time()
-        due = _due(now, delay, at)
-        req = self._request(body, queue, mid, headers, priority, now, due, _expiry(now, expires))
-        # The client's own connection, kept open by its I/O thread: one submit costs a
-        # round trip, not a connection.
-        deadline = time.monotonic() + self.confirm_timeout
-        link = self._connected(deadline, delayed=due is not None, queue=queue)
-        link.send(req)
-        if not req.done.wait(max(0.0, deadline - time.monotonic())):
-            link.close()   # the confirm may never come: start afresh next time
-            raise SubmitError(f"task {mid}: no confirm from {redact(link.url)} within "
-                              f"{self.confirm_timeout:g}s (a broker alarm or a hung node); "
-                              f"it may or may not be queued", mid)
-        if req.error is not None:
-            raise SubmitError(f"task {mid}: {req.error}", mid)
-        return mid
+        # submit_many of one task, on the client's own connection kept open by its
+        # I/O thread: a submit costs a round trip, not a connection.
+        return self.submit_many([body], queue, [message_id] if message_id else None,
+                                headers, priority, delay, at, expires)[0]
 
     def submit_many(self, bodies, queue: str = "tasks", message_ids=None,
                     headers: dict | None = None, priority: int | None = None,

@@ -32,7 +32,11 @@ def spans(daemons, cut_at: float, cut_pids: set[int]) -> list[tuple[float, float
             if e["event"] == "start":
                 begun[key] = e["t"]
             elif e["event"] == "end" and key in begun:
-                out.append((begun.pop(key), e["t"]))
+                start = begun.pop(key)
+                # Its process may finish the task after the loss, but its slot went with
+                # the node (docs/limits.md: one extra run per cut-off worker till it ends).
+                end = min(e["t"], max(start, cut_at)) if e["pid"] in cut_pids else e["t"]
+                out.append((start, end))
         out += [(t, max(t, cut_at)) for (_, pid), t in begun.items() if pid in cut_pids]
     return out
 

@@ -33,9 +33,11 @@ def spans(daemons, cut_at: float, cut_pids: set[int]) -> list[tuple[float, float
                 begun[key] = e["t"]
             elif e["event"] == "end" and key in begun:
                 start = begun.pop(key)
-                # Its process may finish the task after the loss, but its slot went with
-                # the node (docs/limits.md: one extra run per cut-off worker till it ends).
-                end = min(e["t"], max(start, cut_at)) if e["pid"] in cut_pids else e["t"]
+                # A run begun before the loss on a cut-off worker: its process may finish
+                # it after, but its slot went with the node (docs/limits.md: one extra
+                # run per cut-off worker until it ends). The worker reconnects after.
+                lost = e["pid"] in cut_pids and start < cut_at
+                end = min(e["t"], cut_at) if lost else e["t"]
                 out.append((start, end))
         out += [(t, max(t, cut_at)) for (_, pid), t in begun.items() if pid in cut_pids]
     return out

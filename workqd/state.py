@@ -137,9 +137,14 @@ def worker_view(proc, now: float) -> WorkerView:
     """One worker (a pool.WorkerProc) as reported: busy, draining, idle, paused or starting."""
     slot = proc.slot
     busy_for = None
+    # The handler thread writes busy before draining as it begins a recycling
+    # worker's last task, so draining is read first: read the other way round, a
+    # worker starting that task could be seen not busy yet but already draining,
+    # and leave the pool's capacity one short for a scrape.
+    draining = slot.draining
     if slot.busy:
         st = W_BUSY
-    elif slot.draining:
+    elif draining:
         st = W_DRAINING
     elif slot.state == CONSUMING:
         st = W_IDLE

@@ -44,3 +44,34 @@ def test_master_phases_only_move_along_the_table(phase):
             refused = m.refused_moves
             m.enter(target)                # not in the table: refused and logged, not raised
             assert m.phase == phase and m.refused_moves == refused + 1
+
+
+class _RacingSlot:
+    """A slot whose handler thread begins a recycling worker's last task the moment
+    the reader looks at the busy word: busy goes up first, then draining."""
+
+    def __init__(self):
+        self._busy = self._draining = False
+        self.state = state.CONSUMING
+        self.busy_since, self.tasks_done, self.limit = 0.0, 2, 0
+
+    @property
+    def busy(self):
+        seen = self._busy
+        self._busy = self._draining = True   # the writer runs between the two reads
+        return seen
+
+    @property
+    def draining(self):
+        return self._draining
+
+    def message_id(self):
+        return "m" if self._busy else None
+
+
+def test_a_worker_beginning_its_last_task_is_never_seen_draining_before_busy():
+    proc = type("Proc", (), {"slot": _RacingSlot(), "number": 1, "pid": 10})()
+    view = state.worker_view(proc, now=1.0)
+    # Either the old picture (idle) or the new one (busy); never the impossible
+    # mix of "not busy yet" and "draining already", which counts no capacity.
+    assert view.state in (state.W_IDLE, state.W_BUSY)

@@ -30,6 +30,17 @@ PROBE_MIN, PROBE_MAX = 1.0, 2.0
 # Tokens the generator publishes at most per turn of its clock: a generator that
 # fell behind (a stalled loop) catches up by at most one burst, never floods.
 GENERATOR_TICK = 0.02    # seconds between generator turns, for fast rates
+# A task starts a little after its token was made: the token's delivery, the consumer's
+# cancel and the hand-off to the handler thread, a few ms to a few tens of ms, and up
+# to a quarter second on a loaded host. A token made just before a window opens can
+# so start inside it, beside the window's own; generating exactly at the rate would
+# let a window of starts hold a few more than the rate allows.
+START_JITTER = 0.25      # seconds a start may trail its token, allowed for
+# The window the guarantee is given for: starts in any GUARANTEE_WINDOW seconds or more
+# stay within the rate (plus the burst). The generator runs this much under the rate
+# so the jitter above fits inside every such window.
+GUARANTEE_WINDOW = 10.0
+RATE_MARGIN = GUARANTEE_WINDOW / (GUARANTEE_WINDOW + START_JITTER)
 # Unused token queues of an old setting vanish after this long (x-expires).
 TOKEN_QUEUE_EXPIRES_MS = 30 * 60 * 1000
 
@@ -102,6 +113,12 @@ def probe_pause(rng: random.Random | None = None) -> float:
     return (rng or random).uniform(PROBE_MIN, PROBE_MAX)
 
 
+def generated_rate(rate: float) -> float:
+    """Tokens a second the generator makes for a limit of ``rate``: under it by the
+    margin that keeps starts, jitter included, within the rate (RATE_MARGIN)."""
+    return rate * RATE_MARGIN
+
+
 def tokens_due(elapsed: float, rate: float, emitted: int, burst: int) -> int:
     """Tokens a generator that started ``elapsed`` seconds ago should publish now, having
     published ``emitted``: the schedule ``floor(elapsed * rate)`` never runs ahead of
@@ -125,9 +142,12 @@ def generator_wait(elapsed: float, rate: float, emitted: int) -> float:
 
 
 def window_bound(rate: float, burst: int, window: float) -> int:
-    """The most starts a rate limit allows in any ``window`` seconds: the ``burst``
-    tokens the queue may hold when the window opens, plus those generated in it."""
-    return burst + math.floor(window * rate + 1e-9)
+    """The most starts a limit of ``rate`` lets into any ``window`` seconds, a start
+    trailing its token by up to START_JITTER: the ``burst`` tokens the queue may hold
+    when the window opens, plus those generated from START_JITTER before it to its
+    end. For a window of GUARANTEE_WINDOW seconds or more it is at most
+    ``burst + rate * window``."""
+    return burst + math.floor((window + START_JITTER) * generated_rate(rate) + 1e-9)
 
 
 def max_in_window(times: Iterable[float], window: float) -> int:

@@ -92,9 +92,31 @@ def test_the_generator_waits_for_the_next_token_or_one_tick():
     assert limits.generator_wait(0.0, 10 / 3600, 0) == pytest.approx(360.0)
 
 
-def test_window_bound_is_the_burst_plus_what_the_window_generates():
-    assert limits.window_bound(20.0, 1, 10.0) == 201
-    assert limits.window_bound(50.0, 10, 1.0) == 60
+def test_window_bound_is_the_burst_plus_what_the_window_and_the_jitter_generate():
+    # 20/s, burst 1: the generator's 19.51/s over 10.25 s, and the token in stock.
+    assert limits.window_bound(20.0, 1, 10.0) == 1 + 200
+    # 50/s, burst 10, over 1 s: 48.8/s over 1.25 s is 60 (a short window gets the
+    # jitter on top; the guarantee is for windows of 10 s and more).
+    assert limits.window_bound(50.0, 10, 1.0) == 10 + 60
+
+
+@pytest.mark.parametrize("rate", [0.5, 1.0, 7.0, 20.0, 50.0, 333.0, 10_000.0])
+@pytest.mark.parametrize("window", [10.0, 11.0, 60.0, 3600.0])
+def test_starts_in_a_guaranteed_window_stay_within_the_rate_despite_the_jitter(rate, window):
+    # Only the burst may come on top of the rate; a token's late start never does.
+    assert limits.window_bound(rate, 1, window) <= 1 + rate * window + 1e-9
+    # And the margin costs a little throughput, not a lot.
+    assert limits.generated_rate(rate) >= 0.97 * rate
+
+
+def test_tokens_made_in_a_window_give_the_bound_with_starts_a_jitter_late():
+    # Token k is made at k / generated rate and starts up to START_JITTER later; the
+    # worst case for a window is a token made just before it that starts inside it.
+    rate, window = 20.0, 10.0
+    made = [k / limits.generated_rate(rate) for k in range(1, 2000)]
+    starts = [t + (limits.START_JITTER if i % 7 == 0 else 0.0) for i, t in enumerate(made)]
+    assert limits.max_in_window(starts, window) <= limits.window_bound(rate, 0, window) + 1
+    assert limits.max_in_window(starts, window) <= rate * window
 
 
 def test_max_and_min_in_a_sliding_window():

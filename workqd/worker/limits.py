@@ -11,7 +11,8 @@
   slots are free for the others.
 - **Rate** (``limits.rate``, ``burst``): a token bucket on the broker. One
   worker in the cluster holds the generator lock (an exclusive queue, as above)
-  and publishes a token to the token queue every 1/rate seconds; the token
+  and publishes tokens to the token queue a little under the rate
+  (limits.RATE_MARGIN, so starts a little late stay within it); the token
   queue keeps at most ``burst`` ready (x-max-length, drop-head). A worker holding
   a delivery consumes one token (prefetch 1) before it starts the task, then
   cancels that consumer unless another delivery waits, and acks the token.
@@ -338,18 +339,19 @@ class Limits:
                 return
             elapsed = time.monotonic() - self._gen_started
             lim = self._limits
-            due = pure.tokens_due(elapsed, lim.rate, self._gen_emitted, lim.burst)
+            rate = pure.generated_rate(lim.rate)
+            due = pure.tokens_due(elapsed, rate, self._gen_emitted, lim.burst)
             # A token still unsent a turn later (the publishing connection is down) is
             # dropped: sent late, it would add to the next turn's.
-            stale_after = time.monotonic() + pure.generator_wait(elapsed, lim.rate, 0)
+            stale_after = time.monotonic() + pure.generator_wait(elapsed, rate, 0)
             wanted = lambda: (not self._closed and not self._gen_stopped  # noqa: E731
                               and time.monotonic() < stale_after)
             for _ in range(pure.tokens_to_publish(due, frame.method.message_count, lim.burst)):
                 self._publish(self._token_queue, wanted)
             # Behind by more than a burst (a stalled loop): those are not owed.
             self._gen_emitted = max(self._gen_emitted + due,
-                                    int(elapsed * lim.rate) - lim.burst)
-            self._later(pure.generator_wait(elapsed, lim.rate, self._gen_emitted),
+                                    int(elapsed * rate) - lim.burst)
+            self._later(pure.generator_wait(elapsed, rate, self._gen_emitted),
                         self._generate)
         # A full declare, not a passive one: it answers the same count, and it makes the
         # bucket again should it have expired while the queue was idle.

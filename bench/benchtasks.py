@@ -7,7 +7,8 @@ know when a drain finished and how long it took, without asking the system
 under test anything (no /metrics scrape, no queue polling while it runs). It
 costs a few hundred nanoseconds a call, the same in every system.
 
-``sleep_ms`` (W2) and ``recover`` (W3) append one line per start and end to
+``cpu_1ms`` and ``io_5ms`` (W5) do a millisecond of CPU or wait five on I/O,
+then stamp. ``sleep_ms`` (W2) and ``recover`` (W3) append one line per start and end to
 $BENCH_LOG with O_APPEND, which is atomic for lines this short.
 """
 
@@ -56,6 +57,28 @@ def stamp(body: bytes, task=None) -> None:
         d[1] = now
     d[2] = now
     q[0] += 1
+
+
+# W5: tasks that do something, so that a system's own cost per task is seen beside
+# a task's (the no-op W1 shows only that cost).
+CPU_SECONDS = 0.001
+IO_SECONDS = 0.005
+
+
+def cpu_1ms(body: bytes, task=None) -> None:
+    """One millisecond of this thread's CPU (whatever else runs on the machine), then stamp."""
+    end = time.thread_time() + CPU_SECONDS
+    x = 0
+    while time.thread_time() < end:
+        for i in range(200):
+            x += i * i
+    stamp(body, task)
+
+
+def io_5ms(body: bytes, task=None) -> None:
+    """Five milliseconds waiting on I/O (a sleep: the process yields its core), then stamp."""
+    time.sleep(IO_SECONDS)
+    stamp(body, task)
 
 
 def read_stamps(directory: str) -> list[tuple[int, int, float, float]]:

@@ -38,3 +38,13 @@ def stamp(payload):
 @app.task(name="bench.sleep_ms")
 def sleep_ms(payload):
     benchtasks.sleep_ms(payload.encode())
+
+
+@app.task(name="bench.cpu_1ms")
+def cpu_1ms(payload):
+    benchtasks.cpu_1ms(payload.encode())
+
+
+@app.task(name="bench.io_5ms")
+def io_5ms(payload):
+    benchtasks.io_5ms(payload.encode())

@@ -28,7 +28,8 @@ import systems as systems_mod
 
 
 def drain_once(system: systems_mod.System, qtype: str, prefetch: int, n: int = 20000,
-               workers: int = 2, size: int = 100, admin: Admin | None = None) -> dict:
+               workers: int = 2, size: int = 100, admin: Admin | None = None,
+               task: str = "stamp") -> dict:
     """One drain of a fresh queue; returns the measurement (raises BenchError if invalid)."""
     own_admin = admin is None
     admin = admin or Admin()
@@ -38,9 +39,10 @@ def drain_once(system: systems_mod.System, qtype: str, prefetch: int, n: int = 2
     procs = None
     try:
         admin.declare(q, system.queue_arguments(q, qtype))
-        fill(q, system.messages(q, bodies(n, size)), admin)
+        fill(q, system.messages(q, bodies(n, size), task), admin)
         watch = CpuWatch()
-        procs = system.start(q, qtype, workers, prefetch, {"BENCH_STAMP_DIR": stamps.path})
+        procs = system.start(q, qtype, workers, prefetch, {"BENCH_STAMP_DIR": stamps.path},
+                             task)
 
         def done():
             if not procs.alive():
@@ -53,7 +55,7 @@ def drain_once(system: systems_mod.System, qtype: str, prefetch: int, n: int = 2
         procs = None
         remaining = admin.depth(q)
         result = {"system": system.name, "type": qtype, "prefetch": prefetch, "workers": workers,
-                  "size": size, "tasks": n, "calls": calls, "remaining": remaining,
+                  "size": size, "tasks": n, "task": task, "calls": calls, "remaining": remaining,
                   "seconds": last - first, "rate": calls / (last - first) if last > first else 0.0,
                   "other_load": other}
         if calls != n or remaining != 0:
@@ -71,7 +73,7 @@ def drain_once(system: systems_mod.System, qtype: str, prefetch: int, n: int = 2
 
 
 def w1(systems: list[systems_mod.System], types, prefetches, n: int, runs: int,
-       workers: int = 2, size: int = 100, log=print) -> list[dict]:
+       workers: int = 2, size: int = 100, log=print, task: str = "stamp") -> list[dict]:
     """Every (type, prefetch) cell, ``runs`` times, each system once per run."""
     out = []
     admin = Admin()
@@ -81,7 +83,7 @@ def w1(systems: list[systems_mod.System], types, prefetches, n: int, runs: int,
                 for run in range(runs):
                     order = systems if run % 2 == 0 else systems[::-1]
                     for system in order:
-                        r = drain_once(system, qtype, prefetch, n, workers, size, admin)
+                        r = drain_once(system, qtype, prefetch, n, workers, size, admin, task)
                         r["run"] = run
                         out.append(r)
                         log(f"  W1 {qtype:7} prefetch {prefetch:3} run {run} "
@@ -95,18 +97,19 @@ def summarize(results: list[dict], baseline: str = "pika") -> list[dict]:
     """Median rate per (system, type, prefetch) and median of per-run ratios to ``baseline``."""
     cells: dict[tuple, dict] = {}
     for r in results:
-        key = (r["system"], r["type"], r["prefetch"], r.get("pika", ""))
+        key = (r["system"], r["type"], r["prefetch"], r.get("pika", ""), r.get("task", "stamp"))
         cells.setdefault(key, []).append(r)
-    by_run = {(r["system"], r["type"], r["prefetch"], r.get("pika", ""), r["run"]): r["rate"]
-              for r in results}
+    by_run = {(r["system"], r["type"], r["prefetch"], r.get("pika", ""), r.get("task", "stamp"),
+               r["run"]): r["rate"] for r in results}
     rows = []
-    for (system, qtype, prefetch, pika_v), rs in cells.items():
+    for (system, qtype, prefetch, pika_v, task), rs in cells.items():
         ratios = []
         for r in rs:
-            base = by_run.get((baseline, qtype, prefetch, pika_v, r["run"]))
+            base = by_run.get((baseline, qtype, prefetch, pika_v, task, r["run"]))
             if base:
                 ratios.append(r["rate"] / base)
         rows.append({"system": system, "type": qtype, "prefetch": prefetch, "pika": pika_v,
+                     "task": task,
                      "runs": len(rs), "rate": median(r["rate"] for r in rs),
                      "rates": [round(r["rate"]) for r in rs],
                      "ratio": median(ratios) if ratios else None})
@@ -125,15 +128,19 @@ def main() -> int:
     p.add_argument("--python", default=sys.executable,
                    help="Python of the venv that runs pika consumers and workqd")
     p.add_argument("--others-python", help="Python of the venv with Celery and Dramatiq")
+    p.add_argument("--task", default="stamp", choices=("stamp", "cpu_1ms", "io_5ms"),
+                   help="the task each message runs (benchtasks.py): the no-op stamp (W1), "
+                   "1 ms of CPU or 5 ms of I/O wait (W5)")
     p.add_argument("--json", help="write the raw results here")
     a = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="workqd-bench-"))
     systems = [systems_mod.make(s, a.others_python if s in ("celery", "dramatiq") else a.python,
                                 workdir) for s in a.systems]
-    results = w1(systems, a.types, a.prefetch, a.tasks, a.runs, a.workers, a.size)
+    results = w1(systems, a.types, a.prefetch, a.tasks, a.runs, a.workers, a.size,
+                 task=a.task)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
-    print(f"\nW1 drain, {a.tasks} tasks of {a.size} B, {a.workers} worker processes, "
+    print(f"\ndrain of {a.task} tasks, {a.tasks} of {a.size} B, {a.workers} worker processes, "
           f"median of {a.runs} runs (logs in {workdir})")
     print(f"{'system':9} {'type':8} {'prefetch':>8} {'tasks/s':>9} {'vs pika':>8}  runs")
     for row in summarize(results):

@@ -36,3 +36,13 @@ def stamp(payload):
 @dramatiq.actor(queue_name=QUEUE, max_retries=0)
 def sleep_ms(payload):
     benchtasks.sleep_ms(payload.encode())
+
+
+@dramatiq.actor(queue_name=QUEUE, max_retries=0)
+def cpu_1ms(payload):
+    benchtasks.cpu_1ms(payload.encode())
+
+
+@dramatiq.actor(queue_name=QUEUE, max_retries=0)
+def io_5ms(payload):
+    benchtasks.io_5ms(payload.encode())

@@ -243,6 +243,39 @@ class Report:
                    "tasks/s (in-process)", "vs pipelined pika", "runs"], rows),
         ])
 
+    def w5(self) -> str:
+        rs = self.r.get("w5", [])
+        if not rs:
+            return ""
+        tasks = {"cpu_1ms": "1 ms CPU", "io_5ms": "5 ms I/O wait"}
+        venvs = {"1.2.0": "pika 1.2.0", "current": "current pika",
+                 "others": "Celery/Dramatiq venv"}
+        names = {"pika": "plain pika", "celery": "Celery prefork, acks_late",
+                 "dramatiq": "Dramatiq, 1 thread per process"}
+        order = {"pika": 0, "workqd": 1, "dramatiq": 2, "celery": 3}
+        rows = []
+        summary = summarize_w1(rs)
+        for x in sorted(summary, key=lambda x: (x["task"], x["type"], x["pika"],
+                                                order.get(x["system"], 9))):
+            rows.append([tasks.get(x["task"], x["task"]), x["type"], venvs.get(x["pika"], x["pika"]),
+                         names.get(x["system"], x["system"]), fmt(x["rate"]),
+                         ratio(x["ratio"]) if x["system"] != "pika" else "1", x["rates"]])
+            if x["system"] == "workqd" and x["ratio"] is not None:
+                self.target(f"W5 {tasks.get(x['task'], x['task'])}, {x['type']}, "
+                            f"{venvs.get(x['pika'], x['pika'])}", "≥ 0.98× plain pika",
+                            f"{x['ratio']:.2f}×", x["ratio"] >= 0.98)
+        w = rs[0]["workers"]
+        return "\n".join([
+            "## W5 tasks that do something",
+            "",
+            f"Prefetch 1, {w} worker processes (each system), tasks of 1 ms of CPU "
+            "(`benchtasks.cpu_1ms`: a loop on the thread's own CPU clock) or of 5 ms waiting "
+            "(`io_5ms`: a sleep), then the W1 stamp. Each row's baseline is plain pika from the "
+            "same venv in the same run. " + self.noise(rs),
+            "",
+            table(["task", "queue", "venv", "system", "tasks/s", "vs plain pika", "runs"], rows),
+        ])
+
     def scale(self) -> str:
         rs = self.r.get("scale", [])
         if not rs:
@@ -335,8 +368,8 @@ class Report:
         return "\n".join(parts)
 
     def render(self) -> str:
-        body = [self.w1(), self.w1_others(), self.w2(), self.w3(), self.w4(), self.scale(),
-                self.memory()]
+        body = [self.w1(), self.w1_others(), self.w2(), self.w3(), self.w4(), self.w5(),
+                self.scale(), self.memory()]
         targets = "\n".join(["## Targets", "",
                              table(["what", "target", "measured", ""], self.targets)])
         method = "\n".join([

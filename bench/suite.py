@@ -42,6 +42,8 @@ W1_OTHERS_TASKS = (5000, 300)
 RUNS = (3, 1)
 W4_TASKS = (20000, 300)
 W4_ONE_TASKS = (5000, 100)
+W5_TASKS = {"cpu_1ms": (3000, 200), "io_5ms": (2000, 200)}
+W5_WORKERS = 4
 SCALE_WORKERS = ((1, 2, 4, 8), (1, 2))
 SCALE_SIZES = (((100, 3000), (10240, 3000), (1 << 20, 150)), ((100, 300), (10240, 100)))
 NOISY = 0.25          # other load (share of all cores) above which a drain is measured again
@@ -222,6 +224,34 @@ class Suite:
                     self.log(f"  W4 run {run} {kind:20} pika {label:7} {r['rate']:7.0f} tasks/s")
         self.results["w4"] = out
 
+    def w5(self) -> None:
+        """Tasks that do something (1 ms of CPU, 5 ms of I/O wait) at prefetch 1 with 4
+        workers: what a system's own cost per task weighs beside a real task's."""
+        runs = self.size(RUNS)
+        types = ["classic"] if self.smoke else ["classic", "quorum"]
+        out = []
+        cells = [("pika", self.a.py12, "1.2.0"), ("workqd", self.a.py12, "1.2.0")]
+        if not self.smoke:
+            cells += [("pika", self.a.pynew, "current"), ("workqd", self.a.pynew, "current")]
+            if self.a.others:
+                cells += [("pika", self.a.others, "others"), ("celery", self.a.others, "others"),
+                          ("dramatiq", self.a.others, "others")]
+        self.log(f"W5 real tasks, prefetch 1, {W5_WORKERS} workers, {runs} runs per cell")
+        for task, sizes in W5_TASKS.items():
+            n = self.size(sizes)
+            for qtype in types:
+                for run in range(runs):
+                    for name, py, label in (cells if run % 2 == 0 else cells[::-1]):
+                        r = self.attempt(f"W5 {name} {task} {qtype}", drain.drain_once,
+                                         self.system(name, py), qtype, 1, n, W5_WORKERS,
+                                         100, None, task)
+                        if r:
+                            r.update(run=run, pika=label)
+                            out.append(r)
+                            self.log(f"  W5 {task} {qtype:7} run {run} {name:8} ({label:7}) "
+                                     f"{r['rate']:7.0f} tasks/s")
+        self.results["w5"] = out
+
     def scale(self) -> None:
         runs = self.size(RUNS)
         self.log("Scale: W1 at prefetch 1 by workers and body size")
@@ -294,7 +324,8 @@ class Suite:
         self.celery_delayed_existed = admin.exists("celery_delayed_0")
         admin.close()
         self.machine()
-        parts = [self.w1, self.w1_others, self.w2, self.w3, self.w4, self.scale, self.footprint]
+        parts = [self.w1, self.w1_others, self.w2, self.w3, self.w4, self.w5, self.scale,
+                 self.footprint]
         if self.a.only:
             parts = [p for p in parts if p.__name__ in self.a.only]
         try:
@@ -354,7 +385,7 @@ def main() -> int:
     p.add_argument("--pynew", required=True, help="python of the venv with current pika")
     p.add_argument("--others", help="python of the venv with Celery and Dramatiq")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one run each: a check")
-    p.add_argument("--only", nargs="+", help="run only these parts (w1 w1_others w2 w3 w4 "
+    p.add_argument("--only", nargs="+", help="run only these parts (w1 w1_others w2 w3 w4 w5 "
                    "scale footprint)")
     p.add_argument("--out", default=str(Path(__file__).parent / "out" / "results.json"))
     a = p.parse_args()

@@ -47,6 +47,11 @@ def test_bench_smoke_run_produces_sane_numbers(tmp_path, broker):
         "workq-submit", "pika-pipelined", "pika-one-at-a-time"}
     assert all(x["rate"] > 0 for x in res["w4"])
 
+    assert {(x["system"], x["task"]) for x in res["w5"]} == {
+        (s, t) for s in ("pika", "workqd") for t in ("cpu_1ms", "io_5ms")}
+    assert all(x["calls"] == x["tasks"] and x["remaining"] == 0 and x["workers"] == 4
+               for x in res["w5"])
+
     assert res["scale"] and all(x["remaining"] == 0 and x["rate"] > 0 for x in res["scale"])
 
     mem = {(x["system"], x["workers"]): x for x in res["memory"]}
@@ -59,4 +64,4 @@ def test_bench_smoke_run_produces_sane_numbers(tmp_path, broker):
     r = subprocess.run([sys.executable, str(BENCH / "report.py"), str(out), "--md", str(md)],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    assert "## W1 drain" in md.read_text()
+    assert "## W1 drain" in md.read_text() and "## W5 tasks that do something" in md.read_text()

@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from common import (Admin, BenchError, CpuWatch, StampDir, bodies, fill, median, queue_name,

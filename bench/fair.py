@@ -17,7 +17,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from common import Admin, BenchError, persistent, queue_name, wait_for
+from common import Admin, BenchError, queue_name, wait_for
 import systems as systems_mod
 
 SHORT_MS, LONG_MS, LONG_SHARE = 20, 400, 0.2

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from common import Admin, StampDir, bodies, fill, queue_name, wait_for
@@ -87,7 +86,6 @@ def profile_drain(system: systems_mod.System, pyspy: str, prefetch: int, n: int,
                 [pyspy, "record", "--pid", str(pid), "--rate", str(PY_SPY_RATE), "--format", "raw",
                  "--threads", "--nonblocking", "-o", f"{raw}.{i}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        t0 = time.monotonic()
         wait_for(lambda: stamps.count() >= n, 60 + n / 200, 0.05, "the drain")
         calls, first, last = stamps.window()
         cpu = sum(cpu_seconds(pid) for pid in targets)

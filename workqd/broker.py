@@ -16,7 +16,7 @@ from typing import NamedTuple
 import pika
 
 from . import delays, vocab
-from .config import Binding, Broker, Invalid, Queue, read_password, redact  # noqa: F401 (redact: re-exported)
+from .config import Broker, Invalid, Queue, read_password, redact  # noqa: F401 (redact: re-exported)
 
 log = logging.getLogger("workqd.broker")
 

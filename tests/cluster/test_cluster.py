@@ -289,7 +289,7 @@ def test_node_loss_loses_no_task_and_both_daemons_recover(healed_cluster, cluste
         # Still down: both daemons keep taking new work (not just finishing leftovers).
         late = client.publish(q, [f"late={i} sleep={TASK_SLEEP}" for i in range(60)])
         wait_for(lambda: ended(daemons) >= set(late) or exited(daemons), 120, interval=0.5,
-                 what=f"60 tasks published after the loss done")
+                 what="60 tasks published after the loss done")
         assert_running(daemons)
         for i, d in enumerate(daemons):
             assert d.ledger.ended_ids() & set(late), f"daemon {i} ran none of the late tasks"

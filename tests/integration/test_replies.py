@@ -19,7 +19,7 @@ import uuid
 import pika
 import pytest
 
-from conftest import Amqp, queue_config, wait_for
+from conftest import queue_config, wait_for
 from workqd.config import Broker
 from workqd.worker import publisher as pub
 

@@ -230,7 +230,7 @@ def test_autoscale_config_refused(workers, problem):
         config.parse({"queues": [{"name": "q", "handler": {"python": "m:f"},
                                   "workers": workers}]}, "f.yaml")
     (line,) = e.value.problems
-    assert line.startswith(f"f.yaml: queues[0].workers: ") and problem in line, line
+    assert line.startswith("f.yaml: queues[0].workers: ") and problem in line, line
 
 
 def test_autoscale_config_and_the_total_cap():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pika
 
 from workqd import config, exitcodes
 

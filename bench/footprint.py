@@ -16,6 +16,7 @@ Start-to-ready: from spawning ``workqd`` until /readyz answers 200 and until
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -93,3 +94,93 @@ def ready_time(python: str, workdir: Path, workers: int = 4, qtype: str = "class
         admin.delete(q, f"{q}.dead")
         if own:
             admin.close()
+
+
+
+def main() -> None:
+    import argparse
+    import json
+    import statistics
+    import tempfile
+
+    import common
+
+    p = argparse.ArgumentParser(description="Idle memory of workqd against plain pika consumers "
+                                "in the same run, and workqd's start-to-ready time.")
+    p.add_argument("--python", default=sys.executable,
+                   help="the venv's python to run every system with (default: this one)")
+    p.add_argument("--workers", type=int, nargs="*", default=[2, 8],
+                   help="worker counts to read workqd's memory at")
+    p.add_argument("--runs", type=int, default=3, help="runs per cell; medians are shown")
+    p.add_argument("--tasks", type=int, default=0,
+                   help="no-op tasks to run before reading memory (0: read at start)")
+    p.add_argument("--ready", type=int, nargs="*", default=[],
+                   help="worker counts to time start-to-ready at (e.g. --ready 64)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ROOT",
+                   help="a workqd checkout to measure (repeatable; runs alternate between "
+                   "them); default: this one")
+    p.add_argument("--json", action="store_true", help="print every run as JSON as well")
+    a = p.parse_args()
+    variants = [tuple(v.split("=", 1)) for v in a.variant] or [("workqd", common.WORKQD_ROOT)]
+
+    def use(root: str) -> None:
+        common.WORKQD_ROOT = root   # what venv_env puts on the daemon's PYTHONPATH
+
+    def med(rows, key):
+        return statistics.median(r[key] for r in rows)
+
+    admin = Admin()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-footprint-") as d:
+            workdir = Path(d)
+            pika_sys = systems_mod.make(systems_mod.PIKA, a.python, workdir)
+            wq = systems_mod.make(systems_mod.WORKQD, a.python, workdir)
+            # Pss splits a library's pages with every process on the machine that maps it,
+            # so plain pika is read in the same runs, between the variants.
+            for workers in a.workers:
+                for run in range(a.runs):
+                    r = idle_memory(pika_sys, 2, admin=admin, tasks=a.tasks)
+                    r.update(variant="pika", run=run)
+                    rows.append(r)
+                    for name, root in (variants if run % 2 == 0 else variants[::-1]):
+                        use(root)
+                        r = idle_memory(wq, workers, admin=admin, tasks=a.tasks)
+                        r.update(variant=name, run=run)
+                        rows.append(r)
+                base = [r for r in rows if r["variant"] == "pika" and r["tasks"] == a.tasks]
+                pss2 = med(base, "pss_mib")
+                print(f"plain pika x2: RSS {med(base, 'rss_mib'):.1f} MiB, PSS {pss2:.1f} MiB",
+                      flush=True)
+                for name, _ in variants:
+                    cell = [r for r in rows if r["variant"] == name and r["workers"] == workers]
+                    pss = med(cell, "pss_mib")
+                    line = (f"{name} x{workers} ({cell[0]['processes']} processes): "
+                            f"RSS {med(cell, 'rss_mib'):.1f} MiB, PSS {pss:.1f} MiB = "
+                            f"{pss / pss2:.2f}x two plain consumers")
+                    at2 = [r for r in rows if r["variant"] == name and r["workers"] == 2]
+                    if workers > 2 and at2:
+                        # The target for workers beyond the first two: against one consumer.
+                        each = (pss - med(at2, "pss_mib")) / (workers - 2)
+                        line += (f"; each worker beyond 2: {each:.1f} MiB = "
+                                 f"{each / (pss2 / 2):.2f}x one plain consumer")
+                    print(line, flush=True)
+            for workers in a.ready:
+                for name, root in variants:
+                    use(root)
+                    cell = [ready_time(a.python, workdir, workers, admin=admin)
+                            for _ in range(a.runs)]
+                    for r in cell:
+                        r.update(variant=name)
+                    rows += cell
+                    print(f"{name} x{workers} start to ready: /readyz {med(cell, 'readyz_s'):.3f} s, "
+                          f"every worker consuming {med(cell, 'all_consuming_s'):.3f} s",
+                          flush=True)
+    finally:
+        admin.close()
+    if a.json:
+        print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

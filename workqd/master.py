@@ -18,7 +18,7 @@ import signal
 import time
 from typing import Callable
 
-from . import __version__, commands, control, exitcodes, logsetup, phases, reloadplan, service
+from . import __version__, commands, control, exitcodes, forks, logsetup, phases, reloadplan, service
 from . import state
 from . import config as config_mod
 from .cancels import CancelTable
@@ -210,6 +210,7 @@ class Master:
         self.control = ControlServer(
             self.sel, control.server_path(self.cfg.control_socket, self.cfg.path),
             self.serve_control)
+        forks.settle()   # everything the children inherit is built by now
         self.poller.start(self.sel)
         for queue in self.cfg.queues:
             self.add_pool(queue)

@@ -16,11 +16,15 @@ Start-to-ready: from spawning ``workqd`` until /readyz answers 200 and until
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from pathlib import Path
 
 from common import Admin, BenchError, StampDir, Workqd, bodies, fill, memory_kib, queue_name, wait_for
 import systems as systems_mod
+
+_READY = re.compile(r"ready: every worker is consuming \((\d+\.\d+)s after start\)")
 
 
 def idle_memory(system: systems_mod.System, workers: int, qtype: str = "classic",
@@ -79,7 +83,10 @@ def ready_time(python: str, workdir: Path, workers: int = 4, qtype: str = "class
     own = admin is None
     admin = admin or Admin()
     q = queue_name("ready")
-    d = Workqd(python, workdir, [Workqd.queue(q, qtype, workers, 1, "benchtasks:stamp")])
+    # At level info, for the master's own "ready: every worker is consuming (X s after
+    # start)", counted from the master's start rather than from the spawn of the process.
+    d = Workqd(python, workdir, [Workqd.queue(q, qtype, workers, 1, "benchtasks:stamp")],
+               log_level="info")
     try:
         admin.declare(q, {"x-queue-type": qtype})  # an existing queue, as in production
         d.start()
@@ -87,9 +94,106 @@ def ready_time(python: str, workdir: Path, workers: int = 4, qtype: str = "class
         wait_for(lambda: d.metric("workqd_workers", queue=q, state="idle") == workers, 30,
                  0.002, "every worker consuming")
         all_consuming = time.monotonic() - d.started
-        return {"workers": workers, "readyz_s": readyz, "all_consuming_s": all_consuming}
+        found = wait_for(lambda: _READY.search(d.procs.log_path.read_text(errors="replace")),
+                         10, 0.01, "the master's ready line")
+        return {"workers": workers, "readyz_s": readyz, "all_consuming_s": all_consuming,
+                "master_ready_s": float(found.group(1))}
     finally:
         d.stop()
         admin.delete(q, f"{q}.dead")
         if own:
             admin.close()
+
+
+
+def main() -> None:
+    import argparse
+    import json
+    import statistics
+    import tempfile
+
+    import common
+
+    p = argparse.ArgumentParser(description="Idle memory of workqd against plain pika consumers "
+                                "in the same run, and workqd's start-to-ready time.")
+    p.add_argument("--python", default=sys.executable,
+                   help="the venv's python to run every system with (default: this one)")
+    p.add_argument("--workers", type=int, nargs="*", default=[2, 8],
+                   help="worker counts to read workqd's memory at")
+    p.add_argument("--runs", type=int, default=3, help="runs per cell; medians are shown")
+    p.add_argument("--tasks", type=int, default=0,
+                   help="no-op tasks to run before reading memory (0: read at start)")
+    p.add_argument("--ready", type=int, nargs="*", default=[],
+                   help="worker counts to time start-to-ready at (e.g. --ready 64)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ROOT",
+                   help="a workqd checkout to measure (repeatable; runs alternate between "
+                   "them); default: this one")
+    p.add_argument("--json", action="store_true", help="print every run as JSON as well")
+    a = p.parse_args()
+    variants = [tuple(v.split("=", 1)) for v in a.variant] or [("workqd", common.WORKQD_ROOT)]
+
+    def use(root: str) -> None:
+        common.WORKQD_ROOT = root   # what venv_env puts on the daemon's PYTHONPATH
+
+    def med(rows, key):
+        return statistics.median(r[key] for r in rows)
+
+    admin = Admin()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-footprint-") as d:
+            workdir = Path(d)
+            pika_sys = systems_mod.make(systems_mod.PIKA, a.python, workdir)
+            wq = systems_mod.make(systems_mod.WORKQD, a.python, workdir)
+            # Pss splits a library's pages with every process on the machine that maps it,
+            # so plain pika is read in the same runs, between the variants.
+            for workers in a.workers:
+                for run in range(a.runs):
+                    r = idle_memory(pika_sys, 2, admin=admin, tasks=a.tasks)
+                    r.update(variant="pika", run=run)
+                    rows.append(r)
+                    for name, root in (variants if run % 2 == 0 else variants[::-1]):
+                        use(root)
+                        r = idle_memory(wq, workers, admin=admin, tasks=a.tasks)
+                        r.update(variant=name, run=run)
+                        rows.append(r)
+                base = [r for r in rows if r["variant"] == "pika" and r["tasks"] == a.tasks]
+                pss2 = med(base, "pss_mib")
+                print(f"plain pika x2: RSS {med(base, 'rss_mib'):.1f} MiB, PSS {pss2:.1f} MiB",
+                      flush=True)
+                for name, _ in variants:
+                    cell = [r for r in rows if r["variant"] == name and r["workers"] == workers]
+                    pss = med(cell, "pss_mib")
+                    line = (f"{name} x{workers} ({cell[0]['processes']} processes): "
+                            f"RSS {med(cell, 'rss_mib'):.1f} MiB, PSS {pss:.1f} MiB = "
+                            f"{pss / pss2:.2f}x two plain consumers")
+                    at2 = [r for r in rows if r["variant"] == name and r["workers"] == 2]
+                    if workers > 2 and at2:
+                        # The target for workers beyond the first two: against one consumer.
+                        each = (pss - med(at2, "pss_mib")) / (workers - 2)
+                        line += (f"; each worker beyond 2: {each:.1f} MiB = "
+                                 f"{each / (pss2 / 2):.2f}x one plain consumer")
+                    print(line, flush=True)
+            for workers in a.ready:
+                ready = []
+                for run in range(a.runs):
+                    for name, root in (variants if run % 2 == 0 else variants[::-1]):
+                        use(root)
+                        r = ready_time(a.python, workdir, workers, admin=admin)
+                        r.update(variant=name, run=run)
+                        ready.append(r)
+                rows += ready
+                for name, _ in variants:
+                    cell = [r for r in ready if r["variant"] == name]
+                    print(f"{name} x{workers} from spawning workqd: /readyz "
+                          f"{med(cell, 'readyz_s'):.3f} s, every worker consuming "
+                          f"{med(cell, 'all_consuming_s'):.3f} s; the master's own ready line: "
+                          f"{med(cell, 'master_ready_s'):.2f} s after its start", flush=True)
+    finally:
+        admin.close()
+    if a.json:
+        print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -156,7 +156,12 @@ class CancelTable:
 
     def count(self, now_ms: int | None = None) -> int:
         """Cancels held within the retention. Reads the whole table (a few
-        milliseconds): the poller's, once per report, not a worker's."""
+        milliseconds) once anything was written: the poller's, once per report, not a
+        worker's."""
+        # Reading a page of the shared mapping gives it memory of its own even if it was
+        # never written: on a host that never cancelled anything, read nothing.
+        if not self._words[self._written_word]:
+            return 0
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         stale = now_ms - int(self.retention * 1000)
         with memoryview(self._mm)[:self._loaded_at] as raw, raw.cast("q") as words:

@@ -18,7 +18,8 @@ import signal
 import time
 from typing import Callable
 
-from . import __version__, commands, control, exitcodes, logsetup, phases, reloadplan, service
+from . import __version__, commands, control, exitcodes, forks, logsetup, phases, reloadplan
+from . import service
 from . import state
 from . import config as config_mod
 from .cancels import CancelTable
@@ -113,8 +114,9 @@ class Master:
             self.stop_children()   # the poller may be forked already
             raise
         try:
+            # The first turn, which forks the workers, does not wait for the first tick.
+            timeout = 0.0
             while True:
-                timeout = STARTING_TIMEOUT if self.phase == state.STARTING else LOOP_TIMEOUT
                 for key, mask in self.sel.select(timeout):
                     key.data(mask)
                 now = self.clock()
@@ -122,6 +124,7 @@ class Master:
                     break
                 self.http.expire(now)
                 self.control.expire(now)
+                timeout = STARTING_TIMEOUT if self.phase == state.STARTING else LOOP_TIMEOUT
         except Exception:
             return self.stop_after_bug()
         self.stop_services()
@@ -210,6 +213,7 @@ class Master:
         self.control = ControlServer(
             self.sel, control.server_path(self.cfg.control_socket, self.cfg.path),
             self.serve_control)
+        forks.settle()   # everything the children inherit is built by now
         self.poller.start(self.sel)
         for queue in self.cfg.queues:
             self.add_pool(queue)

@@ -3,6 +3,7 @@ log entries; a worker's wait for the log; a running command stopped by a cancel.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import threading
@@ -201,3 +202,28 @@ def test_a_stop_asked_for_another_task_leaves_this_one_running(tmp_path):
     with pytest.raises(runner.HandlerCancelled):
         run(b"body", task)
     assert time.monotonic() - began >= 0.45   # ran until its own stop, not the stale one
+
+
+def _resident_kib(table: CancelTable) -> int:
+    """Resident KiB of the table's mapping, from /proc/self/smaps."""
+    start = ctypes.addressof(ctypes.c_char.from_buffer(table._mm))
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= start < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise AssertionError("the table's mapping is not in /proc/self/smaps")
+
+
+def test_counting_an_empty_table_gives_its_pages_no_memory():
+    # Reading a page of a shared mapping gives it memory, written or not: the poller
+    # counts once per report, on hosts that mostly never cancel anything.
+    table = CancelTable()
+    assert table.count() == 0
+    assert _resident_kib(table) <= 8
+    table.add(d("one"), int(time.time() * 1000))
+    assert table.count() == 1

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
 import pytest
 
 from workqd import config, exitcodes, vocab
+from workqd import pool as pool_mod
 from workqd.pool import (BACKOFF, BOOT_FAILED, CRASHED, FATAL, GAVE_UP, MAX_BOOT_FAILURES,
                          RECYCLED, RETIRED, RUNNING, Pool, WorkerProc, classify)
-from workqd.slots import SlotTable, Totals
+from workqd.slots import Slot, SlotTable, Totals
 
 CFG = config.parse({"queues": [{"name": "q", "handler": {"python": "m:f"}, "timeout": 5,
                                 "retry": {"attempts": 1}}]}, "t.yaml")
@@ -146,3 +148,29 @@ def test_reload_retires_old_workers_only_as_new_ones_consume():
     new[1].slot.subscribed()
     pool.retire_surplus()
     assert signalled == [old[0].pid, old[1].pid]
+
+
+def test_a_batch_of_forked_workers_starts_only_once_the_whole_batch_is_forked(monkeypatch):
+    # Real forks. Each child looks, as its run begins, at the slot table it shares with
+    # the master: the master records a worker's pid there just after forking it, so a
+    # child that began before the batch was complete would see some pids missing.
+    table = SlotTable(capacity=64)
+
+    class Child:
+        def __init__(self, number, *args):
+            pass
+
+        def run(self):
+            pids = [Slot(table, i).pid for i in range(table.capacity)]
+            return 0 if sum(1 for p in pids if p) == 3 else 1
+
+    monkeypatch.setattr(pool_mod, "Worker", Child)
+    q = config.parse({"queues": [{"name": "q", "handler": {"python": "m:f"},
+                                  "workers": 3}]}, "t.yaml").queues[0]
+    pool = Pool(queue=q, pool_id=1, restarts=dict.fromkeys(vocab.RESTART_REASONS, 0),
+                broker=CFG.broker, slots=table, totals=Totals(), wake_fd=-1,
+                log_level="info", child_init=lambda: None)
+    assert pool.spawn_workers(0.0) is None
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in list(pool.procs)]
+    assert codes == [0, 0, 0]
+    assert pool._gate is None   # the master kept no end of the gate open

@@ -175,6 +175,7 @@ def test_an_alarm_holds_up_firings_only_and_they_fire_late_after_it(daemon, plai
         wait_for(lambda: d.metric("workqd_schedule_fired_total", schedule=name) >= held + 3,
                  30, what="firings after the alarm")
         assert d.log().count("firing is held up") == 1, d.log()
+        print("\n" + "\n".join(line for line in d.log().splitlines() if "schedules:" in line))
         assert "broker not reachable" not in d.log()
         assert d.stop() == 0
         slots = _firings(plain_node.url, target, name)

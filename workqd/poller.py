@@ -11,8 +11,10 @@ pipe) and is respawned by the master if it dies.
 
 On the same connection it reads the cancel log (cancels.py) as it grows and
 writes each cancel into the master's shared table, so its wait between rounds
-lets the connection deliver at least every IO_EVERY seconds. At the same pace it
-runs the schedules (schedules.py): leadership, the record, the firings.
+lets the connection deliver at least every IO_EVERY seconds. The schedules
+(schedules.py: leadership, the record, the firings) run beside it in a thread
+with a connection of their own: a memory or disk alarm blocks a connection that
+publishes, and must not stop the depth polling and the cancels with the firings.
 """
 
 from __future__ import annotations
@@ -213,6 +215,8 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
     conn = None
     follower = _Cancels(table) if table is not None else None
     scheduler = schedules.Scheduler(cfg.schedules)
+    scheduler.start(cfg.broker.urls, lambda url: connection_parameters(
+        cfg.broker, url, "workqd master (schedules)"))
     load_deadline = time.monotonic() + LOAD_WAIT
     levels = _Levels(cfg, table)
     while True:
@@ -228,7 +232,6 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
             delayed = levels.keep(conn)   # first: workers wait for the levels, as for the log
             if follower is not None:
                 follower.follow(conn, params)
-            scheduler.tick(conn)
             depth = _poll(conn, cfg, dead_letter_queue)
         except (pika.exceptions.AMQPError, OSError, ValueError) as e:
             error = f"{redact(failover.current)}: {e!r}"
@@ -263,7 +266,6 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
                 # served at least every IO_EVERY seconds, the nudge pipe between.
                 try:
                     conn.process_data_events(time_limit=min(left, IO_EVERY))
-                    scheduler.tick(conn)   # fires what is due: slots are met within IO_EVERY
                 except (pika.exceptions.AMQPError, OSError):
                     conn = None
                     # Connect again soon, not at the next round: cancels keep coming.

@@ -1,8 +1,9 @@
 """Periodic tasks that fire once per slot however many hosts run them.
 
-The slot logic is pure (``Slots``, ``plan``, ``slot_id``); the rest runs in the
-queue poller child (poller.py) on the poller's connection, which every daemon
-already keeps open:
+The slot logic is pure (``Slots``, ``plan``, ``slot_id``); the rest runs in a
+thread of the queue poller child (poller.py) on a connection of its own, never
+the poller's: a memory or disk alarm blocks a connection that publishes, and
+firings must not stop the depth polling and the cancel log with them.
 
 - Leadership, per schedule: the holder is the one connection that could declare
   the exclusive queue ``workq.schedule.<name>.leader``. The broker deletes an
@@ -15,6 +16,10 @@ already keeps open:
   leader did not write: that one is fired again, with the same message id.
 - A firing is published persistent, mandatory and confirmed, with the message
   id ``<name>@<slot, UTC ISO 8601>``, so a handler can tell a failover duplicate.
+- An alarm: a publish on a blocked connection waits at most BLOCKED_TIMEOUT, then
+  pika closes the connection and the leadership goes with it. The host logs one
+  line, tries again every ALARM_RETRY seconds, and once publishes pass again fires
+  what ``plan`` says is due: the slots missed within GRACE, older ones per catch_up.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -43,6 +49,10 @@ RECORD_READ = 5         # messages read from the record queue to find its newest
 # so the limit is set out of reach (a read every 5 s per host).
 RECORD_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "drop-head",
                     "x-delivery-limit": 1_000_000_000}
+IO_EVERY = 0.25         # seconds between steps: a slot fires within this of its time
+BLOCKED_TIMEOUT = 5.0   # seconds a publish may wait on a blocked connection (an alarm)
+ALARM_RETRY = 5.0       # seconds between tries to fire while the broker blocks publishing
+RECONNECT_EVERY = 1.0   # seconds between connects after a connection is lost
 H_SCHEDULE = "x-workq-schedule"   # header: the schedule a firing came from
 H_SLOT = "x-workq-slot"           # header: the slot it fired for, UTC ISO 8601
 
@@ -90,10 +100,12 @@ class Slots:
     def next_after(self, t: float) -> float | None:
         if self.every:
             return float((int(t // self.every) + 1) * self.every)
-        if self._memo[0] != t:   # a leader asks the same question every step until a slot
+        memo = self._memo   # read once: the poller's report asks from another thread
+        if memo[0] != t:   # a leader asks the same question every step until a slot
             nxt = self.cron.next_after(dt.datetime.fromtimestamp(int(t), UTC), self.tz)
-            self._memo = (t, None if nxt is None else nxt.timestamp())
-        return self._memo[1]
+            memo = (t, None if nxt is None else nxt.timestamp())
+            self._memo = memo
+        return memo[1]
 
     def newest_before(self, t: float, floor: float) -> float | None:
         """The newest slot in (floor, t), None if there is none. Looks back over a window
@@ -190,7 +202,8 @@ class State:
 
 
 class Scheduler:
-    """Every schedule of this daemon, kept on whatever connection the poller has."""
+    """Every schedule of this daemon, run by a thread of the poller child on a connection
+    of its own (``start``); ``report`` is read by the poller's thread."""
 
     def __init__(self, schedules, clock=time.time):
         self.clock = clock
@@ -198,10 +211,82 @@ class Scheduler:
         self.states = {s.name: State(s, Slots(s.cron, s.every, s.timezone))
                        for s in schedules}
         self.session: _Session | None = None
+        self.held_since: float | None = None   # the broker blocked a publish: held up since
+
+    def start(self, urls, params_for) -> None:
+        """Run the schedules in a thread: ``params_for(url)`` gives the connection parameters
+        (the poller's URLs, credentials and TLS). A thread, so that no wait of the schedules
+        (a blocked publish, a connect to a hung node) ever holds up the poller's loop."""
+        if not self.states:
+            return
+        threading.Thread(target=self._main, args=(urls, params_for), daemon=True,
+                         name="workqd-schedules").start()
+
+    def _main(self, urls, params_for) -> None:
+        try:
+            self._loop(urls, params_for)
+        except BaseException:
+            # The poller child goes with it and the master starts another: schedules that
+            # silently stopped would be worse.
+            log.exception("schedules crashed: the queue poller restarts")
+            os._exit(70)
+
+    def _loop(self, urls, params_for) -> None:
+        import pika
+        import pika.exceptions
+
+        from .broker import Failover, redact
+        failover = Failover(urls)
+        conn = None
+        next_connect = 0.0
+        while True:
+            if conn is None:
+                wait = next_connect - time.monotonic()
+                if wait > 0:
+                    time.sleep(min(wait, 1.0))
+                    continue
+                params = params_for(failover.current)
+                # A publish the broker blocks (an alarm) gives up after this long, and the
+                # connection with it, instead of waiting out the alarm.
+                params.blocked_connection_timeout = BLOCKED_TIMEOUT
+                try:
+                    conn = pika.BlockingConnection(params)
+                except (pika.exceptions.AMQPError, OSError) as e:
+                    log.debug("schedules: cannot connect to %s: %r", redact(failover.current), e)
+                    next_connect = time.monotonic() + max(RECONNECT_EVERY, failover.failed())
+                    continue
+                failover.succeeded()
+            try:
+                conn.process_data_events(time_limit=IO_EVERY)
+                self.tick(conn)
+            except pika.exceptions.ConnectionBlockedTimeout:
+                self._blocked()
+                next_connect = time.monotonic() + ALARM_RETRY
+                conn = _close(conn)
+            except (pika.exceptions.AMQPError, OSError) as e:
+                log.debug("schedules: connection to %s lost: %r", redact(failover.current), e)
+                failover.failed()
+                next_connect = time.monotonic() + RECONNECT_EVERY
+                conn = _close(conn)
+
+    def _blocked(self) -> None:
+        if self.held_since is None:
+            self.held_since = self.clock()
+            log.warning("schedules: the broker blocks publishing (a memory or disk alarm): "
+                        "firing is held up; this host tries again every %gs and then fires "
+                        "the slots missed up to %gs before (older ones per catch_up)",
+                        ALARM_RETRY, GRACE)
+
+    def published(self) -> None:
+        """A publish was confirmed: an alarm that held firing up is over."""
+        if self.held_since is not None:
+            log.info("schedules: the broker takes publishes again; firing was held up %.0fs",
+                     self.clock() - self.held_since)
+            self.held_since = None
 
     def tick(self, conn) -> None:
         """Claim, read, fire what is due. Raises the connection's errors (AMQPError,
-        OSError) for the poller to reconnect; a channel's refusal is handled here."""
+        OSError) for the caller to reconnect; a channel's refusal is handled here."""
         if not self.states:
             return
         if self.session is None or self.session.conn is not conn:
@@ -213,11 +298,22 @@ class Scheduler:
 
     def report(self) -> dict:
         now = self.clock()
-        connected = self.session is not None and self.session.conn.is_open
+        session = self.session
+        connected = session is not None and session.conn.is_open
         views = {name: st.view(now) for name, st in self.states.items()}
         for v in views.values():
             v["leading"] = v["leading"] and connected
         return views
+
+
+def _close(conn) -> None:
+    import pika.exceptions
+    try:
+        if conn.is_open:
+            conn.close()
+    except (pika.exceptions.AMQPError, OSError):
+        pass
+    return None
 
 
 class _Session:
@@ -289,8 +385,11 @@ class _Session:
             st.handled = float(int(now))
         st.leading = True
         st.leader = self.sched.host
-        log.info("schedule %s: this host leads it now (last fired %s)", st.schedule.name,
-                 iso(st.fired_at) if st.fired_at is not None else "never")
+        # While an alarm holds firing up, each try takes the lead anew: the alarm's one
+        # line says it, not a line per try.
+        log.log(logging.DEBUG if self.sched.held_since is not None else logging.INFO,
+                "schedule %s: this host leads it now (last fired %s)", st.schedule.name,
+                iso(st.fired_at) if st.fired_at is not None else "never")
         self._record(st)
 
     def _declare_record(self, name: str):
@@ -351,6 +450,7 @@ class _Session:
                            else iso(st.fired_at), "leader": st.leader}).encode()
         ch.basic_publish("", record_queue(st.schedule.name), body,
                          pika.BasicProperties(delivery_mode=2, content_type="application/json"))
+        self.sched.published()
 
     def _fire_due(self, st: State, now: float) -> None:
         import pika
@@ -377,6 +477,7 @@ class _Session:
                             "step", s.name, slot_id(s.name, slot))
                 return
             else:
+                self.sched.published()
                 if st.unroutable:
                     log.info("schedule %s: firings route to %s again", s.name, s.queue)
                 st.unroutable = False

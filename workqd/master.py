@@ -636,10 +636,11 @@ class Master:
             self.dispatch(phases.ALL_CONSUMING, now=now)
         elif now - self.reload_started >= RELOAD_READY_TIMEOUT:
             self.dispatch(phases.RELOAD_OVERDUE, now=now)
-        snap = self.snapshot()
-        if snap.healthy():
-            self.notifier.watchdog()
-        self.notifier.status(self.status_text(snap), now)
+        if self.notifier.wants_report(now):   # never without systemd; at most 1/s with it
+            snap = self.snapshot()
+            if snap.healthy():
+                self.notifier.watchdog()
+            self.notifier.status(self.status_text(snap), now)
 
     def do_announce_ready(self, event: str, now: float) -> None:
         log.info("ready: every worker is consuming (%.2fs after start)", now - self.started)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import common
 from common import (Admin, BenchError, Workqd, _broker_pids, _busy_seconds, _proc_cpu, median,
-                    queue_name, sweep, wait_for)
+                    queue_name, wait_for)
 
 READY_LINE = re.compile(r"ready: every worker is consuming \(([0-9.]+)s after start\)")
 SETTLE = 2.0   # seconds after ready before the idle window: the first depth polls land
@@ -190,8 +190,7 @@ def measure(python: str, variants: dict[str, str], queues: int = 50, workers: in
         for label in labels:
             out["median"][label] = summarize([r for r in out["runs"] if r["variant"] == label])
     finally:
-        sweep(admin)
-        admin.close()
+        admin.close()   # each run deleted its own queues
     return out
 
 

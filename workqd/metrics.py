@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+from itertools import accumulate
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -136,11 +137,7 @@ _OUTCOMES = tuple(zip(OUTCOMES, OUTCOME_WORDS))
 
 
 def _cumulative(c, words) -> tuple:
-    out, acc = [], 0
-    for w in words:
-        acc += c[w]
-        out.append(acc)
-    return tuple(out)
+    return tuple(accumulate(map(c.__getitem__, words)))
 
 
 def rows(snap: Snapshot) -> list[list[tuple[tuple, tuple]]]:
@@ -291,9 +288,7 @@ class _Format:
                 if entry is None:
                     entry = self.learn(number, values, len(numbers))
                 for prefix, index in entry:
-                    append(prefix)
-                    append(_number(numbers[index]))
-                    append("\n")
+                    append(f"{prefix}{_number(numbers[index])}\n")
         append(self.trailer)
         return "".join(out).encode("utf-8")
 

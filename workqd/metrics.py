@@ -12,7 +12,8 @@ milliseconds per scrape on that, so the text is written from a cache instead:
 for each series and each format that content negotiation picks, the lines
 prometheus-client itself writes for that series, with a marker value in place
 of each number, are cut into what comes before the number. A scrape then only
-formats the numbers (with prometheus-client's own float formatting). The
+formats the numbers (with prometheus-client's own float formatting), and only
+for the series whose numbers changed since the last scrape. The
 library stays the authority on the format: a format whose lines do not have
 that shape is rendered by the library in full, every time.
 """
@@ -234,14 +235,15 @@ class _Unfit(Exception):
 
 class _Format:
     """One output format: its family headers and every series' line prefixes, as the
-    encoder writes them, learnt once per series."""
+    encoder writes them, learnt once per series; and each series' text, rewritten
+    only when its numbers change."""
 
     def __init__(self, encoder) -> None:
         self.encoder = encoder
         self.trailer = encoder(_Metrics([])).decode("utf-8")
         self.headers = [self._strip(encoder(_Metrics([_metric(i, ())])))
                         for i in range(len(FAMILIES))]
-        self.prefixes: dict[tuple[int, tuple], tuple] = {}
+        self.series: dict[tuple[int, tuple], _Series] = {}   # by (family, label values)
 
     def _strip(self, text: bytes) -> str:
         text = text.decode("utf-8")
@@ -249,7 +251,7 @@ class _Format:
             raise _Unfit("no common trailer")
         return text[:len(text) - len(self.trailer)]
 
-    def learn(self, number: int, values: tuple, width: int) -> tuple:
+    def learn(self, number: int, values: tuple, width: int) -> "_Series":
         """The (prefix, index into the series' values) of each line of one series."""
         # Markers: 1..n for the values (a histogram's buckets count up to n), and
         # one-half for a histogram's sum, so every marker tells which value it is.
@@ -271,26 +273,41 @@ class _Format:
             lines.append((prefix + " ", index))
         if not lines:
             raise _Unfit("no line")
-        entry = tuple(lines)
-        if len(self.prefixes) >= _MAX_SERIES:
-            self.prefixes.clear()   # queues and schedules come and go: stay bounded
-        self.prefixes[(number, values)] = entry
+        entry = _Series(tuple(lines))
+        if len(self.series) >= _MAX_SERIES:
+            self.series.clear()   # queues and schedules come and go: stay bounded
+        self.series[(number, values)] = entry
         return entry
 
     def render(self, all_rows) -> bytes:
         out: list[str] = []
         append = out.append
-        prefixes = self.prefixes
+        known = self.series
         for number, series in enumerate(all_rows):
             append(self.headers[number])
             for values, numbers in series:
-                entry = prefixes.get((number, values))
+                entry = known.get((number, values))
                 if entry is None:
                     entry = self.learn(number, values, len(numbers))
-                for prefix, index in entry:
-                    append(f"{prefix}{_number(numbers[index])}\n")
+                # Most series of a daemon with many queues are idle: same numbers, same text.
+                if numbers != entry.numbers:
+                    entry.numbers = numbers
+                    entry.text = "".join([f"{prefix}{_number(numbers[index])}\n"
+                                          for prefix, index in entry.lines])
+                append(entry.text)
         append(self.trailer)
         return "".join(out).encode("utf-8")
+
+
+class _Series:
+    """One series in one format: its lines' prefixes, and its text at the last scrape."""
+
+    __slots__ = ("lines", "numbers", "text")
+
+    def __init__(self, lines: tuple) -> None:
+        self.lines = lines       # (prefix, index into the series' values) per line
+        self.numbers: tuple | None = None
+        self.text = ""
 
 
 _MAX_SERIES = 100_000

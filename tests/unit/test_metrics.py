@@ -117,4 +117,4 @@ def test_series_prefixes_stay_bounded(monkeypatch):
         snap = snapshot(i, names=(f"q{i}",))
         assert exposition.render(snap) == by_library(snap, None)
     (fmt,) = exposition._formats.values()
-    assert len(fmt.prefixes) <= 50
+    assert len(fmt.series) <= 50

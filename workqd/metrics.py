@@ -147,7 +147,10 @@ def rows(snap: Snapshot) -> list[list[tuple[tuple, tuple]]]:
     out: list[list] = [[] for _ in FAMILIES]
     (processed, redelivered, in_flight, duration, wait, restarts, workers, ready, consumers,
      dead, blocked, paused, size, least, most, cap, held, rate, limit_waiting, limit_waited,
-     tokens, broker, delayed, last_fired, next_fire, fired, leader, build) = out
+     tokens, broker, delayed, last_fired, next_fire, fired, leader, build) = (out[i] for i in (
+        PROCESSED, REDELIVERED, IN_FLIGHT, DURATION, WAIT, RESTARTS, WORKERS, READY, CONSUMERS,
+        DEAD, BLOCKED, PAUSED, SIZE, LEAST, MOST, CAP, HELD, RATE, LIMIT_WAITING, LIMIT_WAITED,
+        TOKENS, BROKER, DELAYED, LAST_FIRED, NEXT_FIRE, FIRED, LEADER, BUILD))
     for q in snap.queues:
         name = q.name
         one = (name,)

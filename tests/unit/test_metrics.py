@@ -118,3 +118,31 @@ def test_series_prefixes_stay_bounded(monkeypatch):
         assert exposition.render(snap) == by_library(snap, None)
     (fmt,) = exposition._formats.values()
     assert len(fmt.series) <= 50
+
+
+def test_each_family_carries_its_own_numbers():
+    # Every figure distinct, so a family written with another's numbers shows.
+    q = dataclasses.replace(queue("q", 1, depth=(5, 6, 7), limits=Limits(
+        concurrency=12, rate=13.0, rate_text="13/s", burst=1)), size=4, min_workers=1,
+        max_workers=9, blocked=2, paused=True)
+    snap = state.Snapshot(phase=state.READY, queues=(q,), broker_connected=True, loop_age=0.0,
+                          version="v", delayed=11,
+                          schedules=(state.ScheduleView("s", "q", True, "h", 100.0, 200.0, 3),))
+    lines = set(metrics.Exposition().render(snap)[0].decode().splitlines())
+    c = q.counters
+    expected = {
+        'workqd_pool_size{queue="q"} 4.0', 'workqd_pool_min_workers{queue="q"} 1.0',
+        'workqd_pool_max_workers{queue="q"} 9.0', 'workqd_publishing_blocked{queue="q"} 2.0',
+        'workqd_queue_paused{queue="q"} 1.0', 'workqd_queue_messages_ready{queue="q"} 5.0',
+        'workqd_queue_consumers{queue="q"} 6.0', 'workqd_dead_letter_messages{queue="q"} 7.0',
+        'workqd_limit_concurrency{queue="q"} 12.0', 'workqd_limit_rate{queue="q"} 13.0',
+        'workqd_delayed_messages 11.0', 'workqd_broker_connected 1.0',
+        'workqd_schedule_last_fired_timestamp_seconds{schedule="s"} 100.0',
+        'workqd_schedule_next_fire_timestamp_seconds{schedule="s"} 200.0',
+        'workqd_schedule_fired_total{schedule="s"} 3.0', 'workqd_schedule_leader{schedule="s"} 1.0',
+        f'workqd_tasks_redelivered_total{{queue="q"}} {float(c[W_REDELIVERED])}',
+        f'workqd_task_duration_seconds_sum{{queue="q"}} {c[W_DURATION_SUM]!r}',
+        f'workqd_worker_restarts_total{{queue="q",reason="{RESTART_REASONS[0]}"}} '
+        f'{float(q.restarts[RESTART_REASONS[0]])}',
+    }
+    assert expected <= lines, sorted(expected - lines)

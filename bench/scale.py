@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 import common
 from common import (Admin, BenchError, Workqd, _broker_pids, _busy_seconds, _proc_cpu, median,
                     queue_name, wait_for)
@@ -95,7 +97,6 @@ def run_once(python: str, workdir: Path, root: str, queues: int, workers: int,
                env={"BENCH_STAMP_DIR": "/nonexistent"}, log_level="info")
     sock = str(workdir / f"control-{d.port}.sock")
     d.config["control"] = {"socket": sock}
-    import yaml
     d.path.write_text(yaml.safe_dump(d.config, sort_keys=False))
     try:
         for n in names:

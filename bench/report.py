@@ -367,9 +367,42 @@ class Report:
             ]
         return "\n".join(parts)
 
+    def queues(self) -> str:
+        q = self.r.get("queues")
+        if not q or not q.get("median"):
+            return ""
+        m = q["median"]["this"]
+        size = f"{q['queues']} queues x {q['workers']} workers"
+        if q["queues"] >= 50 and q["workers"] >= 2:   # the size the targets are set for
+            self.target(f"start to ready, {size}", "< 1.5 s", f"{m['ready_s']:.2f} s",
+                        m["ready_s"] < 1.5)
+            self.target(f"idle master CPU, {size}", "< 1 % of a core",
+                        f"{m['idle_cpu_pct']:.2f} %", m["idle_cpu_pct"] < 1)
+            self.target(f"GET /metrics, {size}", "< 10 ms", f"{m['scrape_ms_median']:.1f} ms",
+                        m["scrape_ms_median"] < 10)
+            self.target(f"control socket status, {size}", "< 20 ms",
+                        f"{m['status_ms_median']:.1f} ms", m["status_ms_median"] < 20)
+        rows = [["start to ready (master's log)", f"{m['ready_s']:.2f} s"],
+                ["start to ready (spawn to the log line)", f"{m['ready_wall_s']:.2f} s"],
+                ["idle master CPU", f"{m['idle_cpu_pct']:.2f} % of a core"],
+                ["GET /metrics, median / p95", f"{m['scrape_ms_median']:.1f} / "
+                 f"{m['scrape_ms_p95']:.1f} ms ({m['scrape_cpu_ms']:.1f} ms master CPU)"],
+                ["status on the control socket, median / p95", f"{m['status_ms_median']:.1f} / "
+                 f"{m['status_ms_p95']:.1f} ms ({m['status_cpu_ms']:.1f} ms master CPU)"]]
+        return "\n".join([
+            "## Many queues in one daemon",
+            "",
+            f"`bench/scale.py`: one workqd with {size} (existing classic queues), medians of "
+            f"{len(q['runs'])} run(s): the master's CPU over {q['idle_s']:g} s idle, then "
+            f"{q['requests']} scrapes and {q['requests']} `status` requests, one connection "
+            "each, timed from connect to the last byte.",
+            "",
+            table(["", "measured"], rows),
+        ])
+
     def render(self) -> str:
         body = [self.w1(), self.w1_others(), self.w2(), self.w3(), self.w4(), self.w5(),
-                self.scale(), self.memory()]
+                self.scale(), self.memory(), self.queues()]
         targets = "\n".join(["## Targets", "",
                              table(["what", "target", "measured", ""], self.targets)])
         method = "\n".join([

@@ -33,6 +33,7 @@ import fair
 import footprint
 import publish
 import recovery
+import scale as scale_mod
 import systems as systems_mod
 
 # Sizes of each part: (full, smoke).
@@ -46,6 +47,8 @@ W5_TASKS = {"cpu_1ms": (3000, 200), "io_5ms": (2000, 200)}
 W5_WORKERS = 4
 SCALE_WORKERS = ((1, 2, 4, 8), (1, 2))
 SCALE_SIZES = (((100, 3000), (10240, 3000), (1 << 20, 150)), ((100, 300), (10240, 100)))
+# One daemon with many queues: (queues, workers per queue, idle window s, requests).
+QUEUES = ((50, 2, 10.0, 50), (5, 1, 1.0, 5))
 NOISY = 0.25          # other load (share of all cores) above which a drain is measured again
 BUDGET = 13 * 60      # seconds after which noisy drains are no longer measured again
 
@@ -304,6 +307,15 @@ class Suite:
                  f"{median(r['all_consuming_s'] for r in ready) * 1000:.0f} ms")
         self.results["memory"], self.results["ready"] = mem, ready
 
+    def queues(self) -> None:
+        n, workers, idle, requests = self.size(QUEUES)
+        self.log(f"Many queues: {n} x {workers} workers in one daemon (scale.py)")
+        r = self.attempt("queues", scale_mod.measure, self.a.py12,
+                         {"this": scale_mod.common.WORKQD_ROOT}, n, workers,
+                         self.size(RUNS), idle, requests, log=lambda t: self.log(f"  {t}"))
+        if r:
+            self.results["queues"] = r
+
     def cleanup(self) -> None:
         try:
             wait_for(_broker_up, 60, 0.5, "the broker, to clean up")
@@ -325,7 +337,7 @@ class Suite:
         admin.close()
         self.machine()
         parts = [self.w1, self.w1_others, self.w2, self.w3, self.w4, self.w5, self.scale,
-                 self.footprint]
+                 self.footprint, self.queues]
         if self.a.only:
             parts = [p for p in parts if p.__name__ in self.a.only]
         try:
@@ -386,7 +398,7 @@ def main() -> int:
     p.add_argument("--others", help="python of the venv with Celery and Dramatiq")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one run each: a check")
     p.add_argument("--only", nargs="+", help="run only these parts (w1 w1_others w2 w3 w4 w5 "
-                   "scale footprint)")
+                   "scale footprint queues)")
     p.add_argument("--out", default=str(Path(__file__).parent / "out" / "results.json"))
     a = p.parse_args()
     results = Suite(a).run()

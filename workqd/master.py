@@ -487,14 +487,16 @@ class Master:
 
     # --- reporting -------------------------------------------------------
 
-    def snapshot(self) -> state.Snapshot:
-        """Everything the endpoints and STATUS report, consistent within itself."""
+    def snapshot(self, counters: bool = True) -> state.Snapshot:
+        """Everything the endpoints and STATUS report, consistent within itself
+        (without the task counters when ``counters`` is False: state.take_snapshot)."""
         now = self.clock()
         return state.take_snapshot(
             self.phase, [*self.pools.values(), *self._orphans], self.poller.depth,
             self._unserved_sign, self._queue_state, self.poller.connected,
             now - self.last_loop, __version__, now, delayed=self.poller.delayed,
-            cancels=self.poller.cancels_held, schedules=self.poller.schedules)
+            cancels=self.poller.cancels_held, schedules=self.poller.schedules,
+            counters=counters)
 
     def _unserved_sign(self, name: str) -> str:
         _, judge = self._service.get(name, (None, None))
@@ -526,10 +528,12 @@ class Master:
     def do_serve(self, event: str, req):
         if event == phases.HTTP:
             return self.answer_http(req)
+        # Neither answer shows task counters: the snapshot skips summing them.
+        snap = self.snapshot(counters=False)
         if req["cmd"] == "schedules":
             return {"ok": True, **commands.schedules(
-                self.snapshot(), self.pid, [(s.name, s.queue) for s in self.cfg.schedules])}
-        return {"ok": True, **commands.status(self.snapshot(), req.get("queue"), self.pid,
+                snap, self.pid, [(s.name, s.queue) for s in self.cfg.schedules])}
+        return {"ok": True, **commands.status(snap, req.get("queue"), self.pid,
                                               self.control.path if self.control else "")}
 
     def do_steer(self, event: str, req: dict) -> dict:
@@ -640,10 +644,11 @@ class Master:
             self.dispatch(phases.ALL_CONSUMING, now=now)
         elif now - self.reload_started >= RELOAD_READY_TIMEOUT:
             self.dispatch(phases.RELOAD_OVERDUE, now=now)
-        snap = self.snapshot()
-        if snap.healthy():
-            self.notifier.watchdog()
-        self.notifier.status(self.status_text(snap), now)
+        if self.notifier.wants_report(now):   # never without systemd; at most 1/s with it
+            snap = self.snapshot()
+            if snap.healthy():
+                self.notifier.watchdog()
+            self.notifier.status(self.status_text(snap), now)
 
     def do_announce_ready(self, event: str, now: float) -> None:
         log.info("ready: every worker is consuming (%.2fs after start)", now - self.started)

@@ -29,6 +29,7 @@ class Notifier:
         self._last_watchdog = 0.0
         self._last_status = ""
         self._last_status_at = 0.0
+        self._status_checked = float("-inf")
         self._last_extend = 0.0
 
     def _send(self, text: str) -> None:
@@ -47,7 +48,18 @@ class Notifier:
     def stopping(self) -> None:
         self._send("STOPPING=1\nSTATUS=stopping")
 
+    def wants_report(self, now: float) -> bool:
+        """Whether ``watchdog`` or ``status`` would do anything now: the master builds
+        their status text and health (a look at every worker) only then, not every turn."""
+        if self._sd is None:
+            return False
+        if self.watchdog_interval and \
+                time.monotonic() - self._last_watchdog >= self.watchdog_interval:
+            return True
+        return now - self._status_checked >= STATUS_INTERVAL
+
     def status(self, text: str, now: float) -> None:
+        self._status_checked = now
         if text != self._last_status and now - self._last_status_at >= STATUS_INTERVAL:
             self._send(f"STATUS={text}")
             self._last_status, self._last_status_at = text, now

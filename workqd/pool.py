@@ -219,10 +219,14 @@ class Pool:
     def counters(self) -> dict[int, float]:
         """Counters of this queue: dead workers' totals plus every live worker's slot."""
         acc = self.totals.get(self.pool_id)
-        for proc in self.procs.values():
-            for w, v in proc.slot.counters().items():
-                acc[w] += v
-        return acc
+        if not self.procs:
+            return acc
+        # Word by word over the totals and all workers at once: every scrape and
+        # every status reads this, for every queue.
+        words = slotmod.COUNTER_WORDS
+        columns = zip(map(acc.__getitem__, words),
+                      *(proc.slot.counter_values() for proc in self.procs.values()))
+        return dict(zip(words, map(sum, columns)))
 
     def consuming(self) -> int:
         return sum(1 for p in self.procs.values() if p.slot.consuming)

@@ -83,6 +83,12 @@ COUNTER_WORDS = (W_REDELIVERED, W_DURATION_SUM, *range(W_OUTCOMES, W_CONSUMED), 
                  *WAIT_BUCKET_WORDS, W_LIMIT_WAITED_SLOT, W_LIMIT_WAITED_TOKEN, W_LIMIT_TOKENS)
 FLOAT_WORDS = {W_TICK, W_DURATION_SUM, W_BUSY_SINCE, W_WAIT_SUM, W_LIMIT_WAITED_SLOT,
                W_LIMIT_WAITED_TOKEN}
+# Slot.counter_values reads COUNTER_WORDS as runs: integers, but for these floats.
+assert COUNTER_WORDS == (W_REDELIVERED, W_DURATION_SUM, *range(W_OUTCOMES, W_CONSUMED),
+                         W_WAIT_SUM, *range(W_WAIT_BUCKETS, W_LIMIT), W_LIMIT_WAITED_SLOT,
+                         W_LIMIT_WAITED_TOKEN, W_LIMIT_TOKENS)
+assert FLOAT_WORDS & set(COUNTER_WORDS) == {W_DURATION_SUM, W_WAIT_SUM, W_LIMIT_WAITED_SLOT,
+                                            W_LIMIT_WAITED_TOKEN}
 
 
 # Crash table entries, in 8-byte words: how often a message was held by a worker
@@ -335,7 +341,8 @@ class Slot:
     @property
     def tasks_done(self) -> int:
         """Tasks this worker settled, whatever the outcome."""
-        return sum(self._q[self._base + w] for w in OUTCOME_WORDS)
+        b = self._base + W_OUTCOMES
+        return sum(self._q[b:b + len(OUTCOMES)])
 
     @property
     def busy(self) -> bool:
@@ -374,8 +381,15 @@ class Slot:
         return _WORDS.pack(self._q[b + W_MSGID_DIGEST], self._q[b + W_MSGID_DIGEST + 1])
 
     def counters(self) -> dict[int, float]:
-        b = self._base
-        return {w: (self._d[b + w] if w in FLOAT_WORDS else self._q[b + w]) for w in COUNTER_WORDS}
+        return dict(zip(COUNTER_WORDS, self.counter_values()))
+
+    def counter_values(self) -> list:
+        """The COUNTER_WORDS, in that order: the master reads them for every worker at
+        every scrape, so the runs of integer words are read as slices."""
+        b, q, d = self._base, self._q, self._d
+        return [q[b + W_REDELIVERED], d[b + W_DURATION_SUM], *q[b + W_OUTCOMES:b + W_CONSUMED],
+                d[b + W_WAIT_SUM], *q[b + W_WAIT_BUCKETS:b + W_LIMIT],
+                d[b + W_LIMIT_WAITED_SLOT], d[b + W_LIMIT_WAITED_TOKEN], q[b + W_LIMIT_TOKENS]]
 
     def release(self) -> None:
         self._q[self._base + W_STATE] = FREE

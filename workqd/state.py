@@ -164,8 +164,11 @@ def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, in
                   unserved: Callable[[str], str], queue_state: Callable[[object], str],
                   broker_connected: bool, loop_age: float, version: str,
                   now: float, delayed: int | None = None,
-                  cancels: int | None = None, schedules: tuple = ()) -> Snapshot:
-    """The picture of ``pools`` (the master's pool.Pool objects, live and draining)."""
+                  cancels: int | None = None, schedules: tuple = (),
+                  counters: bool = True) -> Snapshot:
+    """The picture of ``pools`` (the master's pool.Pool objects, live and draining).
+    ``counters=False`` leaves every QueueView.counters empty, for answers that show none
+    (`workqctl status`): summing them is a third of the work."""
     views: dict[str, QueueView] = {}
     merged: dict[str, list] = {}
     for pool in pools:
@@ -174,11 +177,13 @@ def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, in
     for name, group in merged.items():
         live = [p for p in group if not p.removed]
         # Pools of one queue share a pool id, so the folded totals count once.
-        counters = group[0].counters()
-        for extra in group[1:]:
-            for proc in extra.procs.values():
-                for w, v in proc.slot.counters().items():
-                    counters[w] += v
+        totals: dict = {}
+        if counters:
+            totals = group[0].counters()
+            for extra in group[1:]:
+                for proc in extra.procs.values():
+                    for w, v in proc.slot.counters().items():
+                        totals[w] += v
         workers = tuple(worker_view(proc, now) for p in group for proc in p.procs.values())
         if not live:
             continue   # removed by a reload: its leaving workers are not a queue to report
@@ -188,7 +193,7 @@ def take_snapshot(phase: str, pools: Iterable, depth: Mapping[str, tuple[int, in
             min_workers=live[0].queue.workers, max_workers=live[0].queue.most_workers,
             limits=live[0].queue.limits, limited=sum(p.limited() for p in live),
             state=queue_state(live[0]),
-            counters=frozen(counters), restarts=frozen(group[0].restarts),
+            counters=frozen(totals), restarts=frozen(group[0].restarts),
             workers=workers, consuming=sum(p.consuming() for p in live),
             depth=depth.get(name),
             blocked=sum(1 for p in group for proc in p.procs.values() if proc.slot.blocked),

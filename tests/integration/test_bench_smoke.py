@@ -58,6 +58,8 @@ def test_bench_smoke_run_produces_sane_numbers(tmp_path, broker):
     assert mem[("workqd", 2)]["processes"] == 4   # master, 2 workers, the queue poller
     assert mem[("workqd", 2)]["rss_mib"] > mem[("workqd", 2)]["pss_mib"] > 0
     assert all(0 < x["all_consuming_s"] < 30 for x in res["ready"])
+    q = res["queues"]["median"]["this"]
+    assert 0 < q["ready_s"] < 30 and q["scrape_ms_median"] > 0 and q["status_ms_median"] > 0
 
     # The report renders from those results (Markdown only: matplotlib is bench-only).
     md = tmp_path / "RESULTS.md"

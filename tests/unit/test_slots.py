@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from workqd import slots
 from workqd.slots import (CONNECTING, CRASH_ENTRIES, MSGID_BYTES, SlotTable, message_digest,
                           stat_says_dying)
 
@@ -149,3 +150,17 @@ def test_task_finishing_during_a_reconnect_does_not_make_the_worker_consuming():
     assert not slot.consuming and slot.message_id() is None
     slot.subscribed()
     assert slot.consuming
+
+
+def test_counters_read_every_counter_word_as_written():
+    # Each word its own value (floats where the layout keeps floats), so a run read
+    # from the wrong place or as the wrong type shows.
+    slot = SlotTable(capacity=2).allocate(1)
+    expected = {}
+    for i, w in enumerate(slots.COUNTER_WORDS):
+        if w in slots.FLOAT_WORDS:
+            slot._d[slot._base + w] = expected[w] = i + 0.5
+        else:
+            slot._q[slot._base + w] = expected[w] = 1000 + i
+    assert slot.counters() == expected
+    assert slot.tasks_done == sum(expected[w] for w in slots.OUTCOME_WORDS)

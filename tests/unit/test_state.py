@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import pytest
 
-from workqd import config, state
+from workqd import commands, config, state
+from workqd.master import Master
+from workqd.slots import CONSUMING, OUTCOME_WORDS, SlotTable
+
+from .test_master import FakeOS, FakePoller
 
 CFG = config.parse({"queues": [{"name": "q", "handler": {"python": "m:f"}, "timeout": 5,
                                 "retry": {"attempts": 1}}]}, "t.yaml")
@@ -75,3 +82,32 @@ def test_a_worker_beginning_its_last_task_is_never_seen_draining_before_busy():
     # Either the old picture (idle) or the new one (busy); never the impossible
     # mix of "not busy yet" and "draining already", which counts no capacity.
     assert view.state in (state.W_IDLE, state.W_BUSY)
+
+
+def test_a_snapshot_without_counters_differs_only_in_them():
+    # The master with fake processes (test_master's seams), two queues at work.
+    cfg = config.parse({"queues": [{"name": n, "workers": 2, "handler": {"python": "m:f"}}
+                                   for n in ("a", "b")]}, "t.yaml")
+    fake = FakeOS()
+    m = Master(cfg, slots=SlotTable(capacity=8), clock=fake.clock, waitpid=fake.waitpid,
+               spawn=fake.spawn, kill=fake.kill, poller=FakePoller(fake),
+               load_config=lambda path: cfg)
+    try:
+        for q in cfg.queues:
+            m.add_pool(q)
+        m.turn(fake.now, [])
+        for slot in (s for s in fake.alive.values() if s is not None):
+            slot.set_state(CONSUMING)
+            slot.record(0, 0.3)
+        full, bare = m.snapshot(), m.snapshot(counters=False)
+        assert [q.counters[OUTCOME_WORDS[0]] for q in full.queues] == [2, 2]
+        assert [dict(q.counters) for q in bare.queues] == [{}, {}]
+        assert bare == dataclasses.replace(full, loop_age=bare.loop_age, queues=tuple(
+            dataclasses.replace(q, counters=b.counters) for q, b in zip(full.queues, bare.queues)))
+        # So the status answer, which shows no counters, is the same from either.
+        assert commands.status(bare, None, 1, "s") == commands.status(full, None, 1, "s")
+    finally:
+        m.sel.close()
+        sq = m.signals
+        for fd in (sq.read_fd, sq._sig_w, sq.wake_r, sq.wake_w):
+            os.close(fd)

@@ -147,3 +147,85 @@ def test_views_read_a_bad_field_as_unknown():
     (v,) = schedules.views({"s": {"leading": 1, "fired": -4, "last_fired": "soon",
                                   "next": True}}, {})
     assert (v.leading, v.fired, v.last_fired, v.next, v.leader) == (False, 0, None, None, "")
+
+
+def _run_leaders(slots: Slots, start: float, end: float, step: float, failovers: dict,
+                 catch_up: str = "last"):
+    """Leaders taking turns on a fake clock, as the hosts of a cluster do: each step the
+    leader plans from the broker's record, fires (fire, then record), and at the times in
+    ``failovers`` it dies. ``failovers[t] = True`` kills it between a confirmed firing
+    and its record write (the one way to a duplicate); False kills it between steps. A
+    new leader takes over a few seconds later, from whatever the record says.
+    Returns (every firing in order, the slots whose record a dying leader cut)."""
+    record = float(int(start))
+    fired: list[float] = []
+    cut: list[float] = []
+    down_until = None
+    pending = sorted(failovers.items())
+    now = start
+    while now <= end:
+        if down_until is not None and now < down_until:
+            now += step
+            continue
+        down_until = None
+        fire, handled = plan(slots, record, now, catch_up)
+        died = False
+        for f in fire:
+            fired.append(f)
+            if pending and pending[0][0] <= now and pending[0][1]:
+                pending.pop(0)          # confirmed, then dead before the record
+                cut.append(f)
+                died = True
+                break
+            record = f
+        else:
+            record = handled
+            if pending and pending[0][0] <= now and not pending[0][1]:
+                pending.pop(0)          # dead between two steps
+                died = True
+        if died:
+            down_until = now + schedules.CLAIM_EVERY + 1
+        now += step
+    return fired, cut
+
+
+@pytest.mark.parametrize("cron_text, start, end, must_fire", [
+    # Spring forward in Berlin (29 March 2026): 02:30 falls in the gap, fires at 03:00 CEST.
+    ("30 2 * * *", "2026-03-27T12:00:00Z", "2026-03-31T12:00:00Z",
+     ["2026-03-28T01:30:00Z", "2026-03-29T01:00:00Z", "2026-03-30T00:30:00Z"]),
+    # Fall back (25 October 2026): 02:30 happens twice, fires once.
+    ("30 2 * * *", "2026-10-23T12:00:00Z", "2026-10-27T12:00:00Z",
+     ["2026-10-24T00:30:00Z", "2026-10-25T00:30:00Z", "2026-10-26T01:30:00Z"]),
+    # Every half hour through the repeated hour: both passes fire, each once.
+    ("*/30 * * * *", "2026-10-24T22:00:00Z", "2026-10-25T04:00:00Z",
+     ["2026-10-25T00:00:00Z", "2026-10-25T00:30:00Z", "2026-10-25T01:00:00Z",
+      "2026-10-25T01:30:00Z"]),
+    # Every quarter hour over the gap: 01:45 CET, then 03:00 CEST.
+    ("*/15 * * * *", "2026-03-28T22:00:00Z", "2026-03-29T03:00:00Z",
+     ["2026-03-29T00:45:00Z", "2026-03-29T01:00:00Z"]),
+])
+def test_failovers_over_a_dst_change_fire_every_slot_once_but_a_cut_record(
+        cron_text, start, end, must_fire):
+    slots = Slots(cron_text, timezone="Europe/Berlin")
+    t0, t1 = ts(start), ts(end)
+    expected, s = [], slots.next_after(t0)
+    while s is not None and s <= t1:
+        expected.append(s)
+        s = slots.next_after(s)
+    # The zone's slots around the change, one after the other (none in a gap, the
+    # repeated hour's once or twice as the expression says).
+    k = expected.index(ts(must_fire[0]))
+    assert expected[k:k + len(must_fire)] == [ts(x) for x in must_fire]
+    # Failovers at every slot, in turn right after a confirmed firing (record cut) and
+    # a few seconds after the slot (between steps), the DST change's hour included.
+    failovers = {slot + (0 if i % 2 == 0 else 7): i % 2 == 0 for i, slot in enumerate(expected)}
+    fired, cut = _run_leaders(slots, t0, t1, 5.0, failovers)
+    assert sorted(set(fired)) == expected, "a slot was skipped or an unexpected one fired"
+    assert cut, "no failover cut a record: the test proves nothing about duplicates"
+    # Each cut record gives exactly one duplicate, of that slot (the same message id),
+    # fired by the next leader as its first firing; no other slot fires twice.
+    twice = sorted(f for f in set(fired) if fired.count(f) > 1)
+    assert twice == sorted(cut)
+    for f in cut:
+        first = fired.index(f)
+        assert fired.count(f) == 2 and fired[first + 1] == f

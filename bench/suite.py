@@ -81,13 +81,15 @@ class Suite:
                 wait_for(_broker_up, 120, 0.5, "the broker to answer again")
 
     def drain(self, what: str, system, qtype: str, prefetch: int, n: int, workers: int = 2,
-              size: int = 100):
+              size: int = 100, task: str = "stamp"):
         """One valid drain; measured once more when other work on the machine disturbed it."""
-        r = self.attempt(what, drain.drain_once, system, qtype, prefetch, n, workers, size)
+        r = self.attempt(what, drain.drain_once, system, qtype, prefetch, n, workers, size,
+                         None, task)
         if (r and r["other_load"] > NOISY and not self.smoke
                 and time.monotonic() - self.t0 < BUDGET):
             self.log(f"  {what}: other load {r['other_load']:.0%} of the machine, measuring again")
-            again = self.attempt(what, drain.drain_once, system, qtype, prefetch, n, workers, size)
+            again = self.attempt(what, drain.drain_once, system, qtype, prefetch, n, workers,
+                                 size, None, task)
             if again:
                 self.results["noisy_repeats"] = self.results.get("noisy_repeats", 0) + 1
                 if again["other_load"] < r["other_load"]:
@@ -245,9 +247,8 @@ class Suite:
             for qtype in types:
                 for run in range(runs):
                     for name, py, label in (cells if run % 2 == 0 else cells[::-1]):
-                        r = self.attempt(f"W5 {name} {task} {qtype}", drain.drain_once,
-                                         self.system(name, py), qtype, 1, n, W5_WORKERS,
-                                         100, None, task)
+                        r = self.drain(f"W5 {name} {task} {qtype}", self.system(name, py),
+                                       qtype, 1, n, W5_WORKERS, task=task)
                         if r:
                             r.update(run=run, pika=label)
                             out.append(r)

@@ -33,24 +33,31 @@ def node_client(cluster, name=None):
     return conn, ch
 
 
+def declare_target(cluster, target: str) -> None:
+    """The queue the firings go to: quorum, so it survives the node kills."""
+    conn, ch = node_client(cluster, "wqa")
+    ch.queue_declare(target, durable=True, arguments={"x-queue-type": "quorum"})
+    conn.close()
+
+
+def scheduling_daemon(cluster, daemon, i: int, name: str, target: str, work: str):
+    """Daemon ``i`` of three; its connections (and so its leadership) start on node i."""
+    return daemon([queue_config(work, type="quorum", workers=1)],
+                  broker={"urls": cluster.urls[i:] + cluster.urls[:i], "heartbeat": HEARTBEAT},
+                  schedules=[{"name": name, "every": f"{EVERY}s", "queue": target,
+                              "catch_up": "last"}])
+
+
 def test_a_schedule_survives_the_loss_of_its_leaders_node(healed_cluster, daemon, tmp_path):
     c = healed_cluster
     name = f"t-{uuid.uuid4().hex[:8]}"
     target, work = f"t.cl.fired.{name}", f"t.cl.{name}"
-    conn, ch = node_client(c, "wqa")
-    ch.queue_declare(target, durable=True, arguments={"x-queue-type": "quorum"})
-    conn.close()
+    declare_target(c, target)
     names = list(c.nodes)
     daemons = []
     try:
         for i in range(3):
-            # Daemon i's schedules connection (and so its leadership) starts on node i.
-            urls = c.urls[i:] + c.urls[:i]
-            daemons.append(daemon(
-                [queue_config(work, type="quorum", workers=1)],
-                broker={"urls": urls, "heartbeat": HEARTBEAT},
-                schedules=[{"name": name, "every": f"{EVERY}s", "queue": target,
-                            "catch_up": "last"}]))
+            daemons.append(scheduling_daemon(c, daemon, i, name, target, work))
         wait_for(lambda: sum(d.metric("workqd_schedule_leader", schedule=name)
                              for d in daemons) == 1, 60, what="one leader")
         (leader,) = [i for i, d in enumerate(daemons)
@@ -228,19 +235,13 @@ def test_a_three_minute_soak_through_a_killed_leader_a_killed_node_and_a_restart
     c = healed_cluster
     name = f"t-{uuid.uuid4().hex[:8]}"
     target, work = f"t.cl.soak.{name}", f"t.cl.soakw.{name}"
-    conn, ch = node_client(c, "wqa")
-    ch.queue_declare(target, durable=True, arguments={"x-queue-type": "quorum"})
-    conn.close()
+    declare_target(c, target)
     names = list(c.nodes)
     daemons = []
     events: list[tuple[str, float]] = []
     try:
         for i in range(3):
-            daemons.append(daemon(
-                [queue_config(work, type="quorum", workers=1)],
-                broker={"urls": c.urls[i:] + c.urls[:i], "heartbeat": HEARTBEAT},
-                schedules=[{"name": name, "every": f"{EVERY}s", "queue": target,
-                            "catch_up": "last"}]))
+            daemons.append(scheduling_daemon(c, daemon, i, name, target, work))
         _leader(daemons, name)
         wait_for(lambda: _fired_lines(daemons, name), 30, what="a first firing")
         start = time.time()

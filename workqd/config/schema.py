@@ -204,7 +204,8 @@ KEYS: tuple[Key, ...] = (
     _whole("queues[].limits.concurrency", 0, 0, MAX_CONCURRENCY,
            "Tasks of this queue running at once across all daemons; 0: no cap."),
     Key("queues[].limits.rate", "rate", None,
-        'Task starts across all daemons, e.g. "50/s", "300/min", "10/h"; unset: no limit.'),
+        'Task starts across all daemons ("50/s", "300/min", "10/h"), kept 2.4 % under it; '
+        "unset: no limit."),
     _whole("queues[].limits.burst", 1, 1, MAX_BURST,
            "Starts the rate may save up while the queue is idle, taken at once later."),
     Key("queues[].arguments", "mapping", None,

@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple
 import pika
 import pika.spec
 
+from .. import eagerio
 from ..broker import Failover, connection_parameters, redact
 from ..config import Broker
 
@@ -132,6 +133,7 @@ class _Link:
             on_close_callback=self._on_closed, custom_ioloop=self._ioloop)
 
     def _on_open(self, connection) -> None:
+        eagerio.install(connection)
         connection.add_on_connection_blocked_callback(self._on_connection_blocked)
         connection.add_on_connection_unblocked_callback(self._on_connection_unblocked)
         connection.channel(on_open_callback=self._on_channel_open)

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import pika
 import pika.exceptions
 
-from .. import delays, exitcodes
+from .. import delays, eagerio, exitcodes
 from ..amqperrors import tls_error
 from ..broker import Declaration, connection_parameters, declarations, queue_arguments, redact
 from ..config import Binding, Broker, Queue
@@ -213,6 +213,7 @@ class Session:
         self._report(classify_open_error(error, self.url))
 
     def _on_connection_open(self, connection) -> None:
+        eagerio.install(connection)
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_closed(self, connection, reason) -> None:

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import mmap
 import struct
+import threading
 import time
 
 from .vocab import OUTCOMES
@@ -202,7 +203,7 @@ class NoFreeSlot(RuntimeError):
 class Slot:
     """One worker's view of its slot (writer) and the master's (reader)."""
 
-    __slots__ = ("table", "index", "_q", "_d", "_base", "_mm")
+    __slots__ = ("table", "index", "_q", "_d", "_base", "_mm", "_record_lock")
 
     def __init__(self, table: SlotTable, index: int):
         self.table = table
@@ -211,6 +212,9 @@ class Slot:
         self._d = table._d
         self._mm = table._mm
         self._base = index * SLOT_WORDS
+        # Outcomes are counted by the worker's I/O thread, and by its handler thread
+        # for a success it acked itself: the lock keeps each increment whole.
+        self._record_lock = threading.Lock()
 
     # --- written by the worker -------------------------------------------
 
@@ -257,12 +261,14 @@ class Slot:
         self._q[self._base + W_BUSY] = 0
 
     def record(self, outcome: int, duration: float) -> None:
-        """A task was settled with ``outcome`` after running ``duration`` seconds (I/O thread)."""
+        """A task was settled with ``outcome`` after running ``duration`` seconds (I/O
+        thread; the handler thread for a success it acked itself)."""
         b = self._base
         q = self._q
-        q[b + W_OUTCOMES + outcome] += 1
-        q[b + W_BUCKETS + bisect.bisect_left(BUCKETS, duration)] += 1
-        self._d[b + W_DURATION_SUM] += duration
+        with self._record_lock:
+            q[b + W_OUTCOMES + outcome] += 1
+            q[b + W_BUCKETS + bisect.bisect_left(BUCKETS, duration)] += 1
+            self._d[b + W_DURATION_SUM] += duration
 
     def subscribed(self) -> None:
         """The consumer is registered (I/O thread)."""

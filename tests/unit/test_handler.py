@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 
 import pika
 
@@ -28,8 +29,9 @@ def test_a_recycling_worker_never_shows_as_leaving_while_its_last_task_waits_to_
         release.wait(5)
 
     handler = HandlerThread(run, slot, 5.0, lambda: leaving.append(True))
-    first = Delivery(None, 1, b"", pika.BasicProperties(), Task("m1", "q", {}, False, 0, 1))
-    last = Delivery(None, 2, b"", pika.BasicProperties(), Task("m2", "q", {}, False, 0, 1))
+    settler = types.SimpleNamespace(direct_ack=False)
+    first = Delivery(settler, 1, b"", pika.BasicProperties(), Task("m1", "q", {}, False, 0, 1))
+    last = Delivery(settler, 2, b"", pika.BasicProperties(), Task("m2", "q", {}, False, 0, 1))
     handler.last = last
     handler.submit(first)
     handler.submit(last)

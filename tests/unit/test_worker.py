@@ -4,6 +4,7 @@ worker processes; a few milliseconds each."""
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -51,6 +52,7 @@ def _worker():
 class _Settler:
     usable = True
     pending = False
+    direct_ack = False
 
     def __init__(self):
         self.copies, self.acks = [], []
@@ -61,6 +63,10 @@ class _Settler:
 
     def ack(self, d):
         self.acks.append(d.tag)
+        return True
+
+    def abandon(self, d):
+        d.abandoned = True
         return True
 
     def reply(self, *a):
@@ -107,7 +113,7 @@ def test_python_timeout_settles_once_and_ignores_the_late_result():
     settler = _Settler()
     d = Delivery(settler, 9, b"", pika.BasicProperties(), Task("m9", "q", {}, False, 0, 1))
     d.started = time.monotonic() - 60
-    handler = types.SimpleNamespace(running=d,
+    handler = types.SimpleNamespace(running=d, results=collections.deque(), wake_always=True,
                                     take_unstarted=lambda: [], busy=lambda: False, idle=lambda: True)
     worker._handler = handler
     stopped = []
@@ -130,7 +136,8 @@ def _consuming_worker():
     queued = []
     worker._handler = types.SimpleNamespace(submit=queued.append, idle=lambda: not queued,
                                             running=None, busy=lambda: bool(queued),
-                                            take_unstarted=lambda: [])
+                                            take_unstarted=lambda: [],
+                                            results=collections.deque(), wake_always=True)
     worker._ioloop = types.SimpleNamespace(stop=lambda: None)
     channel = types.SimpleNamespace(is_open=True, acks=[],
                                     basic_ack=lambda tag, multiple=False: None,
@@ -170,3 +177,73 @@ def test_an_internal_error_in_the_delivery_callback_stops_the_worker(monkeypatch
     worker._on_message(channel, _method(1), pika.BasicProperties(message_id="m1"), b"x")
     assert worker._stopping and worker._exit_code == exitcodes.WORKER_CRASH
     assert "internal error in _on_message" in caplog.text and queued == []
+
+
+# --- prefetch 1: the handler thread acks and counts a success without waking the I/O thread
+
+def _direct_worker(wake_always: bool):
+    from tests.unit.test_eagerio import Connection, FakeSocket, transport
+    from workqd import eagerio
+    from workqd.worker.settle import Settler
+    worker = _worker()
+    sock = FakeSocket()
+    t, *_ = transport(sock)
+    channel = types.SimpleNamespace(is_open=True, channel_number=1,
+                                    basic_ack=lambda tag, multiple=False: None,
+                                    basic_nack=lambda tag, requeue=True: None)
+    handler = HandlerThread(lambda body, task: None, worker.slot, 5.0)
+    handler.wake_always = wake_always
+    worker._handler = handler
+    worker._ioloop = types.SimpleNamespace(stop=lambda: None)
+    settler = Settler(channel, None, 1, handler.idle, worker, None,
+                      eagerio.install(Connection(t)))
+    worker._session = types.SimpleNamespace(channel=channel, settler=settler,
+                                            stop_consuming=lambda: None, connection=None,
+                                            check_consumer=lambda: None, held=False)
+    worker._next_consumer_check = float("inf")
+    handler.start()
+    return worker, channel, settler, sock
+
+
+def _eventfd_written(handler) -> bool:
+    try:
+        os.eventfd_read(handler.wake_fd)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def test_a_quiet_success_is_acked_and_counted_at_once_and_settled_at_the_next_delivery():
+    from workqd.worker.settle import ack_frame
+    worker, channel, settler, sock = _direct_worker(wake_always=False)
+    worker._on_message(channel, _method(1), pika.BasicProperties(message_id="m1"), b"x")
+    deadline = time.monotonic() + 5
+    while not worker._handler.results and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert bytes(sock.sent) == ack_frame(1, 1)     # the broker has its ack
+    assert worker.slot.tasks_done == 1             # and /metrics counts it
+    assert not _eventfd_written(worker._handler)   # the I/O thread slept on
+    assert settler.pending                         # its bookkeeping waits for the next delivery
+    worker._on_message(channel, _method(2), pika.BasicProperties(message_id="m2"), b"x")
+    deadline = time.monotonic() + 5
+    while worker.slot.tasks_done < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert bytes(sock.sent) == ack_frame(1, 1) + ack_frame(1, 2)
+    worker._check()                                # or for the tick, after the last one
+    assert not settler.pending and not worker._handler.results
+    assert worker.slot.tasks_done == 2             # each counted once
+
+
+def test_a_stopping_worker_hears_of_every_result():
+    worker, channel, settler, sock = _direct_worker(wake_always=False)
+    worker.stop(exitcodes.WORKER_OK)
+    assert worker._handler.wake_always
+
+
+def test_with_wake_always_a_success_acked_by_the_handler_still_wakes_the_io_thread():
+    worker, channel, settler, sock = _direct_worker(wake_always=True)
+    worker._on_message(channel, _method(1), pika.BasicProperties(message_id="m1"), b"x")
+    deadline = time.monotonic() + 5
+    while not worker._handler.results and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert _eventfd_written(worker._handler) and worker.slot.tasks_done == 1

@@ -7,7 +7,10 @@ task's start time is written on its Delivery before the Delivery is published as
 ``running``, so a reader never sees a task without its start time. Results travel
 back through a deque: the handler thread writes the run's outcome on the Delivery
 (fields of its own, intake.py), then appends it. No record is built per task. The
-eventfd is written only when the I/O thread is not already due to look.
+eventfd is written only when the I/O thread is not already due to look, and not
+for a success this thread acked itself (prefetch 1, settle.py's
+``ack_from_handler``): the I/O thread reads that one when it wakes for the next
+delivery or at its tick, unless it asked to hear of every result (``wake_always``).
 
 The loop runs once per task, so it is written for speed: locals for
 everything it touches, no helper frames on the common path.
@@ -60,6 +63,11 @@ class HandlerThread:
         # Set by this thread when it writes the eventfd, cleared by the I/O
         # thread before it drains: at worst one extra wake-up, never a missed one.
         self.wake_pending = False
+        # False: a success this thread acked itself is appended without a wake-up;
+        # the I/O thread, about to wake for the next delivery anyway, reads it then,
+        # or at its next tick (Worker.quiet_results). True (the I/O thread's word):
+        # every result wakes it, for a worker that stops or a queue with limits.
+        self.wake_always = True
         # The Delivery being run, its ``started`` already set (this thread writes it).
         self.running: Delivery | None = None
         self._thread = threading.Thread(target=self._loop, name="handler", daemon=True)
@@ -146,11 +154,20 @@ class HandlerThread:
                 outcome, error = vocab.RETRY, runner.error_line(e)
                 log.warning("task %s failed: %s", task.message_id, error,
                             exc_info=not isinstance(e, runner.HandlerFailed))
-            d.ran_for = monotonic() - started
+            d.ran_for = ran_for = monotonic() - started
+            settler = d.settler
+            if settler.direct_ack and outcome == SUCCESS and not props.reply_to:
+                # The broker's next delivery need not wait for the I/O thread to wake;
+                # whoever acks a success counts it.
+                try:
+                    settler.ack_from_handler(d, lambda: slot.record(SUCCESS, ran_for))
+                except Exception:   # never the end of this thread: the I/O thread acks it
+                    log.exception("internal error acking task %s on the handler thread",
+                                  task.message_id)
             d.outcome, d.failure = outcome, error
             self.running = None
             slot.end()
             results.append(d)
-            if not self.wake_pending:
+            if not self.wake_pending and (self.wake_always or not d.acked):
                 self.wake_pending = True
                 os.eventfd_write(self.wake_fd, 1)

@@ -21,11 +21,11 @@ MAX_ATTEMPT = 1_000_000
 class Delivery:
     """One message between arrival and settlement; I/O thread only, except that the
     handler thread reads ``body``, ``props`` and ``task`` (never written after intake
-    but for ``task.deadline``, which the handler thread alone writes and reads) and
-    writes the four run fields below."""
+    but for ``task.deadline``, which the handler thread alone writes and reads),
+    writes the run fields below, and ``acked`` under the transport's lock."""
 
     __slots__ = ("settler", "tag", "body", "props", "task", "abandoned", "duration", "error",
-                 "started", "outcome", "ran_for", "failure", "defer_for")
+                 "started", "outcome", "ran_for", "failure", "defer_for", "acked", "counted")
 
     def __init__(self, settler, tag: int, body: bytes, props, task: Task):
         self.settler = settler    # of the channel it came on; dies with that channel
@@ -46,6 +46,11 @@ class Delivery:
         self.ran_for = 0.0
         self.failure = ""
         self.defer_for = None     # seconds a RetryLater(delay=) asked for; None: the backoff
+        # Its ack went out from the handler thread (settle.py, ack_from_handler), and
+        # the success was counted there first; set under the transport's lock, as
+        # ``abandoned`` is when a handler is given up on.
+        self.acked = False
+        self.counted = False
 
 
 def published_at(props) -> float | None:

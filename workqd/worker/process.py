@@ -10,7 +10,8 @@ delivery came from.
 Thread ownership: every attribute of ``Worker`` belongs to the I/O thread. The
 slot's connection state, draining flag and settlement counters are written
 here; its busy word and message id by the handler thread only (slots.py), which
-also raises the draining flag as it begins a recycling worker's last task.
+also raises the draining flag as it begins a recycling worker's last task, and at
+prefetch 1 writes a success's ack frame itself (settle.py, ``ack_from_handler``).
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ class Worker:
                                     self._on_blocked, self.queue.allow_reply_queues)
         self._handler = HandlerThread(run, self.slot, self.queue.timeout, self._wake_master,
                                       self._cancelled_at if self._cancels is not None else None)
+        # A queue with limits asks the handler to be told of every result: its gate
+        # reads the handler's idleness to release a concurrency slot.
+        self._handler.wake_always = bool(self.queue.limits.any)
         self._ioloop.add_handler(self._handler.wake_fd, self._on_results, IOLoop.READ)
         self._install_signals()
         self._handler.start()
@@ -152,6 +156,8 @@ class Worker:
             self._exit_code = exit_code
         if not self._stopping:
             self._stopping = True
+            # Every result counts now: the worker leaves once the last one is settled.
+            self._handler.wake_always = True
             if flag:
                 self.slot.set_draining()
                 self._wake_master()
@@ -163,6 +169,8 @@ class Worker:
                 waiting = self._gate.take_waiting() if self._gate is not None else []
                 for d in [*waiting, *self._handler.take_unstarted()]:
                     d.settler.requeue(d)
+        if self._handler.results:
+            self._settle_results()
         self._finish_if_idle()
 
     def _finish_if_idle(self) -> None:
@@ -324,6 +332,8 @@ class Worker:
         if session is None or channel is not session.channel:
             return   # a channel of an earlier session: the broker requeued its deliveries
         try:   # zero-cost until something raises (Python 3.11)
+            if self._handler.results:
+                self._settle_results()   # the quiet ones (HandlerThread.wake_always)
             settler = session.settler
             try:
                 task, problem = intake.read_task(self.queue.name, method.redelivered, props,
@@ -454,6 +464,13 @@ class Worker:
             log.exception("internal error in _on_results; stopping this worker")
             self.stop(exitcodes.WORKER_CRASH)
 
+    def _settle_results(self) -> None:
+        """Settle the results the handler thread appended without a wake-up: successes
+        it acked itself (their ack is out; what is left is bookkeeping)."""
+        results = self._handler.results
+        while results:
+            self._on_result(results.popleft())
+
     def _on_result(self, d: Delivery) -> None:
         """The handler thread has run ``d`` (its run fields are written)."""
         if d.abandoned:
@@ -479,12 +496,17 @@ class Worker:
     def _settle(self, d: Delivery, outcome: int, reason: str | None = None) -> None:
         if outcome == vocab.SUCCESS and reason is None:
             # Nearly every task: the hot path of the I/O thread, without the policy call.
-            self.slot.record(vocab.SUCCESS, d.duration)
-            if d.settler.ack(d):
-                if d.props.reply_to:
-                    d.settler.reply(d, "success", True)
+            if d.acked:
+                # The handler thread acked and counted it (settle.py, ack_from_handler).
+                d.settler.acked_by_handler(d)
             else:
-                self.on_unsettled(d, "channel gone")
+                if not d.counted:   # the handler thread counted it, then could not send
+                    self.slot.record(vocab.SUCCESS, d.duration)
+                if d.settler.ack(d):
+                    if d.props.reply_to:
+                        d.settler.reply(d, "success", True)
+                else:
+                    self.on_unsettled(d, "channel gone")
             if self._stopping:
                 self._finish_if_idle()
             return
@@ -555,6 +577,9 @@ class Worker:
 
     def _check(self) -> None:
         self.slot.tick()
+        if self._handler.results:
+            self._settle_results()   # the last quiet success of a burst
+
         now = time.monotonic()
         if self._session is not None and now >= self._next_consumer_check:
             self._next_consumer_check = now + CONSUMER_CHECK_EVERY
@@ -569,9 +594,10 @@ class Worker:
                 and time.monotonic() - d.started > self.queue.timeout):
             # A thread cannot be killed: settle the task as timed out, then
             # leave so the master replaces this process.
+            if not d.settler.abandon(d):
+                return   # it returned and acked itself meanwhile
             log.error("task %s ran past its timeout of %gs; settling it as timed out and "
                       "recycling this worker", d.task.message_id, self.queue.timeout)
-            d.abandoned = True
             d.duration = time.monotonic() - d.started
             d.error = f"ran past {self.queue.timeout:g}s"
             self._settle(d, vocab.TIMEOUT)
@@ -597,10 +623,11 @@ class Worker:
             self._stopping_cancelled = d
             self._run.cancel(d.task)
             return
+        if not d.settler.abandon(d):
+            return   # it returned and acked itself meanwhile: a success stays one
         log.warning("task %s cancelled (at %s) while running: settling it as cancelled and "
                     "replacing this worker (a Python handler cannot be stopped in place)",
                     d.task.message_id, _utc(at))
-        d.abandoned = True
         d.duration = time.monotonic() - d.started
         d.error = f"cancelled by workqctl cancel at {_utc(at)} while running"
         self._settle(d, vocab.DEAD_LETTER, vocab.REASON_CANCELLED)

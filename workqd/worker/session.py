@@ -155,6 +155,7 @@ class Session:
         self._on_message = on_message
         self._on_closed = on_closed
         self.connection = None
+        self.io: eagerio.Transport | None = None   # the connection's, once it opens
         self.channel = None
         self.settler: Settler | None = None
         self.consumer_tag: str | None = None
@@ -213,7 +214,7 @@ class Session:
         self._report(classify_open_error(error, self.url))
 
     def _on_connection_open(self, connection) -> None:
-        eagerio.install(connection)
+        self.io = eagerio.install(connection)
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_closed(self, connection, reason) -> None:
@@ -237,7 +238,7 @@ class Session:
         # This channel never publishes (publisher.py does): an alarm cannot block its acks.
         self.channel = channel
         self.settler = Settler(channel, self._ioloop, self._ack_batch, self._handler_idle,
-                               self._events, self._publisher)
+                               self._events, self._publisher, self.io)
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
 

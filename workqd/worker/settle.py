@@ -8,13 +8,20 @@ a stale tag on a newer channel. The liveness check lives here and nowhere else
 (``usable``). Copies and replies go out on the worker's publishing connections
 (publisher.py); the original is acked here once its copy is confirmed.
 
-Every method runs on the worker's I/O thread.
+Every method runs on the worker's I/O thread but ``ack_from_handler``: at prefetch 1
+the handler thread writes a success's ack itself, the moment the task returns, so
+the broker's next delivery does not wait for the I/O thread to wake first (that
+wake-up and the hand-back of the interpreter lock were most of what a task cost
+above plain pika's). It sends only under the transport's lock, and only while
+``closed`` and the delivery's ``abandoned`` are false, which the I/O thread sets
+under that same lock; the I/O thread then settles the delivery as acked.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import struct
 import time
 from typing import Callable, Protocol
 
@@ -29,6 +36,15 @@ log = logging.getLogger("workqd.worker")
 
 ACK_FLUSH_DELAY = 0.005    # seconds a coalesced ack waits at most while the handler is busy
 
+# basic.ack as a whole AMQP 0-9-1 frame: type 1 (method), channel, size 13, class 60,
+# method 80, delivery tag, multiple off, frame end. tests/unit/test_settle.py checks it
+# against pika's own encoding.
+_ACK_FRAME = struct.Struct(">BHIHHQBB")
+
+
+def ack_frame(channel: int, tag: int) -> bytes:
+    return _ACK_FRAME.pack(1, channel, 13, 60, 80, tag, 0, 0xCE)
+
 
 class Events(Protocol):
     def on_settled(self, d: Delivery, metric: int | None) -> None: ...
@@ -37,8 +53,12 @@ class Events(Protocol):
 
 class Settler:
     def __init__(self, channel, ioloop, batch: int, handler_idle: Callable[[], bool],
-                 events: Events, publisher):
+                 events: Events, publisher, io=None):
         self.channel = channel
+        # The connection's eagerio.Transport: with it, at prefetch 1 (nothing to
+        # coalesce), the handler thread acks a success itself (ack_from_handler).
+        self._io = io
+        self.direct_ack = batch == 1 and io is not None and io.direct
         self._publisher = publisher
         self._ioloop = ioloop
         self._batch = batch                 # acks sent together at most
@@ -70,6 +90,42 @@ class Settler:
 
     def forget(self, d: Delivery) -> None:
         self._unsettled.pop(d.tag, None)
+
+    # --- the handler thread's ack ------------------------------------------------
+
+    def ack_from_handler(self, d: Delivery, count: Callable[[], None]) -> None:
+        """Handler thread, for a success at prefetch 1: ``count`` it, then send its ack
+        and mark it ``acked``, unless this channel closed or the I/O thread abandoned
+        the task (both decided under the transport's lock, as this is). Counted before
+        the frame leaves: a worker killed in between has it run and counted again (at
+        least once, as everywhere), never acked and not counted."""
+        channel = self.channel
+
+        def wanted() -> bool:
+            if self.closed or d.abandoned or not channel.is_open:
+                return False
+            count()
+            d.counted = True
+            return True
+        if self._io.send_now(ack_frame(channel.channel_number, d.tag), wanted):
+            d.acked = True
+
+    def abandon(self, d: Delivery) -> bool:
+        """I/O thread: settle ``d`` without its handler's result (a timeout, a cancel).
+        False when the handler thread has acked it already: its result is on its way."""
+        if self._io is None:
+            d.abandoned = True
+            return True
+        with self._io.lock:
+            if d.acked:
+                return False
+            d.abandoned = True
+            return True
+
+    def acked_by_handler(self, d: Delivery) -> None:
+        """I/O thread: ``d``'s ack went out from the handler thread; it is settled here."""
+        self._unsettled.pop(d.tag, None)
+        self._io.flush()
 
     # --- outcomes ---------------------------------------------------------
 
@@ -190,6 +246,9 @@ class Settler:
 
     def close(self) -> None:
         """The channel is gone: drop every ack and confirm; the broker requeues the originals."""
+        if self._io is not None:
+            with self._io.lock:   # no ack of the handler thread's after this
+                self.closed = True
         self.closed = True
         self._cancel_timer()
         self._ack_tags = []

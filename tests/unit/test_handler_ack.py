@@ -17,7 +17,6 @@ from hypothesis import given, settings, strategies as st
 
 from workqd import eagerio
 from workqd.runner import Task
-from workqd.worker.intake import Delivery
 from workqd.worker.settle import Settler, ack_frame
 
 from .test_eagerio import Connection, FakeSocket, transport

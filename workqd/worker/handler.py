@@ -65,7 +65,7 @@ class HandlerThread:
         self.wake_pending = False
         # False: a success this thread acked itself is appended without a wake-up;
         # the I/O thread, about to wake for the next delivery anyway, reads it then,
-        # or at its next tick (Worker.quiet_results). True (the I/O thread's word):
+        # or at its next tick (Worker._settle_results). True (the I/O thread's word):
         # every result wakes it, for a worker that stops or a queue with limits.
         self.wake_always = True
         # The Delivery being run, its ``started`` already set (this thread writes it).

@@ -10,8 +10,9 @@ delivery came from.
 Thread ownership: every attribute of ``Worker`` belongs to the I/O thread. The
 slot's connection state, draining flag and settlement counters are written
 here; its busy word and message id by the handler thread only (slots.py), which
-also raises the draining flag as it begins a recycling worker's last task, and at
-prefetch 1 writes a success's ack frame itself (settle.py, ``ack_from_handler``).
+also raises the draining flag as it begins a recycling worker's last task. At
+prefetch 1 the handler thread also counts a success and writes its ack frame
+itself (settle.py, ``ack_from_handler``); the I/O thread settles the rest.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import time
 import types
 
 import pika
+from polling import wait_for
 
 from workqd import config, exitcodes, vocab
 from workqd.runner import Task
@@ -213,37 +214,40 @@ def _eventfd_written(handler) -> bool:
         return False
 
 
+def _deliver_and_wait(worker, channel, tag: int) -> None:
+    """One delivery through pika's callback; back once its result is with the I/O thread."""
+    done = worker.slot.tasks_done
+    worker._on_message(channel, _method(tag), pika.BasicProperties(message_id=f"m{tag}"), b"x")
+    wait_for(lambda: worker.slot.tasks_done > done and worker._handler.results, 5,
+             interval=0.001, what=f"the handler thread's result for delivery {tag}")
+
+
 def test_a_quiet_success_is_acked_and_counted_at_once_and_settled_at_the_next_delivery():
     from workqd.worker.settle import ack_frame
     worker, channel, settler, sock = _direct_worker(wake_always=False)
-    worker._on_message(channel, _method(1), pika.BasicProperties(message_id="m1"), b"x")
-    deadline = time.monotonic() + 5
-    while not worker._handler.results and time.monotonic() < deadline:
-        time.sleep(0.001)
+    _deliver_and_wait(worker, channel, 1)
     assert bytes(sock.sent) == ack_frame(1, 1)     # the broker has its ack
     assert worker.slot.tasks_done == 1             # and /metrics counts it
     assert not _eventfd_written(worker._handler)   # the I/O thread slept on
     assert settler.pending                         # its bookkeeping waits for the next delivery
-    worker._on_message(channel, _method(2), pika.BasicProperties(message_id="m2"), b"x")
-    deadline = time.monotonic() + 5
-    while worker.slot.tasks_done < 2 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    _deliver_and_wait(worker, channel, 2)          # settles the first as it arrives
+    assert settler._unsettled.keys() == {2}
     assert bytes(sock.sent) == ack_frame(1, 1) + ack_frame(1, 2)
     worker._check()                                # or for the tick, after the last one
     assert not settler.pending and not worker._handler.results
     assert worker.slot.tasks_done == 2             # each counted once
 
 
-def test_a_stopping_worker_hears_of_every_result():
+def test_a_stopping_worker_settles_the_quiet_result_and_hears_of_every_later_one():
     worker, channel, settler, sock = _direct_worker(wake_always=False)
+    _deliver_and_wait(worker, channel, 1)
+    assert settler.pending
     worker.stop(exitcodes.WORKER_OK)
+    assert not settler.pending and not worker._handler.results   # nothing left owed
     assert worker._handler.wake_always
 
 
 def test_with_wake_always_a_success_acked_by_the_handler_still_wakes_the_io_thread():
     worker, channel, settler, sock = _direct_worker(wake_always=True)
-    worker._on_message(channel, _method(1), pika.BasicProperties(message_id="m1"), b"x")
-    deadline = time.monotonic() + 5
-    while not worker._handler.results and time.monotonic() < deadline:
-        time.sleep(0.001)
+    _deliver_and_wait(worker, channel, 1)
     assert _eventfd_written(worker._handler) and worker.slot.tasks_done == 1

@@ -246,10 +246,11 @@ class Settler:
 
     def close(self) -> None:
         """The channel is gone: drop every ack and confirm; the broker requeues the originals."""
-        if self._io is not None:
+        if self._io is None:
+            self.closed = True
+        else:
             with self._io.lock:   # no ack of the handler thread's after this
                 self.closed = True
-        self.closed = True
         self._cancel_timer()
         self._ack_tags = []
         for d in self._copies.values():

@@ -212,6 +212,7 @@ class Cluster:
         self.urls = [f"amqp://guest:guest@127.0.0.1:{n.port}/%2F" for n in self.nodes.values()]
         self.frozen: set[str] = set()
         self.app_stopped: set[str] = set()
+        self.status_errors: dict[str, str] = {}   # why each node's last status read failed
         self.timings: dict[str, float] = {}
 
     def url(self, name: str) -> str:
@@ -313,10 +314,24 @@ class Cluster:
     # --- health ----------------------------------------------------------
 
     def status(self, name: str) -> dict | None:
+        """``cluster_status`` as ``name`` answers it; None when it gave no answer this time."""
         try:
-            return self.nodes[name].json("rabbitmqctl", "cluster_status", timeout=30)
-        except (AssertionError, subprocess.TimeoutExpired, json.JSONDecodeError):
+            answer = self.nodes[name].json("rabbitmqctl", "cluster_status", timeout=30)
+        except (AssertionError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+            self.status_errors[name] = f"{type(e).__name__}: {e}"
             return None
+        if answer is None:
+            self.status_errors[name] = "rabbitmqctl printed nothing"
+        return answer
+
+    def answered_status(self, name: str, timeout: float = 90) -> dict:
+        """``status`` retried until ``name`` answers: a loaded machine can make one call
+        fail (a CLI node that cannot start in time) while the broker is fine."""
+        answers: list[dict] = []
+        poll(lambda: answers.append(self.status(name)) or answers[-1] is not None, timeout,
+             interval=1, what=lambda: (f"an answer to cluster_status from {name}; last error: "
+                                       f"{self.status_errors.get(name, 'none')}"))
+        return answers[-1]
 
     def is_healthy(self) -> bool:
         """Every node sees 3 running nodes and no partitions."""

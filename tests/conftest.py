@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import resource
 import secrets
 import signal
@@ -185,10 +186,25 @@ def _machine_broker_access(request):
         yield
 
 
+# Ports handed to daemons come from below the kernel's ephemeral range (32768 up on
+# Debian), so the outgoing connection of another test cannot take one between the pick
+# and the daemon's bind; the throwaway brokers (56xx, 2xxxx) sit below this range too.
+TEST_PORTS = range(27000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing is bound to at the moment of the call."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(TEST_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {TEST_PORTS.start}-{TEST_PORTS.stop - 1} "
+                         f"after 200 tries")
 
 
 @pytest.fixture(scope="session")
@@ -358,15 +374,35 @@ class Daemon:
     def start(self, wait_ready: bool = True, module: str = "workqd.cli",
               nofile: int | None = None) -> "Daemon":
         """``nofile`` limits the daemon's open files, as systemd's LimitNOFILE= would."""
-        self._log = open(self.log_path, "ab")
         limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) \
             if nofile else None
-        self.proc = subprocess.Popen([sys.executable, "-m", module, "-c", str(self.path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env(),
-                                     preexec_fn=limit)
+        for attempt in range(3):
+            self._log = open(self.log_path, "ab")
+            self.proc = subprocess.Popen([sys.executable, "-m", module, "-c", str(self.path)],
+                                         stdout=self._log, stderr=subprocess.STDOUT,
+                                         env=self.env(), preexec_fn=limit)
+            if not wait_ready or not self._lost_its_port():
+                break
+            # Another process bound the picked port first: a race of the test rig, not
+            # the daemon's fault. Pick again, starting from an empty log.
+            self._log.close()
+            self.log_path.unlink()
+            self.port = free_port()
+            self.config["metrics"]["listen"] = f"127.0.0.1:{self.port}"
+            self.write_config()
         if wait_ready:
             self.wait_ready()
         return self
+
+    def _lost_its_port(self) -> bool:
+        """True when the daemon exited because its metrics port, picked by this rig, was
+        taken. Waits for ready or exit, so ``wait_ready`` afterwards returns at once."""
+        if self.config.get("metrics", {}).get("listen") != f"127.0.0.1:{self.port}":
+            return False
+        wait_for(lambda: self.http("/readyz")[0] == 200 or self._died(), 15,
+                 what=lambda: f"workqd ready; log:\n{self.log()}")
+        return (self._died() and f"metrics.listen 127.0.0.1:{self.port}: address already in use"
+                in self.log())
 
     def wait_ready(self, timeout: float = 15) -> None:
         wait_for(lambda: self.http("/readyz")[0] == 200 or self._died(), timeout,

@@ -48,7 +48,7 @@ def unique(prefix: str) -> str:
 
 def test_cluster_forms_from_three_running_nodes(cluster):
     for name in ("wqa", "wqb", "wqc"):
-        status = cluster.status(name)
+        status = cluster.answered_status(name)
         assert sorted(status["running_nodes"]) == [n.node for n in cluster.nodes.values()], status
         assert not status["partitions"], status
     print(f"cluster timings: {cluster.timings}")

@@ -7,6 +7,7 @@ import collections
 import os
 import signal
 import time
+from pathlib import Path
 
 from conftest import queue_config, wait_for
 
@@ -197,3 +198,55 @@ def test_prefetch_above_one_coalesces_acks_without_losing_failures(daemon, amqp,
     coalesced = [int(w) for line in d.log().splitlines() if "in one frame" in line
                  for w in line.split("acked ", 1)[1].split()[:1]]
     assert coalesced and max(coalesced) > 1, "no multiple-ack covered several successes"
+
+
+
+def _thread_io(pid: int) -> dict[int, tuple[int, int]]:
+    """(read, write) system calls so far, per thread of ``pid``. Linux counts read(2) and
+    write(2) here, not a socket's send or recv: for a worker, that is its wake-up eventfd."""
+    counts = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = dict(line.split(": ") for line in (task / "io").read_text().splitlines())
+        counts[int(task.name)] = (int(fields["syscr"]), int(fields["syscw"]))
+    return counts
+
+
+def _wakeups_per_task(daemon, amqp, qname, tasks: int, **queue) -> tuple[float, float]:
+    """Drain ``tasks`` no-op tasks through one worker at prefetch 1: (eventfd reads of the
+    connection's thread, eventfd writes of the other threads) per task."""
+    d = daemon([queue_config(qname, workers=1, handler={"python": "workqd.handlers:noop"},
+                             **queue)])
+    wait_for(lambda: amqp.channel().queue_declare(qname, passive=True).method.consumer_count == 1,
+             10, what="the worker consuming")
+    worker, = d.worker_pids()
+    before = _thread_io(worker)
+    for i in range(tasks):
+        amqp.publish(qname, f"n={i}")
+    wait_for(lambda: d.metric("workqd_tasks_processed_total", queue=qname, outcome="success")
+             == tasks, 60, what=f"{tasks} tasks done")
+    after = _thread_io(worker)
+    assert amqp.count(qname) == 0
+    assert d.stop() == 0
+    reads = after[worker][0] - before[worker][0]   # the main thread runs the connection
+    writes = sum(w - before.get(tid, (0, 0))[1] for tid, (_, w) in after.items() if tid != worker)
+    return reads / tasks, writes / tasks
+
+
+def test_at_prefetch_one_the_handler_thread_acks_without_waking_the_connection(
+        daemon, amqp, qname):
+    # A success at prefetch 1 is acked by the thread that ran it: the connection's thread
+    # is not woken for it. Were that path silently off (a pika whose transport no longer
+    # looks as expected), every other test would still pass, only slower. At prefetch 1
+    # the broker sends the next task only after the ack, so the tasks getting done at
+    # all, with no wake-up, means the handler thread sent the acks.
+    # A queue with limits asks to hear of every result: the contrast shows what is counted.
+    tasks = 200
+    quiet = _wakeups_per_task(daemon, amqp, qname, tasks)
+    limited = f"{qname}.limited"
+    try:
+        woken = _wakeups_per_task(daemon, amqp, limited, tasks, limits={"concurrency": 5})
+    finally:
+        amqp.delete(limited, f"{limited}.dead")
+    assert quiet[0] < 0.1 and quiet[1] < 0.1, (quiet, woken)
+    print(f"\nwake-ups per task, quiet {quiet}, with limits {woken}")
+    assert woken[0] >= 0.9 and woken[1] >= 0.9, (quiet, woken)

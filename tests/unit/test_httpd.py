@@ -513,12 +513,16 @@ def test_emfile_pauses_accepts_without_spinning_and_recovers(tmp_path):
         used = cpu_seconds(proc.pid) - before
         print(f"\nEMFILE: {used:.2f} s of CPU in 2.5 s with accepts failing")
         assert used < 0.5, f"{used:.2f} s of CPU in 2.5 s out of file descriptors: a busy loop"
+        # One warning for the whole time out of descriptors, not one per failed accept.
+        text = log_path.read_text()
+        assert text.count("cannot accept connections") == 1, text
         for s in held:
             s.close()
         held.clear()
+        # Released, the backlog's closed connections are accepted in a rush: on a loaded
+        # machine that can run out again, briefly, which is a new episode of its own.
         assert get(port)[0] == 200
         text = log_path.read_text()
-        assert text.count("cannot accept connections") == 1, text
         assert "accepting connections again" in text
         assert "Traceback" not in text
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -188,11 +189,17 @@ def test_recycling_by_task_count_keeps_the_pool_full(daemon, amqp, qname):
     d = daemon([queue_config(qname, workers=2, max_tasks_per_worker=3)])
     # The replacement starts when the old worker takes its last task, so a task must
     # outlast a worker's start (a fork, a connect and the declarations) for the pool to
-    # stay full. That is well under a second here, but CI also runs this suite inside a
-    # container on a loaded machine, where a second proved too little: tasks take 2 s.
-    ids = [amqp.publish(qname, f"n={i} sleep=2") for i in range(12)]
-    lowest = _sample_capacity(d, qname, 2, lambda: d.ledger.ended_ids() >= set(ids), 60)
-    assert lowest >= 2, f"capacity dipped to {lowest}"
+    # stay full. That is well under a second on a quiet machine; CI also runs this suite
+    # inside a container on a loaded one, where 2 s once proved too little. So a task
+    # lasts four times what this pool's own start took here, and at least 2 s.
+    started = wait_for(lambda: re.search(
+        r"ready: every worker is consuming \((\d+\.\d+)s after start\)", d.log()), 30,
+        what="the master's line on its start")
+    task_s = max(2.0, 4 * float(started.group(1)))
+    ids = [amqp.publish(qname, f"n={i} sleep={task_s:.2f}") for i in range(12)]
+    lowest = _sample_capacity(d, qname, 2, lambda: d.ledger.ended_ids() >= set(ids),
+                              60 + 6 * task_s)
+    assert lowest >= 2, f"capacity dipped to {lowest} with {task_s:.2f} s tasks:\n{d.log()}"
     wait_for(lambda: d.metric("workqd_worker_restarts_total", queue=qname, reason="recycle") >= 3,
              10, what="recycles counted")
     per_pid = collections.Counter(e["pid"] for e in d.ledger.events("end"))

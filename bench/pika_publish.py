@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+import uuid
 
 import pika
 from pika.adapters.select_connection import IOLoop
@@ -21,7 +22,18 @@ URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 PERSISTENT = pika.BasicProperties(delivery_mode=2)
 
 
-def publish_pipelined(url: str, queue: str, items, window: int = 1000) -> int:
+def submit_properties() -> pika.BasicProperties:
+    """What workq-submit sends with each task, so the broker's work per message is the
+    same: a message id, the publish time in whole seconds and in milliseconds (a header,
+    for the queue wait metric), a content type."""
+    now = time.time()
+    return pika.BasicProperties(delivery_mode=2, message_id=uuid.uuid4().hex,
+                                timestamp=int(now), content_type="text/plain",
+                                headers={"x-workq-submitted-ms": int(now * 1000)})
+
+
+def publish_pipelined(url: str, queue: str, items, window: int = 1000,
+                      mandatory: bool = False) -> int:
     """Publish (body, properties) pairs with up to ``window`` unconfirmed at once.
 
     Returns how many the broker confirmed (acked); raises if it could not connect.
@@ -36,7 +48,7 @@ def publish_pipelined(url: str, queue: str, items, window: int = 1000) -> int:
         ch = holder["ch"]
         while state["next"] < len(items) and len(unconfirmed) < window:
             body, props = items[state["next"]]
-            ch.basic_publish("", queue, body, props)
+            ch.basic_publish("", queue, body, props, mandatory)
             state["next"] += 1
             state["seq"] += 1
             unconfirmed.add(state["seq"])
@@ -99,12 +111,16 @@ def main() -> int:
     p.add_argument("--file", required=True)
     p.add_argument("--mode", choices=("pipelined", "one-at-a-time"), default="pipelined")
     p.add_argument("--window", type=int, default=1000)
+    p.add_argument("--as-submit", action="store_true",
+                   help="messages with the properties workq-submit gives each task, "
+                        "published mandatory as it does")
     a = p.parse_args()
     t0 = time.monotonic()
     with open(a.file, "rb") as f:
-        items = [(line, PERSISTENT) for line in f.read().split(b"\n") if line.strip()]
+        lines = [line for line in f.read().split(b"\n") if line.strip()]
+    items = [(line, submit_properties() if a.as_submit else PERSISTENT) for line in lines]
     if a.mode == "pipelined":
-        n = publish_pipelined(a.url, a.queue, items, a.window)
+        n = publish_pipelined(a.url, a.queue, items, a.window, mandatory=a.as_submit)
     else:
         n = publish_one_at_a_time(a.url, a.queue, items)
     seconds = time.monotonic() - t0

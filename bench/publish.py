@@ -1,7 +1,7 @@
 """W4 submit: publish N one-line tasks from a file, each publisher as a whole process.
 
     python bench/publish.py [--tasks 20000] [--runs 3] [--python VENV_PYTHON]
-                            [--baseline-tree DIR] [--no-one-at-a-time]
+                            [--baseline-tree DIR] [--no-one-at-a-time] [--same-messages]
 
 Publishers: ``workq-submit --file`` (pipelined confirms, mandatory, a message id
 per task), plain pika with pipelined confirms, plain pika one confirmed message
@@ -10,7 +10,10 @@ publisher confirms (``celery_publish.py``, with --others-python). Each is timed
 from process start to exit, start-up included; the queue must then hold all N.
 ``--baseline-tree DIR`` adds ``workq-submit@baseline``, the same command run from
 another checkout (``git archive <commit> | tar -x -C DIR``), so a change is
-measured against its starting point in the same run.
+measured against its starting point in the same run. ``--same-messages`` adds
+plain pika pipelined publishing the messages workq-submit publishes (message id,
+timestamps, content type, mandatory): plain pika's own messages carry only
+delivery_mode, and the broker spends more on the richer ones.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from common import BENCH, URL, Admin, BenchError, median, queue_name, venv_env, 
 
 SUBMIT, PIPELINED, ONE, CELERY = "workq-submit", "pika-pipelined", "pika-one-at-a-time", \
     "celery-apply_async"
+# Plain pika pipelined publishing what workq-submit publishes (message id, timestamps,
+# content type, mandatory): what the broker's work per message costs, apart from the client.
+PIPELINED_SAME = "pika-pipelined-same"
 BASELINE = f"{SUBMIT}@baseline"
 
 
@@ -52,6 +58,9 @@ def argv_for(kind: str, python: str, queue: str, path: Path) -> list[str]:
     if kind == PIPELINED:
         return [python, str(BENCH / "pika_publish.py"), "--url", URL, "--queue", queue,
                 "--file", str(path), "--mode", "pipelined"]
+    if kind == PIPELINED_SAME:
+        return [python, str(BENCH / "pika_publish.py"), "--url", URL, "--queue", queue,
+                "--file", str(path), "--mode", "pipelined", "--as-submit"]
     if kind == ONE:
         return [python, str(BENCH / "pika_publish.py"), "--url", URL, "--queue", queue,
                 "--file", str(path), "--mode", "one-at-a-time"]
@@ -137,10 +146,14 @@ def main() -> int:
                    help="also run workq-submit from this checkout (the starting point)")
     p.add_argument("--no-one-at-a-time", action="store_true",
                    help="leave out the slow one-confirm-at-a-time publisher")
+    p.add_argument("--same-messages", action="store_true",
+                   help="add plain pika pipelined publishing workq-submit's messages")
     a = p.parse_args()
     d = Path(tempfile.mkdtemp(prefix="workqd-bench-"))
     path = task_file(d, a.tasks)
     kinds = [(SUBMIT, a.python), (PIPELINED, a.python)]
+    if a.same_messages:
+        kinds.append((PIPELINED_SAME, a.python))
     trees = {}
     if a.baseline_tree:
         kinds.append((BASELINE, a.python))

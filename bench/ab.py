@@ -6,7 +6,8 @@
 Each run drains once with plain pika and once with every variant, in an order
 that changes from run to run (``run_order``; a multiple of 2 x (variants + 1)
 runs is a balanced design). The summary gives each variant's median tasks/s,
-its median per-run ratio to plain pika, worker and whole-daemon CPU per task, and
+its median per-run ratio to plain pika, worker and whole-daemon CPU per task (and
+plain pika's consumers' CPU per task beside them), and
 the workers' read/write system calls and context switches per task. A variant is
 the root of a checkout (the directory holding ``workqd/``), put first on the
 workers' PYTHONPATH.
@@ -54,6 +55,24 @@ class VariantWorkqd(systems_mod.WorkqdSystem):
             return stop(*args, **kwargs)
         d.stop = stop_and_count
         return d
+
+
+def _count_cpu(system) -> list[float]:
+    """CPU seconds of ``system``'s processes, one entry per drain, read as it stops."""
+    cpu: list[float] = []
+    start = system.start
+
+    def start_and_count(*args, **kwargs):
+        procs = start(*args, **kwargs)
+        stop = procs.stop
+
+        def stop_and_count(*a, **kw):
+            cpu.append(sum(_cpu_seconds(p) for p in procs.pids()))
+            return stop(*a, **kw)
+        procs.stop = stop_and_count
+        return procs
+    system.start = start_and_count
+    return cpu
 
 
 def run_order(systems: list, run: int) -> list:
@@ -123,6 +142,7 @@ def main() -> int:
     wd = Path(tempfile.mkdtemp(prefix="workqd-bench-"))
     variants = [VariantWorkqd(a.python, wd, *v.split("=", 1)) for v in a.variant]
     pika = systems_mod.make("pika", a.python, wd)
+    pika_cpu = _count_cpu(pika)
     admin = Admin()
     for prefetch in a.prefetch:
         rates: dict[str, list[float]] = {"pika": []}
@@ -149,9 +169,12 @@ def main() -> int:
             print(f"== {a.type} prefetch {prefetch}: {label} / {a.baseline} = "
                   f"{median(values):.3f}x (median of {len(values)} paired runs: "
                   f"{', '.join(f'{r:.3f}' for r in values)})", flush=True)
-        print(f"== {a.type} prefetch {prefetch}: worker CPU per task (median): " + "; ".join(
-            f"{v.label} {median(v.worker_cpu[-a.runs:]) / a.tasks * 1e6:.1f} us"
-            for v in variants), flush=True)
+        pika_us = median(pika_cpu[-a.runs:]) / a.tasks * 1e6
+        print(f"== {a.type} prefetch {prefetch}: worker CPU per task (median): "
+              f"pika {pika_us:.1f} us; " + "; ".join(
+                  f"{v.label} {median(v.worker_cpu[-a.runs:]) / a.tasks * 1e6:.1f} us = "
+                  f"{median(v.worker_cpu[-a.runs:]) / a.tasks * 1e6 / pika_us:.2f}x pika's"
+                  for v in variants), flush=True)
         print(f"== {a.type} prefetch {prefetch}: daemon CPU per task (median, master and poller "
               f"included): " + "; ".join(
                   f"{v.label} {median(v.daemon_cpu[-a.runs:]) / a.tasks * 1e6:.1f} us"

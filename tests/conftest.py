@@ -188,7 +188,8 @@ def _machine_broker_access(request):
 
 # Ports handed to daemons come from below the kernel's ephemeral range (32768 up on
 # Debian), so the outgoing connection of another test cannot take one between the pick
-# and the daemon's bind; the throwaway brokers (56xx, 2xxxx) sit below this range too.
+# and the daemon's bind; the throwaway brokers (56xx and 2xxxx, moved up by at most a
+# few hundred with WORKQ_TEST_NODE_OFFSET) sit below this range.
 TEST_PORTS = range(27000, 32768)
 
 
@@ -376,7 +377,8 @@ class Daemon:
         """``nofile`` limits the daemon's open files, as systemd's LimitNOFILE= would."""
         limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) \
             if nofile else None
-        for attempt in range(3):
+        for _ in range(3):
+            kept = self.log_path.stat().st_size if self.log_path.exists() else 0
             self._log = open(self.log_path, "ab")
             self.proc = subprocess.Popen([sys.executable, "-m", module, "-c", str(self.path)],
                                          stdout=self._log, stderr=subprocess.STDOUT,
@@ -384,9 +386,9 @@ class Daemon:
             if not wait_ready or not self._lost_its_port():
                 break
             # Another process bound the picked port first: a race of the test rig, not
-            # the daemon's fault. Pick again, starting from an empty log.
+            # the daemon's fault. Pick again; the log keeps no trace of the lost start.
             self._log.close()
-            self.log_path.unlink()
+            os.truncate(self.log_path, kept)
             self.port = free_port()
             self.config["metrics"]["listen"] = f"127.0.0.1:{self.port}"
             self.write_config()

@@ -162,3 +162,18 @@ def test_hundred_restarts_keep_counters_and_nothing_grows(daemon, amqp, qname, c
         print(f"\n[metrics churn] {int(restarts)} restarts ({kills} kill -9), {runs} runs of "
               f"200 tasks, master RSS "
               f"{rss0} -> {rss1} KiB, fds {fds0} -> {fds1}")
+
+
+def test_the_test_rig_starts_a_daemon_again_when_its_picked_port_was_taken(daemon, qname):
+    # The rig picks a free port, then the daemon binds it: another process can take it
+    # in between. The daemon then exits with its one clear line (above), and the rig
+    # starts it again on another port rather than failing an unrelated test.
+    import socket
+    d = daemon([queue_config(qname)], start=False)
+    taken = d.port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", taken))
+        s.listen()
+        d.start()
+        assert d.port != taken and d.http("/readyz")[0] == 200
+    assert "address already in use" not in d.log()

@@ -95,7 +95,8 @@ def test_poison_task_is_dead_lettered_after_max_redeliveries(daemon, amqp, qname
     assert props.message_id == poison and props.headers["x-workq-reason"] == "poison"
     wait_for(lambda: d.http("/readyz")[0] == 200 and len(d.worker_pids()) == 2, 10,
              what="daemon ready with 2 workers")
-    assert d.metric(OUTCOME, queue=qname, outcome="dead_letter") == 1
+    wait_for(lambda: d.metric(OUTCOME, queue=qname, outcome="dead_letter") == 1, 10,
+             what="the poison task counted")
     assert d.metric("workqd_worker_restarts_total", queue=qname, reason="crash") == 3
     assert "it is poison" in d.log()
 

@@ -401,14 +401,16 @@ class Daemon:
         taken. Waits for ready or exit, so ``wait_ready`` afterwards returns at once."""
         if self.config.get("metrics", {}).get("listen") != f"127.0.0.1:{self.port}":
             return False
-        wait_for(lambda: self.http("/readyz")[0] == 200 or self._died(), 15,
-                 what=lambda: f"workqd ready; log:\n{self.log()}")
+        self._wait_ready_or_exit(15)
         return (self._died() and f"metrics.listen 127.0.0.1:{self.port}: address already in use"
                 in self.log())
 
-    def wait_ready(self, timeout: float = 15) -> None:
+    def _wait_ready_or_exit(self, timeout: float) -> None:
         wait_for(lambda: self.http("/readyz")[0] == 200 or self._died(), timeout,
                  what=lambda: f"workqd ready; log:\n{self.log()}")
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        self._wait_ready_or_exit(timeout)
         assert self.proc.poll() is None, f"workqd exited {self.proc.returncode}:\n{self.log()}"
 
     def _died(self) -> bool:

@@ -186,17 +186,23 @@ def _sample_capacity(d, qname, n, stop_when, timeout):
     return lowest
 
 
-def test_recycling_by_task_count_keeps_the_pool_full(daemon, amqp, qname):
-    d = daemon([queue_config(qname, workers=2, max_tasks_per_worker=3)])
-    # The replacement starts when the old worker takes its last task, so a task must
-    # outlast a worker's start (a fork, a connect and the declarations) for the pool to
-    # stay full. That is well under a second on a quiet machine; CI also runs this suite
-    # inside a container on a loaded one, where 2 s once proved too little. So a task
-    # lasts four times what this pool's own start took here, and at least 2 s.
+def _task_seconds_outlasting_a_start(d) -> float:
+    """How long a task must last to outlast a replacement worker's start here.
+
+    A recycling worker's replacement starts when it takes its last task, so that task
+    must outlast a worker's start (a fork, a connect and the declarations) for the pool
+    to stay full. That is well under a second on a quiet machine; CI also runs this suite
+    inside a container on a loaded one, where 2 s proved too little. So a task lasts four
+    times what this pool's own start took here, and at least 2 s."""
     started = wait_for(lambda: re.search(
         r"ready: every worker is consuming \((\d+\.\d+)s after start\)", d.log()), 30,
         what="the master's line on its start")
-    task_s = max(2.0, 4 * float(started.group(1)))
+    return max(2.0, 4 * float(started.group(1)))
+
+
+def test_recycling_by_task_count_keeps_the_pool_full(daemon, amqp, qname):
+    d = daemon([queue_config(qname, workers=2, max_tasks_per_worker=3)])
+    task_s = _task_seconds_outlasting_a_start(d)
     ids = [amqp.publish(qname, f"n={i} sleep={task_s:.2f}") for i in range(12)]
     lowest = _sample_capacity(d, qname, 2, lambda: d.ledger.ended_ids() >= set(ids),
                               60 + 6 * task_s)
@@ -210,10 +216,12 @@ def test_recycling_by_task_count_keeps_the_pool_full(daemon, amqp, qname):
 
 def test_recycling_by_memory_keeps_the_pool_full(daemon, amqp, qname):
     d = daemon([queue_config(qname, workers=2, max_memory_per_worker="150MiB")])
-    # As above: a last task must outlast a replacement's start on a loaded machine.
-    ids = [amqp.publish(qname, f"n={i} leak=40 sleep=2") for i in range(12)]
-    lowest = _sample_capacity(d, qname, 2, lambda: d.ledger.ended_ids() >= set(ids), 60)
-    assert lowest >= 2, f"capacity dipped to {lowest}"
+    # A worker sees it is past the limit as it takes a task, which becomes its last.
+    task_s = _task_seconds_outlasting_a_start(d)
+    ids = [amqp.publish(qname, f"n={i} leak=40 sleep={task_s:.2f}") for i in range(12)]
+    lowest = _sample_capacity(d, qname, 2, lambda: d.ledger.ended_ids() >= set(ids),
+                              60 + 6 * task_s)
+    assert lowest >= 2, f"capacity dipped to {lowest} with {task_s:.2f} s tasks:\n{d.log()}"
     wait_for(lambda: d.metric("workqd_worker_restarts_total", queue=qname, reason="recycle") >= 2,
              10, what="memory recycles counted")
     assert "past max_memory_per_worker" in d.log()

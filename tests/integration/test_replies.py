@@ -13,13 +13,16 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import signal
+import subprocess
+import sys
 import uuid
 
 import pika
 import pytest
 
-from conftest import queue_config, wait_for
+from conftest import BROKER_URL, ROOT, queue_config, wait_for
 from workqd.config import Broker
 from workqd.worker import publisher as pub
 
@@ -104,6 +107,28 @@ def test_refused_replies_never_cost_a_copy_its_confirm(daemon, amqp, qname):
     log = d.log()
     assert "reply connection lost" in log, "the broker refused no reply: nothing was tested"
     assert "publishing connection lost" not in log
+
+
+def test_a_worker_stopped_mid_task_sends_its_reply_and_leaves_on_its_own(daemon, qname):
+    """The reply connection opens for a worker's first reply. Stopped while that task
+    runs, the worker sends the reply as the connection opens, after it last looked for
+    anything unsent; it must look again then, and not sit until shutdown_timeout's
+    SIGKILL (here ten minutes, past this test's deadline for the stop)."""
+    d = daemon([queue_config(qname, workers=1)], shutdown_timeout=600)
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "workqd.submit", "--url", BROKER_URL, "-q", qname, "--wait",
+         "--timeout", "60", "--message-id", "across-stop", "n=1 sleep=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        wait_for(lambda: d.ledger.events("start"), 30, what="the task started")
+        assert d.stop(signal.SIGTERM, timeout=60) == 0
+        out, err = submit.communicate(timeout=30)
+    finally:
+        submit.kill()
+    assert out.startswith("across-stop success"), (out, err)
+    log = d.log()
+    assert "killed by SIGKILL" not in log and "exited with status 0 (shutdown)" in log, log
 
 
 # --- the gate and the reply connection, against fakes ------------------------------
@@ -203,3 +228,16 @@ def test_replies_waiting_for_their_connection_are_bounded(caplog):
     r._connection = FakeConnection()
     r._on_channel_open(channel)
     assert len(channel.published) == r.BACKLOG_MAX and p.idle and not r._dropping
+
+
+def test_a_reply_sent_as_its_connection_opens_reports_the_publisher_idle():
+    idle = []
+    p = pub.Publisher(Broker(), ["amqp://h"], "t", FakeLoop(), lambda blocked: None,
+                      on_idle=lambda: idle.append(p.idle))
+    r = p._replies
+    r._connection, r._connecting = FakeConnection(), True   # opening
+    assert _reply(p, "amq.rabbitmq.reply-to.abc.def")
+    assert not p.idle and idle == []                         # waits for the channel
+    channel = FakeChannel()
+    r._ready(channel)
+    assert channel.published == ["amq.rabbitmq.reply-to.abc.def"] and idle == [True]

@@ -110,7 +110,8 @@ class Worker:
         self._ioloop = IOLoop()
         self._publisher = Publisher(self.broker, self.broker.urls,
                                     f"workqd {self.name} pid {self.pid}", self._ioloop,
-                                    self._on_blocked, self.queue.allow_reply_queues)
+                                    self._on_blocked, self.queue.allow_reply_queues,
+                                    on_idle=self._on_publisher_idle)
         self._handler = HandlerThread(run, self.slot, self.queue.timeout, self._wake_master,
                                       self._cancelled_at if self._cancels is not None else None)
         # A queue with limits asks the handler to be told of every result: its gate
@@ -196,6 +197,11 @@ class Worker:
         """Publisher event: the broker blocks (or unblocks) our publishing connection."""
         self.slot.set_blocked(blocked)
         self._wake_master()
+
+    def _on_publisher_idle(self) -> None:
+        """Publisher event: nothing waits to be sent or confirmed any more."""
+        if self._stopping:
+            self._finish_if_idle()
 
     def _wake_master(self) -> None:
         try:

@@ -65,8 +65,12 @@ class _Link:
     what = "publishing"      # names the connection in log lines
 
     def __init__(self, broker: Broker, urls, name: str, ioloop,
-                 on_blocked: Callable[[bool], None]):
+                 on_blocked: Callable[[bool], None],
+                 on_idle: Callable[[], None] | None = None):
+        """``on_idle``: called when the last message waiting here was sent (and confirmed,
+        with confirms) or given up, outside ``publish``, whose caller can look itself."""
         self._broker = broker
+        self._on_idle = on_idle
         self._failover = Failover(urls)
         self._name = name
         self._ioloop = ioloop
@@ -153,6 +157,7 @@ class _Link:
         for msg in backlog:
             if msg.wanted():
                 self._send(msg)
+        self._report_idle()
 
     def _on_open_error(self, connection, error) -> None:
         self._connection, self._connecting = None, False
@@ -175,6 +180,7 @@ class _Link:
                 msg.done(LOST)
         if not self._closing:
             self._retry(f"{self.what} connection lost: {reason!r}")
+        self._report_idle()
 
     def _retry(self, why: str) -> None:
         self._backlog = [m for m in self._backlog if m.wanted()]
@@ -191,6 +197,7 @@ class _Link:
         for msg in backlog:
             if msg.done is not None:
                 msg.done(LOST)
+        self._report_idle()
 
     # --- messages ---------------------------------------------------------------
 
@@ -215,6 +222,13 @@ class _Link:
             returned = seq in self._returned
             self._returned.discard(seq)
             msg.done(RETURNED if returned else CONFIRMED if ok else REFUSED)
+        self._report_idle()
+
+    def _report_idle(self) -> None:
+        # A stopping worker leaves only once nothing waits here; a reply sent as its
+        # connection opens, for one, is out only after the caller last looked.
+        if self._on_idle is not None and self.idle:
+            self._on_idle()
 
     def _on_return(self, channel, method, props, body) -> None:
         # A mandatory copy found no queue; the confirm that follows is an ack.
@@ -248,10 +262,17 @@ class Publisher(_Link):
     replies on a second one (``_Replies``), so no reply can cost a confirm."""
 
     def __init__(self, broker: Broker, urls, name: str, ioloop,
-                 on_blocked: Callable[[bool], None], allow_reply_queues: bool = False):
-        """``name``: the worker's, to which each connection's role is added."""
-        super().__init__(broker, urls, f"{name} (publishing)", ioloop, on_blocked)
-        self._replies = _Replies(broker, urls, f"{name} (replies)", ioloop, None)
+                 on_blocked: Callable[[bool], None], allow_reply_queues: bool = False,
+                 on_idle: Callable[[], None] | None = None):
+        """``name``: the worker's, to which each connection's role is added. ``on_idle``:
+        called when neither connection has anything left to send or confirm."""
+        def both_idle() -> None:
+            if self.idle:
+                on_idle()
+
+        report = None if on_idle is None else both_idle
+        super().__init__(broker, urls, f"{name} (publishing)", ioloop, on_blocked, report)
+        self._replies = _Replies(broker, urls, f"{name} (replies)", ioloop, None, report)
         self._allow_reply_queues = allow_reply_queues
         self._warned_reply_queue = False   # one warning per worker life, not one per task
 

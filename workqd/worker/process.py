@@ -596,6 +596,11 @@ class Worker:
             log.error("the master (pid %d) is gone; stopping", self._master_pid)
             self.stop(exitcodes.WORKER_OK)
         self._follow_pause()
+        if self._stopping:
+            # Each event that frees a stopping worker calls _finish_if_idle itself; this
+            # is the net under them, so one that reports nothing costs a tick, not the
+            # SIGKILL at shutdown_timeout.
+            self._finish_if_idle()
         d = self._handler.running
         if (d is not None and not d.abandoned and self.queue.handler.python
                 and time.monotonic() - d.started > self.queue.timeout):

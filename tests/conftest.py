@@ -452,8 +452,9 @@ class Daemon:
                 total += value
         return total
 
-    def worker_pids(self) -> list[int]:
-        pids = []
+    def _children(self) -> list[tuple[int, str]]:
+        """(pid, comm) of each live child of the master."""
+        children = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -462,9 +463,15 @@ class Daemon:
             except OSError:
                 continue
             comm, fields = stat.split("(", 1)[1].rsplit(")", 1)[0], stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == self.proc.pid and fields[0] != "Z" and comm != "workqd-poller":
-                pids.append(int(entry.name))
-        return sorted(pids)
+            if int(fields[1]) == self.proc.pid and fields[0] != "Z":
+                children.append((int(entry.name), comm))
+        return children
+
+    def worker_pids(self) -> list[int]:
+        return sorted(pid for pid, comm in self._children() if comm != "workqd-poller")
+
+    def poller_pid(self) -> int | None:
+        return next((pid for pid, comm in self._children() if comm == "workqd-poller"), None)
 
     def send(self, sig: int) -> None:
         self.proc.send_signal(sig)

@@ -1,13 +1,19 @@
-"""Runs workqd's command line with the master's hang clock set from $WORKQ_HUNG_AFTER.
+"""Runs workqd's command line with some of the master's clocks shortened from the
+environment: $WORKQ_HUNG_AFTER (the hang clock of a worker) and
+$WORKQ_POLLER_STUCK_AFTER (how long the queue poller may go without a report).
 
-Used by test_master_robust.py to show, with real processes and in seconds, that
-a handler's slow import is judged by import_timeout and not by the hang clock.
+Used by test_master_robust.py to show, with real processes and in seconds, what the
+master does when they run out (and that a handler's slow import is judged by
+import_timeout, not by the hang clock).
 """
 
 import os
 import sys
 
-from workqd import cli, pool
+from workqd import cli, pool, poller
 
-pool.HUNG_AFTER = float(os.environ["WORKQ_HUNG_AFTER"])
+if "WORKQ_HUNG_AFTER" in os.environ:
+    pool.HUNG_AFTER = float(os.environ["WORKQ_HUNG_AFTER"])
+if "WORKQ_POLLER_STUCK_AFTER" in os.environ:
+    poller.STUCK_AFTER = float(os.environ["WORKQ_POLLER_STUCK_AFTER"])
 sys.exit(cli.main())

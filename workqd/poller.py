@@ -37,6 +37,11 @@ log = logging.getLogger("workqd.master")
 INTERVAL = 5.0                # seconds between rounds while the broker answers
 INTERVAL_DISCONNECTED = 1.0   # while it does not
 RESPAWN_DELAY = 1.0           # seconds before a dead poller is replaced
+# Seconds without a report after which the poller is taken as stuck and replaced. Its
+# connection's calls have no deadline of their own, and a broker can keep a connection
+# alive with heartbeats yet never answer a declare or a consume (a queue or stream
+# that lost its quorum); its rounds end every INTERVAL, or sooner, otherwise.
+STUCK_AFTER = 60.0
 MAX_LINE = 1 << 20            # a report longer than this is a bug: dropped
 IO_EVERY = 0.25               # seconds the connection may wait unread: cancels arrive within
 CANCEL_PREFETCH = 500         # cancel log entries in flight to the poller
@@ -67,6 +72,7 @@ class PollerProcess:
         self._replacing = False   # reconfigure() ended it: respawn at once, not after a delay
         self._was_connected: bool | None = None
         self.rounds = 0      # reports received, so the master can tell a new one
+        self._heard = (0, None)   # (rounds, when the master first saw that count)
 
     def start(self, sel) -> None:
         self._sel = sel
@@ -94,6 +100,7 @@ class PollerProcess:
         os.set_blocking(report_r, False)
         os.set_blocking(nudge_w, False)
         self.pid, self._report_r, self._nudge_w, self._buf = pid, report_r, nudge_w, b""
+        self._heard = (self.rounds, None)
         self._sel.register(report_r, 1, self._on_readable)  # selectors.EVENT_READ
 
     def fds(self) -> tuple[int, ...]:
@@ -133,8 +140,21 @@ class PollerProcess:
         self._replacing = False
 
     def manage(self, now: float) -> None:
-        if not self.pid and self._sel is not None and now >= self._respawn_at:
-            self._spawn()
+        if not self.pid:
+            if self._sel is not None and now >= self._respawn_at:
+                self._spawn()
+            return
+        rounds, since = self._heard
+        if since is None or rounds != self.rounds:
+            self._heard = (self.rounds, now)
+        elif now - since > STUCK_AFTER:
+            log.warning("queue poller (pid %d) has not reported for %.0fs: a broker call that "
+                        "never returns (the broker keeps its connection but does not answer); "
+                        "replacing it", self.pid, now - since)
+            # What it last said is no longer known to be true.
+            self.connected, self.depth, self.delayed = False, {}, None
+            self._heard = (self.rounds, float("inf"))   # killed once; reaping respawns it
+            _kill(self.pid, signal.SIGKILL)
 
     def stop(self) -> None:
         if self.pid:

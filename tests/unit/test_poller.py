@@ -141,3 +141,24 @@ def test_a_log_that_ends_in_another_readers_mark_is_read_to_its_end():
     assert not table.loaded
     r._on_entry(_Acks(), _Method(), mark, b"")
     assert table.loaded
+
+
+def test_a_poller_that_stops_reporting_is_replaced_and_its_last_word_dropped(monkeypatch,
+                                                                             caplog):
+    killed = []
+    monkeypatch.setattr(poller, "_kill", lambda pid, sig: killed.append((pid, sig)))
+    p = poller.PollerProcess(CFG, lambda: None)
+    p.pid = 4242   # as _spawn leaves it, without a child
+    p._apply(True, "", {"q": (7, 2, 0)}, 3)
+    p.manage(100.0)                               # the master first sees that report
+    p.manage(100.0 + poller.STUCK_AFTER)          # slow, not stuck
+    p._apply(True, "", {"q": (6, 2, 0)}, 3)       # a new report restarts the count
+    p.manage(150.0 + poller.STUCK_AFTER)
+    assert killed == [] and p.connected and p.depth == {"q": (6, 2, 0)}
+    with caplog.at_level("WARNING", logger="workqd.master"):
+        p.manage(150.1 + 2 * poller.STUCK_AFTER)  # a report due every 5 s, none for 60
+        p.manage(500.0)                           # not killed again while it is reaped
+    assert killed == [(4242, poller.signal.SIGKILL)]
+    assert not p.connected and p.depth == {} and p.delayed is None
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "queue poller (pid 4242) has not reported for 60s" in warned[0]

@@ -32,6 +32,12 @@ from pathlib import Path
 
 import pika
 import pika.exceptions
+from hypothesis import settings
+
+# Property tests check behaviour, not speed (bench/ measures that): on a loaded CI
+# machine one example can take longer than hypothesis's default 200 ms deadline.
+settings.register_profile("workqd", deadline=None)
+settings.load_profile("workqd")
 import pytest
 import yaml
 

@@ -17,13 +17,18 @@ def test_master_forks_only_while_single_threaded(daemon, amqp, qname, tmp_path, 
     # Forks after HTTP clients, the poller and a reload have all been active.
     for _ in range(5):
         assert d.http("/metrics")[0] == 200
+    # /readyz is 200 once one worker consumes: wait for both to say so, or the victim
+    # might die before its line, and the count below never reach 3.
+    wait_for(lambda: d.log().count("consuming from") == 2, 15,
+             what=lambda: f"both workers consuming; log:\n{d.log()}")
     victim = d.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     # The master's own word that it saw the death and replaced the worker: the
     # process table alone can show two live workers before the replacement exists.
     wait_for(lambda: f"(pid {victim}) killed by SIGKILL" in d.log()
-             and d.log().count("consuming from") == 3 and len(d.worker_pids()) == 2, 15,
-             what="replacement worker consuming")
+             and d.log().count("consuming from") == 3
+             and len(d.worker_pids()) == 2, 15,
+             what=lambda: f"replacement worker consuming; log:\n{d.log()}")
     d.send(signal.SIGHUP)
     wait_for(lambda: "reload complete" in d.log(), 20, what="reload complete")
     mid = amqp.publish(qname, "sleep=0")

@@ -282,22 +282,24 @@ class Worker:
         gate = self._gate
         if gate is not None and not gate.started:
             gate.start(session.connection)
+        # Each line is written before the state it names reaches the master, so the
+        # log never shows the master's word on it ("ready") ahead of the worker's own.
         if not session.consuming and not self.slot.paused:   # held by the concurrency cap
-            self.slot.set_state(LIMITED)
-            self._wake_master()
             log.info("connected to %s; waiting for one of the %d concurrency slots of %s",
                      redact(session.url), self.queue.limits.concurrency, self.queue.name)
+            self.slot.set_state(LIMITED)
+            self._wake_master()
             return
         if not session.consuming:   # held: the master paused this queue
-            self.slot.set_state(PAUSED)
-            self._wake_master()
             log.info("paused: connected to %s, not consuming from %s", redact(session.url),
                      self.queue.name)
+            self.slot.set_state(PAUSED)
+            self._wake_master()
             return
-        self.slot.subscribed()
-        self._wake_master()
         log.info("consuming from %s on %s (prefetch %d)", self.queue.name,
                  redact(session.url), self.queue.prefetch)
+        self.slot.subscribed()
+        self._wake_master()
 
     def on_consumer_lost(self) -> None:
         """Session event: the broker cancelled our consumer; not consuming until it is back."""

@@ -237,7 +237,9 @@ class Cluster:
             node.ctl("start_app")
         first.ctl("await_online_nodes", "3", "--timeout", str(START_TIMEOUT),
                   timeout=START_TIMEOUT + 30)
-        self.wait_healthy(60, heal=False)
+        # All three are online; a loaded machine can still make each cluster_status
+        # call (a CLI node of its own) take up to its 30 s timeout.
+        self.wait_healthy(180, heal=False)
         self.timings["ready"] = time.monotonic() - t0
 
     def teardown(self) -> None:
@@ -386,7 +388,15 @@ class Cluster:
                 self.ctl(name, "start_app")
 
     def describe(self) -> str:
-        return "; ".join(f"{n}: {json.dumps(self.status(n))}" for n in self.nodes)
+        """What each node says of the cluster: its running nodes and partitions, or why
+        it did not answer."""
+        parts = []
+        for n in self.nodes:
+            s = self.status(n)
+            parts.append(f"{n}: running {s.get('running_nodes')}, partitions "
+                         f"{s.get('partitions')}, alarms {s.get('alarms')}" if s else
+                         f"{n}: no answer ({self.status_errors.get(n, 'unknown')})")
+        return "; ".join(parts)
 
     def heal(self) -> float:
         """Bring every node back (thaw, start_app, restart) and wait healthy; seconds taken."""

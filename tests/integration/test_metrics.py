@@ -31,10 +31,11 @@ def test_counts_stay_true_when_a_busy_worker_is_killed(daemon, amqp, qname):
     assert m[f"workqd_tasks_in_flight{{{q}}}"] == 0
     assert m[f'workqd_worker_restarts_total{{{q},reason="crash"}}'] >= 1
     assert m[f"workqd_task_duration_seconds_count{{{q}}}"] == 20
-    # 0.4 s tasks land in the le=0.5 bucket, none below 0.25 s.
+    # 0.4 s tasks: none in a bucket below 0.4 s, all by +Inf. How far above 0.4 s each
+    # lands is the machine's load (one 0.4 s sleep took over 0.5 s in a loaded CI run).
     assert m[f'workqd_task_duration_seconds_bucket{{le="0.25",{q}}}'] == 0
-    assert m[f'workqd_task_duration_seconds_bucket{{le="0.5",{q}}}'] == 20
-    assert 20 * 0.4 <= m[f"workqd_task_duration_seconds_sum{{{q}}}"] < 20 * 0.5
+    assert m[f'workqd_task_duration_seconds_bucket{{le="+Inf",{q}}}'] == 20
+    assert m[f"workqd_task_duration_seconds_sum{{{q}}}"] >= 20 * 0.4
     assert m["workqd_broker_connected"] == 1
     assert m['workqd_build_info{version="0.1.0"}'] == 1
     # Polled every 5 s: wait for a sample taken after the queue drained.

@@ -714,20 +714,23 @@ def test_a_guessing_client_does_not_starve_the_first_logins_of_others(loops, mon
     guesser.start()
     try:
         wait_for(lambda: len(guessed) >= 50, 30, "the guesser's first 50 answers")
-        waits = []
+        # How many of the guesser's checks each first login waited behind, counted rather
+        # than timed: the machine's load stretches every check alike.
+        behind = []
         for i in range(3):   # each a first login, so none is cached
-            started = time.monotonic()
+            before = len(checks)
             assert _login(loop.port, f"scraper{i}", f"pw{i}") == 200
-            waits.append(time.monotonic() - started)
+            own = checks.index(f"pw{i}", before)
+            behind.append(sum(1 for p in checks[before:own] if p.startswith("guess")))
     finally:
         stop.set()
         guesser.join(30)
     guesses = [p for p in checks if p.startswith("guess")]
-    print(f"\n{len(guessed)} guesses, {len(guesses)} checked; first logins answered in "
-          + ", ".join(f"{w:.2f}" for w in waits) + " s")
+    print(f"\n{len(guessed)} guesses, {len(guesses)} checked; the first logins waited "
+          f"behind {behind} of the guesser's checks")
     assert set(guessed) == {401}
     assert len(guesses) < len(guessed) / 5          # the guesser is limited ...
-    assert max(waits) < 3.0, waits                  # ... and no one else waits for it
+    assert max(behind) <= 1, behind                 # ... and no one else waits for it
 
 
 def test_a_cheap_hash_is_read_with_one_warning_and_hash_password_makes_600000(loops, caplog):

@@ -316,7 +316,9 @@ def test_quorum_lost_nothing_consumed_nothing_lost_ready_says_why(healed_cluster
     daemons = [daemon([work_queue(q)], broker=broker_config(c)) for _ in range(2)]
     wait_all_consuming(c, daemons)
     masters = [d.proc.pid for d in daemons]
-    ids = client.publish(q, [f"n={i} sleep=0.05" for i in range(1000)])
+    # Enough work that the queue cannot drain before the quorum is gone (six workers
+    # take about half a minute): with no task waiting, nothing shows the loss.
+    ids = client.publish(q, [f"n={i} sleep=0.1" for i in range(2000)])
     wait_for(lambda: len(ended(daemons)) >= 100 or exited(daemons), 120, what="tasks flowing")
     assert_running(daemons)
     client.close()
@@ -327,6 +329,10 @@ def test_quorum_lost_nothing_consumed_nothing_lost_ready_says_why(healed_cluster
     c.stop_app("wqb")
     c.stop_app("wqc")
     try:
+        left = len(ids) - len(ended(daemons))
+        assert left > 50, (f"only {left} tasks left when the quorum went, "
+                           f"{time.time() - t_loss:.0f} s after the first stop_app: "
+                           f"nothing shows the loss with an empty queue")
         for d in daemons:
             wait_for(lambda: d.http("/readyz")[0] == 503 or exited(daemons), 90, interval=0.5,
                      what=lambda: f"/readyz 503 without quorum; log:\n{d.log()[-3000:]}")

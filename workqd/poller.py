@@ -39,8 +39,8 @@ INTERVAL_DISCONNECTED = 1.0   # while it does not
 RESPAWN_DELAY = 1.0           # seconds before a dead poller is replaced
 # Seconds without a report after which the poller is taken as stuck and replaced. Its
 # connection's calls have no deadline of their own, and a broker can keep a connection
-# alive with heartbeats yet never answer a declare or a consume (a queue or stream
-# that lost its quorum); its rounds end every INTERVAL, or sooner, otherwise.
+# alive with heartbeats yet never answer a declare or a consume; its rounds end every
+# INTERVAL, or sooner, otherwise.
 STUCK_AFTER = 60.0
 MAX_LINE = 1 << 20            # a report longer than this is a bug: dropped
 IO_EVERY = 0.25               # seconds the connection may wait unread: cancels arrive within

@@ -32,20 +32,20 @@ from pathlib import Path
 
 import pika
 import pika.exceptions
-from hypothesis import settings
-
-# Property tests check behaviour, not speed (bench/ measures that): on a loaded CI
-# machine one example can take longer than hypothesis's default 200 ms deadline.
-settings.register_profile("workqd", deadline=None)
-settings.load_profile("workqd")
 import pytest
 import yaml
+from hypothesis import settings
 
 from polling import wait_for  # noqa: F401  (the tests import it from here)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+# Property tests check behaviour, not speed (bench/ measures that): on a loaded CI
+# machine one example can take longer than hypothesis's default 200 ms deadline.
+settings.register_profile("workqd", deadline=None)
+settings.load_profile("workqd")
 
 
 # --- tiers, markers and who may run beside whom -------------------------------

@@ -1,4 +1,5 @@
-"""A tiny AMQP 0-9-1 publisher on a bare socket, for frames pika would never write.
+"""A tiny AMQP 0-9-1 publisher on a bare socket, for frames pika would never write,
+and a relay that can leave a kind of client frame unanswered.
 
 Tests use it as a producer that is not pika (as a Node.js or Java client would be):
 it sends a header table exactly as the test built it, bytes and all, so a value
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 
 FRAME_METHOD, FRAME_HEADER, FRAME_BODY = 1, 2, 3
 FRAME_END = b"\xce"
 BASIC = 60
+QUEUE_DECLARE = (50, 10)   # (class, method)
 
 # Property flag bits of the basic class, in the order the fields follow them.
 F_CONTENT_TYPE, F_HEADERS, F_DELIVERY_MODE, F_MESSAGE_ID = 1 << 15, 1 << 13, 1 << 12, 1 << 7
@@ -188,3 +191,71 @@ class Publisher:
                 return payload
             if ch == channel and (cls, meth) == (class_id, method_id):
                 return payload[4:]
+
+
+class Relay:
+    """A TCP relay to a broker that, while ``dropping`` is set, passes every frame but
+    the clients' method frames of kind ``drop`` (class, method): the connection stays
+    up, heartbeats pass, and those calls are never answered. Frames are read whole."""
+
+    def __init__(self, drop: tuple[int, int], host: str = "127.0.0.1", port: int = 5672):
+        self.drop = drop
+        self.upstream = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.dropping = threading.Event()
+        self.dropped = 0
+        self._closing = False
+        threading.Thread(target=self._accept, name="relay accept", daemon=True).start()
+
+    def close(self) -> None:
+        self._closing = True
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream, timeout=10)
+            upstream.settimeout(None)
+            threading.Thread(target=self._to_client, args=(upstream, client), daemon=True,
+                             name="relay down").start()
+            threading.Thread(target=self._from_client, args=(client, upstream), daemon=True,
+                             name="relay up").start()
+
+    @staticmethod
+    def _to_client(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        src.close()
+        dst.close()
+
+    def _from_client(self, client: socket.socket, upstream: socket.socket) -> None:
+        def read(n: int) -> bytes:
+            buf = b""
+            while len(buf) < n:
+                chunk = client.recv(n - len(buf))
+                if not chunk:
+                    raise EOFError
+                buf += chunk
+            return buf
+        try:
+            upstream.sendall(read(8))   # the protocol header
+            while True:
+                head = read(7)
+                kind, _channel, size = struct.unpack(">BHI", head)
+                rest = read(size + 1)   # the payload and FRAME_END
+                if (kind == FRAME_METHOD and self.dropping.is_set()
+                        and struct.unpack_from(">HH", rest) == self.drop):
+                    self.dropped += 1
+                    continue
+                upstream.sendall(head + rest)
+        except (OSError, EOFError):
+            pass
+        client.close()
+        upstream.close()

@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import struct
-import threading
 import time
 from pathlib import Path
 
+import rawamqp
 from conftest import BROKER_URL, free_port, queue_config, wait_for
 from .test_control import ctl, start
 
@@ -177,82 +176,15 @@ def test_a_full_slot_table_defers_the_spawn_and_the_reload_completes(daemon, amq
     assert d.stop() == 0
 
 
-class _SilentBroker:
-    """A TCP relay to the machine's broker that, once ``silent`` is set, passes every
-    frame but the clients' queue.declare: the connection stays up (heartbeats pass),
-    and a declare is never answered, as a broker does for a queue that lost its
-    quorum. Frames are read whole (type, channel, size, payload, end octet)."""
-
-    QUEUE_DECLARE = (50, 10)
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.silent = threading.Event()
-        self.swallowed = 0
-        self._closing = False
-        threading.Thread(target=self._accept, name="silent-broker accept", daemon=True).start()
-
-    def close(self):
-        self._closing = True
-        self.listener.close()
-
-    def _accept(self):
-        while not self._closing:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", 5672), timeout=10)
-            upstream.settimeout(None)
-            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True,
-                             name="silent-broker down").start()
-            threading.Thread(target=self._from_client, args=(client, upstream), daemon=True,
-                             name="silent-broker up").start()
-
-    @staticmethod
-    def _pipe(src, dst):
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            s.close()
-
-    def _from_client(self, client, upstream):
-        def read(n):
-            buf = b""
-            while len(buf) < n:
-                chunk = client.recv(n - len(buf))
-                if not chunk:
-                    raise EOFError
-                buf += chunk
-            return buf
-        try:
-            upstream.sendall(read(8))   # the protocol header
-            while True:
-                head = read(7)
-                size = struct.unpack(">I", head[3:7])[0]
-                rest = read(size + 1)
-                if (head[0] == 1 and struct.unpack(">HH", rest[:4]) == self.QUEUE_DECLARE
-                        and self.silent.is_set()):
-                    self.swallowed += 1
-                    continue
-                upstream.sendall(head + rest)
-        except (OSError, EOFError):
-            pass
-        for s in (client, upstream):
-            s.close()
-
-
 def test_a_poller_whose_broker_stops_answering_is_replaced_and_ready_says_so(
         daemon, qname, monkeypatch):
     """The poller's calls have no deadline of their own: a broker that keeps the
     connection up but never answers a declare would leave /readyz and the depth gauges
     on the last word for ever. The master replaces a poller silent past STUCK_AFTER
     (5 s here, 60 s in production) and says meanwhile that it knows nothing."""
-    relay = _SilentBroker()
+    # A broker that keeps the connection up (heartbeats pass) and never answers a
+    # declare, as one in trouble can.
+    relay = rawamqp.Relay(drop=rawamqp.QUEUE_DECLARE)
     try:
         monkeypatch.setenv("WORKQ_POLLER_STUCK_AFTER", "5")
         d = daemon([queue_config(qname, workers=1)], start=False)
@@ -261,15 +193,15 @@ def test_a_poller_whose_broker_stops_answering_is_replaced_and_ready_says_so(
         d.start(module="shortclock", wait_ready=False)
         d.wait_ready(30)
         first = d.poller_pid()
-        relay.silent.set()
+        relay.dropping.set()
         wait_for(lambda: "has not reported for" in d.log(), 30,
                  what=lambda: f"the stuck poller named; log:\n{d.log()}")
-        assert relay.swallowed >= 1
+        assert relay.dropped >= 1
         status, reason = d.http("/readyz")
         assert status == 503 and "broker not reachable from the master" in reason, reason
         assert f"queue poller (pid {first}) has not reported for" in d.log()
         wait_for(lambda: d.poller_pid() not in (None, first), 10, what="a new poller")
-        relay.silent.clear()
+        relay.dropping.clear()
         d.wait_ready(30)   # the new poller's first round answers: ready again
         assert d.proc.poll() is None
         assert d.stop() == 0

@@ -40,6 +40,7 @@ from pika.adapters.select_connection import IOLoop
 from . import amqperrors, cancels, delays, eagerio, vocab
 from . import config as config_mod
 from .broker import Failover, connection_parameters, declarations, queue_arguments, redact
+from .msgid import new_message_ids
 
 log = logging.getLogger("workqd.client")
 
@@ -281,13 +282,15 @@ class Client:
         ids = list(message_ids or [None] * len(bodies))
         if len(ids) != len(bodies):
             raise ValueError("message_ids must have one id per body")
-        fresh = iter(new_message_ids(sum(1 for i in ids if not i)))
-        ids = [i or next(fresh) for i in ids]
         now = time.time()
+        # An id made here carries the publish time; one the caller chose needs the header.
+        stamped = [not i for i in ids]
+        fresh = iter(new_message_ids(sum(stamped), int(now * 1000)))
+        ids = [i or next(fresh) for i in ids]
         due = _due(now, delay, at)
         expiry = _expiry(now, expires)
-        requests = [self._request(body, queue, mid, headers, priority, now, due, expiry)
-                    for body, mid in zip(bodies, ids)]
+        requests = [self._request(body, queue, mid, headers, priority, now, due, expiry, st)
+                    for body, mid, st in zip(bodies, ids, stamped)]
         deadline = time.monotonic() + self.confirm_timeout
         link = self._connected(deadline, delayed=due is not None, queue=queue)
         for req in requests:
@@ -383,14 +386,15 @@ class Client:
 
     def _request(self, body: bytes, queue: str, mid: str, headers: dict | None,
                  priority: int | None, now: float, due: float | None,
-                 expiry: float | None) -> _Request:
+                 expiry: float | None, stamped: bool) -> _Request:
         h = dict(headers or {})
-        h[vocab.H_SUBMITTED_MS] = int(now * 1000)
+        if not stamped:
+            h[vocab.H_SUBMITTED_MS] = int(now * 1000)
         if expiry is not None:
             h[vocab.H_EXPIRES_MS] = int(expiry * 1000)
         props = dict(delivery_mode=2, message_id=mid, priority=priority)
         if due is None:
-            return _Request("", queue, body, pika.BasicProperties(headers=h, **props))
+            return _Request("", queue, body, pika.BasicProperties(headers=h or None, **props))
         exchange, key, h = delays.routed(queue, h, due - now, int(due * 1000))
         return _Request(exchange, key, body, pika.BasicProperties(headers=h, **props))
 
@@ -524,22 +528,14 @@ INTERRUPTED = "interrupted"       # KeyboardInterrupt
 class Outgoing(NamedTuple):
     """One task of a batch (the handler side's view is workqd.task.Task); a tuple, as a
     batch of a million is built in one go."""
-    message_id: str
+    message_id: str           # "": the batch makes one when it first publishes the task
     body: bytes
     line: int | None = None   # line number in workq-submit --file, for the operator
 
     def name(self) -> str:
+        if not self.message_id:   # never published: no id was made
+            return "(never published)" if self.line is None else f"line {self.line}"
         return self.message_id if self.line is None else f"{self.message_id} (line {self.line})"
-
-
-def new_message_ids(n: int) -> list[str]:
-    """``n`` random ids, each what ``uuid.uuid4().hex`` gives, from one read of the
-    system's randomness instead of one per id."""
-    raw = bytearray(os.urandom(16 * n))
-    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])   # version 4
-    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])   # RFC 4122 variant
-    text = raw.hex()
-    return [text[k:k + 32] for k in range(0, 32 * n, 32)]
 
 
 class _Burst:
@@ -777,7 +773,9 @@ class Batch:
         self.nodes = list(nodes)
         self.queue = queue
         self.declare = declare
-        self.tasks = tasks
+        self.tasks = list(tasks)   # the ids made as tasks are first published go in here
+        # Ids the caller chose carry no publish time: their messages need the header.
+        self.chosen_ids = any(t.message_id for t in tasks)
         self.headers = headers or None
         self.priority = priority
         self.due = due                  # epoch seconds: held back in the delay levels
@@ -947,8 +945,13 @@ class Batch:
         publish = s.channel.basic_publish
         now = time.time()
         # Millisecond publish time for workqd_task_queue_wait_seconds (the timestamp
-        # property has whole seconds only).
-        headers = {**(self.headers or {}), vocab.H_SUBMITTED_MS: int(now * 1000)}
+        # property has whole seconds only): in the id made now, else in a header.
+        unnamed = [i for i in indexes if not tasks[i].message_id]
+        for i, mid in zip(unnamed, new_message_ids(len(unnamed), int(now * 1000))):
+            tasks[i] = Outgoing(mid, tasks[i].body, tasks[i].line)
+        headers = dict(self.headers or {})
+        if self.chosen_ids:
+            headers[vocab.H_SUBMITTED_MS] = int(now * 1000)
         if self.expires_ms is not None:
             headers[vocab.H_EXPIRES_MS] = self.expires_ms
         exchange, routing_key = "", queue
@@ -956,7 +959,7 @@ class Batch:
             exchange, routing_key, headers = delays.routed(queue, headers, self.due - now,
                                                            int(self.due * 1000))
         burst = _Burst(pika.BasicProperties(
-            delivery_mode=2, headers=headers, priority=self.priority, timestamp=int(now),
+            delivery_mode=2, headers=headers or None, priority=self.priority, timestamp=int(now),
             reply_to=REPLY_TO if self.wait else None, content_type="text/plain"))
         props_of = burst.of
         seq, n = s.seq, 0

@@ -168,8 +168,8 @@ def build_tasks(args: argparse.Namespace) -> list[Outgoing]:
             raise UsageError("--message-id '': empty id")
         mid = utf8("--message-id", args.message_id)
         return [Outgoing(mid, bodies[0][0], bodies[0][1])]
-    return [Outgoing(mid, body, line)
-            for mid, (body, line) in zip(client_mod.new_message_ids(len(bodies)), bodies)]
+    # Ids are made as the tasks are first published, so each carries its publish time.
+    return [Outgoing("", body, line) for body, line in bodies]
 
 
 def password_override(args: argparse.Namespace) -> str | None:

@@ -364,6 +364,41 @@ def test_quorum_lost_nothing_consumed_nothing_lost_ready_says_why(healed_cluster
     assert Client(c).count(q) == 0
 
 
+def test_an_empty_quorum_queue_without_a_quorum_is_not_reported_ready(healed_cluster,
+                                                                      cluster_queue, daemon):
+    # No task waits, so none starves: what shows the loss is the workers of the stopped
+    # nodes moving to the leader, whose new consumers it cannot commit (the broker counts
+    # fewer than consume here). With every worker on the leader's node from the start
+    # nothing shows it (docs/limits.md).
+    c = healed_cluster
+    q, client = cluster_queue
+    daemons = [daemon([work_queue(q)], broker=broker_config(c)) for _ in range(2)]
+    wait_all_consuming(c, daemons)
+    client.close()
+    t_loss = time.monotonic()
+    c.stop_app("wqb")
+    c.stop_app("wqc")
+    try:
+        for d in daemons:
+            wait_for(lambda: d.http("/readyz")[0] == 503 or exited(daemons), 120, interval=0.5,
+                     what=lambda: f"/readyz 503 without quorum; log:\n{d.log()[-4000:]}")
+            assert_running(daemons)
+            status, reason = d.http("/readyz")
+            assert "quorum" in reason.lower(), f"/readyz {status} says {reason!r}"
+        print(f"an empty quorum queue without its quorum: 503 after "
+              f"{time.monotonic() - t_loss:.1f}s: {reason}")
+    finally:
+        c.start_app("wqb")
+        c.start_app("wqc")
+    for d in daemons:
+        d.wait_ready(timeout=120)
+    assert_running(daemons)
+    ids = Client(c).publish(q, [f"after={i} sleep=0" for i in range(20)])
+    wait_for(lambda: ended(daemons) >= set(ids) or exited(daemons), 120, interval=0.5,
+             what="tasks consumed once the quorum is back")
+    assert_running(daemons)
+
+
 # --- the broker cancels the consumer ----------------------------------------------------
 
 def test_workers_consume_again_after_the_queue_is_deleted_and_redeclared(healed_cluster,

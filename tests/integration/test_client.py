@@ -13,6 +13,7 @@ import pytest
 from conftest import BROKER_URL, wait_for
 from workqd import delays, vocab
 from workqd.client import Client, SubmitError
+from workqd.msgid import stamp_ms
 
 
 @pytest.fixture
@@ -28,8 +29,16 @@ def test_a_submit_returns_once_confirmed_with_the_headers_workqd_reads(client, a
     ((props, body),) = wait_for(lambda: amqp.get_all(qname), 5, what="the task")
     assert body == b"hello" and props.message_id == mid and props.delivery_mode == 2
     assert props.headers["kind"] == "demo"
+    # The id it made carries the publish time (workqd.msgid), so no header does.
+    assert vocab.H_SUBMITTED_MS not in props.headers
+    sent = stamp_ms(mid, int(time.time() * 1000))
+    assert sent is not None and abs(sent / 1000 - time.time()) < 60
+    assert props.headers[vocab.H_EXPIRES_MS] > sent + 590_000
+    # An id the application chose says nothing of time: the header does.
+    chosen = client.submit(b"again", queue=qname, message_id="order-42")
+    ((props, _),) = wait_for(lambda: amqp.get_all(qname), 5, what="the second task")
+    assert props.message_id == chosen == "order-42"
     assert abs(props.headers[vocab.H_SUBMITTED_MS] / 1000 - time.time()) < 60
-    assert props.headers[vocab.H_EXPIRES_MS] > props.headers[vocab.H_SUBMITTED_MS] + 590_000
 
 
 def test_an_unroutable_task_raises_at_once(client):

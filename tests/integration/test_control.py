@@ -267,7 +267,11 @@ def test_autoscale_grows_to_max_under_a_burst_and_shrinks_to_min_when_idle(daemo
 
 def test_queue_wait_histogram_from_submit_stamp_and_timestamp(daemon, amqp, qname, tmp_path):
     import time
+    import uuid
+
+    import rawamqp
     from conftest import BROKER_URL
+    from workqd.msgid import new_message_ids
     d = start(daemon, tmp_path, [queue_config(qname, workers=1, retry={"attempts": 2,
                                                                         "backoff": [1]})])
     assert ctl(d, "pause", qname).returncode == 0
@@ -275,17 +279,28 @@ def test_queue_wait_histogram_from_submit_stamp_and_timestamp(daemon, amqp, qnam
     r = subprocess.run([sys.executable, "-m", "workqd.submit", "--url", BROKER_URL, "-q", qname,
                         "n=1"], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert r.returncode == 0, r.stderr   # test_submit checks its stamp header
+    assert r.returncode == 0, r.stderr   # test_submit checks the time its id carries
     amqp.publish(qname, "n=2", timestamp=int(time.time()) - 20)   # another producer, 20 s ago
     amqp.publish(qname, "n=3 fail=1")                              # no time: not counted
+    # Other producers' version 7 ids, written byte for byte without pika: one made 30 s
+    # ago counts; one dated a year ahead, or made of the right digits in the wrong places,
+    # is no time at all.
+    now_ms = int(time.time() * 1000)
+    odd = [new_message_ids(1, now_ms + 365 * 86_400_000)[0],
+           "0193f0a1b2c37" + "zzz" + "8" + "0" * 15]
+    with rawamqp.Publisher() as raw:
+        raw.publish(qname, b"n=4", rawamqp.properties(
+            message_id=str(uuid.UUID(new_message_ids(1, now_ms - 30_000)[0]))))
+        for i, mid in enumerate(odd):
+            raw.publish(qname, f"n={5 + i}".encode(), rawamqp.properties(message_id=mid))
     assert ctl(d, "resume", qname).returncode == 0
-    wait_for(lambda: d.metric("workqd_tasks_processed_total", queue=qname) == 4, 60,
-             what="3 tasks settled, the failing one twice")
+    wait_for(lambda: d.metric("workqd_tasks_processed_total", queue=qname) == 7, 60,
+             what=lambda: f"6 tasks settled, the failing one twice; log:\n{d.log()[-3000:]}")
     m = d.metrics()
     q = f'queue="{qname}"'
-    assert m[f"workqd_task_queue_wait_seconds_count{{{q}}}"] == 2   # not the retry's second try
+    assert m[f"workqd_task_queue_wait_seconds_count{{{q}}}"] == 3   # not the retry's second try
     assert m[f'workqd_task_queue_wait_seconds_bucket{{le="10.0",{q}}}'] == 1
-    assert 20 <= m[f"workqd_task_queue_wait_seconds_sum{{{q}}}"] < 120
+    assert 50 <= m[f"workqd_task_queue_wait_seconds_sum{{{q}}}"] < 150
 
 
 

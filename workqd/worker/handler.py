@@ -117,14 +117,13 @@ class HandlerThread:
                 continue
             # Time in the queue, for first deliveries of a first try only: a retry's
             # or a redelivery's wait would include earlier runs and backoff delays.
-            # Without headers or a timestamp there is nothing to read it from.
             wait = None
             props = d.props
-            if (props.headers or props.timestamp) and task.attempt == 1 \
-                    and not task.redelivered:
-                published = published_at(props)   # here, not on the busier I/O thread
+            if task.attempt == 1 and not task.redelivered:
+                t = now()
+                published = published_at(props, t)   # here, not on the busier I/O thread
                 if published is not None:
-                    wait = max(0.0, now() - published)
+                    wait = max(0.0, t - published)
             d.started = started = monotonic()
             slot.begin(task.message_id, task.redelivered, started, wait)
             task.deadline = started + timeout

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 
 from .. import frames, vocab
+from ..msgid import stamp_ms
 from ..task import Task, text as _text
 
 MAX_ATTEMPT = 1_000_000
@@ -53,15 +54,19 @@ class Delivery:
         self.counted = False
 
 
-def published_at(props) -> float | None:
-    """When the task was published: workq-submit's millisecond header, else the
-    timestamp property (whole seconds, any producer); None when neither is usable."""
-    # Once per task: exact type tests (which also rule out bool), no helper calls.
+def published_at(props, now: float) -> float | None:
+    """When the task was published: the millisecond header, else the time a version 7
+    message id carries (workqd's own ids, workqd.msgid), else the timestamp property
+    (whole seconds, any producer); None when none is usable."""
+    # Once per task: exact type tests (which also rule out bool).
     headers = props.headers
     if type(headers) is dict:
         ms = headers.get(vocab.H_SUBMITTED_MS)
         if type(ms) is int and 0 < ms < 1 << 50:
             return ms / 1000.0
+    ms = stamp_ms(props.message_id, int(now * 1000))
+    if ms is not None:
+        return ms / 1000.0
     ts = props.timestamp
     if type(ts) is int and 0 < ts < 1 << 40:
         return float(ts)

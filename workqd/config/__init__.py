@@ -18,7 +18,7 @@ The package, one owner per module:
   schema    every key declared once: type, default, limits, reload, one line of docs
   reader    walks mappings, reads the schema's simple keys, collects problems
   sections, handler, queues, schedules   the readers of what needs code
-  load      load, parse, check_listen
+  load      load, parse, check_listen (imported on first use: they bring in PyYAML)
   docgen    writes the key reference of workqd.yaml(5) and etc/workqd/workqd.yaml
 """
 
@@ -32,7 +32,6 @@ from .limits import (BROKER_CONSUMER_TIMEOUT, DEFAULT_JITTER, DEFAULT_PATH, DEFA
                      MAX_NAME_BYTES, MAX_NODES, MAX_NUMBER_CHARS, MAX_REDELIVERIES, MAX_SECONDS,
                      MAX_SECRET_BYTES, MAX_SOCKET_PATH, MAX_TASKS_PER_WORKER, MAX_TOTAL_WORKERS,
                      MAX_VALUES, OWNED_ARGUMENTS, U16)
-from .load import check_listen, load, parse
 from .model import (TLS, Autoscale, Binding, Broker, Config, Handler, Limits, MetricsTLS, Queue,
                     Retry, jitter_step)
 from .urls import URL_OPTIONS, URL_OPTIONS_OVERRIDDEN, amqp_url, url_warnings
@@ -50,3 +49,20 @@ __all__ = [
     "redact", "seconds", "size", "sizes", "text", "url_warnings", "virtualenv_site_packages",
     "whole",
 ]
+
+# Reading a file (load, parse, check_listen) brings in PyYAML and every section's reader;
+# a command that only publishes to a URL (workq-submit --url) never needs them, and its
+# start-up is part of what it costs per run. They are imported on first use.
+_READING = ("check_listen", "load", "parse")
+
+
+def __getattr__(name: str):
+    if name not in _READING:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+    reading = import_module(".load", __name__)
+    # Importing the submodule set this package's ``load`` to the module: the function wins.
+    for each in _READING:
+        globals()[each] = getattr(reading, each)
+    return globals()[name]
+

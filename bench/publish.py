@@ -12,7 +12,7 @@ from process start to exit, start-up included; the queue must then hold all N.
 another checkout (``git archive <commit> | tar -x -C DIR``), so a change is
 measured against its starting point in the same run. ``--same-messages`` adds
 plain pika pipelined publishing the messages workq-submit publishes (message id,
-timestamps, content type, mandatory): plain pika's own messages carry only
+timestamp, content type, mandatory): plain pika's own messages carry only
 delivery_mode, and the broker spends more on the richer ones.
 """
 
@@ -31,7 +31,7 @@ from common import BENCH, URL, Admin, BenchError, median, queue_name, venv_env, 
 
 SUBMIT, PIPELINED, ONE, CELERY = "workq-submit", "pika-pipelined", "pika-one-at-a-time", \
     "celery-apply_async"
-# Plain pika pipelined publishing what workq-submit publishes (message id, timestamps,
+# Plain pika pipelined publishing what workq-submit publishes (message id, timestamp,
 # content type, mandatory): what the broker's work per message costs, apart from the client.
 PIPELINED_SAME = "pika-pipelined-same"
 BASELINE = f"{SUBMIT}@baseline"

@@ -73,3 +73,10 @@ def later(body: bytes, task) -> None:
 def deadline(body: bytes, task) -> None:
     """Records how long it has until its deadline."""
     _ledger("start", task, left=task.deadline - time.monotonic())
+
+
+def exits(body: bytes, task) -> None:
+    """A handler written as a script: ends with sys.exit, as scripts do."""
+    import sys
+    _ledger("start", task)
+    sys.exit(int(parse(body).get("status", 1)))

@@ -4,8 +4,8 @@ The first 48 bits of a version 7 UUID are its creation time in milliseconds sinc
 epoch, the rest random (74 bits) but for the version and variant. workqd's publishers
 make an id the moment they first publish a task, so the id itself says when the task
 was published and a message needs no header for ``workqd_task_queue_wait_seconds``: a
-headers table costs the broker about as much work per message as every other property
-of workq-submit's messages together. Ids an application chooses keep the header.
+headers table costs the broker more work per message than every other property of
+workq-submit's messages together. Ids an application chooses keep the header.
 
 Any producer's version 7 ids count, in either spelling (hex, or hex with dashes); any
 other id, or one whose time is implausible, says nothing.

@@ -174,6 +174,21 @@ def test_failing_command_is_dead_lettered_with_reason(daemon, amqp, qname, tmp_p
     assert amqp.count(qname) == 0
 
 
+def test_a_python_handler_that_calls_sys_exit_fails_its_task_and_its_worker_stays(
+        daemon, amqp, qname):
+    # The timeout is far away: the task must not wait for it to be settled.
+    d = daemon([queue_config(qname, workers=1, timeout=600, handler={"python": "taskfns:exits"},
+                             retry={"attempts": 2, "backoff": [1]})])
+    pids = d.worker_pids()
+    mid = amqp.publish(qname, "status=3")
+    wait_for(lambda: amqp.count(f"{qname}.dead") == 1, 30, what="dead-lettered after two tries")
+    (props, _), = amqp.get_all(f"{qname}.dead")
+    assert props.message_id == mid and props.headers["x-workq-error"] == "SystemExit: 3"
+    assert [e["attempt"] for e in d.ledger.events("start")] == [1, 2]
+    assert d.worker_pids() == pids
+    assert "its handler raised SystemExit: 3, which ends the task, not the worker" in d.log()
+
+
 def test_prefetch_above_one_coalesces_acks_without_losing_failures(daemon, amqp, qname):
     # Successes share multiple-acks; a failure between them is dead-lettered and
     # must be acked on its own, only once its copy is confirmed.

@@ -65,4 +65,3 @@ def __getattr__(name: str):
     for each in _READING:
         globals()[each] = getattr(reading, each)
     return globals()[name]
-

@@ -14,6 +14,12 @@ delivery or at its tick, unless it asked to hear of every result (``wake_always`
 
 The loop runs once per task, so it is written for speed: locals for
 everything it touches, no helper frames on the common path.
+
+Whatever a handler raises is its task's outcome, SystemExit included: a handler
+ends no worker. Anything else that ends this thread is a fault of workqd's own
+code, and the task it holds would wait for its timeout with nobody to settle it:
+the worker leaves at once instead, with nothing acked, so the broker hands every
+task it held to another worker (``_last_resort``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import threading
 import time
 from typing import Callable
 
-from .. import runner, vocab
+from .. import exitcodes, runner, vocab
 from ..slots import Slot
 from ..task import Reject, RetryLater, Task
 from .intake import Delivery, published_at
@@ -70,7 +76,7 @@ class HandlerThread:
         self.wake_always = True
         # The Delivery being run, its ``started`` already set (this thread writes it).
         self.running: Delivery | None = None
-        self._thread = threading.Thread(target=self._loop, name="handler", daemon=True)
+        self._thread = threading.Thread(target=self._last_resort, name="handler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -99,6 +105,18 @@ class HandlerThread:
             pass
         self.wake_pending = False  # before draining: a later append wakes us again
         return self.results
+
+    def _last_resort(self) -> None:
+        try:
+            self._loop()
+        except BaseException:   # noqa: B036 - the thread's end, whatever ended it
+            running = self.running
+            log.critical("internal error in the handler thread%s; this worker leaves now "
+                         "without settling anything, and the broker hands the tasks it "
+                         "held to another worker",
+                         f" running task {running.task.message_id}" if running else "",
+                         exc_info=True)
+            os._exit(exitcodes.WORKER_CRASH)
 
     def _loop(self) -> None:
         slot, run, tasks, results = self._slot, self._run, self._tasks, self.results
@@ -153,6 +171,10 @@ class HandlerThread:
                 outcome, error = vocab.RETRY, runner.error_line(e)
                 log.warning("task %s failed: %s", task.message_id, error,
                             exc_info=not isinstance(e, runner.HandlerFailed))
+            except BaseException as e:   # noqa: B036 - sys.exit() in a handler is a failure
+                outcome, error = vocab.RETRY, runner.error_line(e)
+                log.warning("task %s failed: its handler raised %s, which ends the task, "
+                            "not the worker", task.message_id, error)
             d.ran_for = ran_for = monotonic() - started
             settler = d.settler
             if settler.direct_ack and outcome == SUCCESS and not props.reply_to:

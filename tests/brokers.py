@@ -41,6 +41,7 @@ CLUSTER_NODES = {"wqa": (5681 + OFFSET, 25681 + OFFSET), "wqb": (5682 + OFFSET, 
 SPECIAL_PORTS = range(5684 + OFFSET, 5690 + OFFSET)   # AMQP (or TLS) port P, distribution 20000 + P
 START_TIMEOUT = 120                   # seconds a node gets to boot (2 shared cores)
 CLI_TIMEOUT = 90                      # seconds for one rabbitmqctl call
+STOP_APP_TIMEOUT = 360                # above RabbitMQ's own 300 s for a child to stop (stop_app)
 
 
 def poll(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
@@ -278,8 +279,11 @@ class Cluster:
     def stop_app(self, name: str) -> None:
         # A node hands over the leadership of every quorum queue it leads as its app
         # stops (the work queues and the vhost's delay levels): on a loaded machine that
-        # has taken longer than one ordinary CLI call may.
-        self.ctl(name, "stop_app", timeout=3 * CLI_TIMEOUT)
+        # has taken longer than one ordinary CLI call may. Stopping the second of three
+        # nodes has taken 275 s: RabbitMQ 3.10 gives some of its children 300 s to stop
+        # (its log: {shutdown,300000}), and one of them waited that long, the quorum
+        # going with the node. The bound covers the broker's own.
+        self.ctl(name, "stop_app", timeout=STOP_APP_TIMEOUT)
         self.app_stopped.add(name)
 
     def start_app(self, name: str) -> None:

@@ -287,7 +287,8 @@ class Cluster:
         self.app_stopped.add(name)
 
     def start_app(self, name: str) -> None:
-        self.ctl(name, "start_app")
+        # After a stop that took the broker's full bound, starting has outlasted 90 s.
+        self.ctl(name, "start_app", timeout=STOP_APP_TIMEOUT)
         self.app_stopped.discard(name)
 
     def freeze(self, name: str) -> None:

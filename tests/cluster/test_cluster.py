@@ -317,8 +317,9 @@ def test_quorum_lost_nothing_consumed_nothing_lost_ready_says_why(healed_cluster
     wait_all_consuming(c, daemons)
     masters = [d.proc.pid for d in daemons]
     # Enough work that the queue cannot drain before the quorum is gone (six workers
-    # take about half a minute): with no task waiting, nothing shows the loss.
-    ids = client.publish(q, [f"n={i} sleep=0.1" for i in range(2000)])
+    # take over five minutes): with no task waiting, nothing shows the loss. Stopping
+    # the second node has itself taken 300 s in CI, the quorum holding meanwhile.
+    ids = client.publish(q, [f"n={i} sleep=1" for i in range(2000)])
     wait_for(lambda: len(ended(daemons)) >= 100 or exited(daemons), 120, what="tasks flowing")
     assert_running(daemons)
     client.close()

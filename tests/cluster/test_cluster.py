@@ -175,6 +175,18 @@ def wait_settled(daemons, quiet: float, timeout: float) -> int:
     return seen["count"]
 
 
+def wait_reported_unserved(daemons, timeout: float) -> str:
+    """Every daemon's /readyz 503 naming a lost quorum; the last one's reason."""
+    reason = ""
+    for d in daemons:
+        wait_for(lambda: d.http("/readyz")[0] == 503 or exited(daemons), timeout, interval=0.5,
+                 what=lambda: f"/readyz 503 without quorum; log:\n{d.log()[-4000:]}")
+        assert_running(daemons)
+        status, reason = d.http("/readyz")
+        assert "quorum" in reason.lower(), f"/readyz {status} says {reason!r}"
+    return reason
+
+
 def worker_nodes(cluster, daemons) -> dict[int, tuple[int, str]]:
     """Worker pid -> (daemon index, node of its connection), from list_connections."""
     owner = {pid: i for i, d in enumerate(daemons) for pid in d.worker_pids()}
@@ -334,12 +346,7 @@ def test_quorum_lost_nothing_consumed_nothing_lost_ready_says_why(healed_cluster
         assert left > 50, (f"only {left} tasks left when the quorum went, "
                            f"{time.time() - t_loss:.0f} s after the first stop_app: "
                            f"nothing shows the loss with an empty queue")
-        for d in daemons:
-            wait_for(lambda: d.http("/readyz")[0] == 503 or exited(daemons), 90, interval=0.5,
-                     what=lambda: f"/readyz 503 without quorum; log:\n{d.log()[-3000:]}")
-            assert_running(daemons)
-            status, reason = d.http("/readyz")
-            assert "quorum" in reason.lower(), f"/readyz {status} says {reason!r}"
+        wait_reported_unserved(daemons, 90)
         # Deliveries a worker held before the loss may still start: wait until every
         # started task has ended and no start came for 2 s. From then on nothing may
         # start for 10 s.
@@ -380,12 +387,7 @@ def test_an_empty_quorum_queue_without_a_quorum_is_not_reported_ready(healed_clu
     c.stop_app("wqb")
     c.stop_app("wqc")
     try:
-        for d in daemons:
-            wait_for(lambda: d.http("/readyz")[0] == 503 or exited(daemons), 120, interval=0.5,
-                     what=lambda: f"/readyz 503 without quorum; log:\n{d.log()[-4000:]}")
-            assert_running(daemons)
-            status, reason = d.http("/readyz")
-            assert "quorum" in reason.lower(), f"/readyz {status} says {reason!r}"
+        reason = wait_reported_unserved(daemons, 120)
         print(f"an empty quorum queue without its quorum: 503 after "
               f"{time.monotonic() - t_loss:.1f}s: {reason}")
     finally:

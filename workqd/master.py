@@ -498,6 +498,11 @@ class Master:
             cancels=self.poller.cancels_held, schedules=self.poller.schedules,
             counters=counters)
 
+    def _forget_churn(self, name: str) -> None:
+        _, judge = self._service.get(name, (None, None))
+        if judge is not None:
+            judge.forget_churn()
+
     def _unserved_sign(self, name: str) -> str:
         _, judge = self._service.get(name, (None, None))
         return judge.sign if judge is not None and judge.unserved else ""
@@ -554,6 +559,7 @@ class Master:
             pool = self.pools[name]
             if pool.paused != pause:
                 pool.set_paused(pause)
+                self._forget_churn(name)
                 log.info("control: queue %s %s", name,
                          "paused: consumers cancelled, running tasks finish"
                          if pause else "resumed")
@@ -564,6 +570,7 @@ class Master:
         for name in names:
             if not self.pools[name].paused:
                 self.pools[name].set_paused(True)
+                self._forget_churn(name)
         log.info("control: quiet: every queue paused; running tasks finish, workqd stays up")
         return {"ok": True, "queues": names}
 
@@ -684,7 +691,8 @@ def _service_sample(pool: Pool, depth) -> service.Sample | None:
         ready=depth[0], broker_consumers=depth[1], consuming=len(procs),
         # A worker holding a task until a rate token comes is not idle.
         idle=sum(1 for p in procs if not p.slot.busy and not p.slot.limit & WAITS_TOKEN),
-        progress=frozenset((p.pid, p.slot.tasks_done, p.slot.busy) for p in pool.procs.values()))
+        progress=frozenset((p.pid, p.slot.tasks_done, p.slot.busy) for p in pool.procs.values()),
+        subscriptions=frozenset((p.pid, p.slot.subscriptions) for p in pool.procs.values()))
 
 
 def _most_workers(pool: Pool) -> int:

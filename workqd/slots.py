@@ -359,6 +359,11 @@ class Slot:
         return self._q[self._base + W_SUBSCRIBED] > 0
 
     @property
+    def subscriptions(self) -> int:
+        """Times this worker started consuming: more than once means it consumed again."""
+        return self._q[self._base + W_SUBSCRIBED]
+
+    @property
     def consuming(self) -> bool:
         """Subscribed to its queue right now (idle or busy) and not draining."""
         b = self._base

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workqd.service import UNSERVED_AFTER, Sample, ServiceJudge
+from workqd.service import CHURN_POLLS, UNSERVED_AFTER, Sample, ServiceJudge
 
 BUSY = frozenset({(101, 7, True), (102, 3, False)})
 
@@ -76,4 +76,70 @@ def test_nothing_is_judged_without_a_sample_or_while_nothing_consumes_here():
     # A sample missing between two frozen ones is no evidence of starvation either.
     frozen = sample(ready=10, broker=6, idle=2)
     feed(j, frozen, None, frozen)
+    assert not j.unserved
+
+
+# --- churn: workers that keep consuming again while nothing is delivered ---------------
+
+def subs(*times) -> frozenset:
+    """Each worker's count of consumes: worker 101 has times[0], 102 times[1], ..."""
+    return frozenset((101 + i, t) for i, t in enumerate(times))
+
+
+def churned(*per_poll, ready=0, broker=3, progress=BUSY) -> list[Sample]:
+    return [Sample(ready=ready, broker_consumers=broker, consuming=3, idle=1,
+                   progress=progress, subscriptions=s) for s in per_poll]
+
+
+def test_a_worker_that_keeps_consuming_again_with_nothing_delivered_is_unserved():
+    # A quorum leader without a quorum: consume-ok, 541 fifteen seconds later, consume
+    # again. The broker's count looks whole and nothing waits, so only the churn shows.
+    j = ServiceJudge(starvation_applies=True)
+    polls = [subs(1, 1), subs(1, 1), subs(1, 2), subs(1, 2), subs(1, 2), subs(1, 3),
+             subs(1, 3), subs(1, 3), subs(1, 4), subs(1, 4)]
+    changes = feed(j, *churned(*polls))
+    assert changes == [""] * 9 + ["lost"]
+    assert "a worker here consumed again 3 times in the last 9 polls" in j.sign
+    # Once it stops, the window forgets it and the queue is served again.
+    changes = feed(j, *churned(*[subs(1, 4)] * CHURN_POLLS))
+    assert "back" in changes and not j.unserved
+
+
+def test_a_failover_or_two_is_not_churn():
+    j = ServiceJudge(starvation_applies=True)
+    feed(j, *churned(*[subs(1, 1, 1)] * 3, *[subs(2, 2, 2)] * 3, *[subs(3, 3, 3)] * 20))
+    assert not j.unserved
+
+
+def test_churn_while_tasks_are_delivered_is_not_unserved():
+    j = ServiceJudge(starvation_applies=True)
+    for n in range(2 * CHURN_POLLS):
+        j.observe(Sample(ready=0, broker_consumers=3, consuming=3, idle=1,
+                         progress=frozenset({(101, n, True)}), subscriptions=subs(n)))
+    assert not j.unserved
+
+
+def test_a_replaced_worker_counts_from_its_own_first_sample():
+    # A new pid with a high count is not a worker that consumed again here.
+    j = ServiceJudge(starvation_applies=True)
+    feed(j, *churned(*[subs(1)] * 4, *[frozenset({(202, 9)})] * 8))
+    assert not j.unserved
+
+
+def test_a_pause_clears_the_churn_window():
+    # Pausing and resuming consumes again; a poll with nothing consuming forgets the
+    # consumes before it.
+    j = ServiceJudge(starvation_applies=True)
+    paused = Sample(ready=0, broker_consumers=0, consuming=0, idle=0, progress=BUSY,
+                    subscriptions=subs(2))
+    feed(j, *churned(subs(1), subs(2)), paused, *churned(subs(3), subs(4), subs(4), subs(4)))
+    assert not j.unserved
+
+
+def test_a_resume_is_not_churn():
+    # Each resume consumes again because the master said so: the window starts afresh.
+    j = ServiceJudge(starvation_applies=True)
+    for n in range(1, 8):
+        feed(j, *churned(subs(n)))
+        j.forget_churn()
     assert not j.unserved

@@ -13,7 +13,10 @@ pause between task starts; the table is printed at the end of the module (``-s``
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -22,7 +25,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from conftest import queue_config, wait_for
+from conftest import ROOT, queue_config, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -321,16 +324,30 @@ def test_node_loss_loses_no_task_and_both_daemons_recover(healed_cluster, cluste
 
 # --- quorum lost ---------------------------------------------------------------------
 
+def scale(d, queue: str, workers: int) -> None:
+    """``workqctl scale``, as an operator would run it."""
+    r = subprocess.run([sys.executable, "-m", "workqd.ctl", "--socket", d.sock, "scale", queue,
+                        str(workers)], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+
+
 def test_quorum_lost_nothing_consumed_nothing_lost_ready_says_why(healed_cluster, cluster_queue,
-                                                                   daemon):
+                                                                   daemon, tmp_path):
     c = healed_cluster
     q, client = cluster_queue
-    daemons = [daemon([work_queue(q)], broker=broker_config(c)) for _ in range(2)]
+    daemons = []
+    for i in range(2):
+        sock = str(tmp_path / f"c{i}.sock")
+        daemons.append(daemon([work_queue(q)], broker=broker_config(c),
+                              control={"socket": sock}))
+        daemons[-1].sock = sock
     wait_all_consuming(c, daemons)
     masters = [d.proc.pid for d in daemons]
     # Enough work that the queue cannot drain before the quorum is gone (six workers
     # take over five minutes): with no task waiting, nothing shows the loss. Stopping
-    # the second node has itself taken 300 s in CI, the quorum holding meanwhile.
+    # the second node has itself taken 300 s in CI, the quorum holding meanwhile. Once
+    # the quorum is back, more workers take the rest in well under a minute.
     ids = client.publish(q, [f"n={i} sleep=1" for i in range(2000)])
     wait_for(lambda: len(ended(daemons)) >= 100 or exited(daemons), 120, what="tasks flowing")
     assert_running(daemons)
@@ -361,6 +378,8 @@ def test_quorum_lost_nothing_consumed_nothing_lost_ready_says_why(healed_cluster
         t_back = time.time()
         c.start_app("wqb")
         c.start_app("wqc")
+    for d in daemons:
+        scale(d, q, 20)
     wait_for(lambda: ended(daemons) >= set(ids) or exited(daemons), 240, interval=0.5,
              what="every task done after the quorum came back")
     assert_running(daemons)

@@ -1,6 +1,8 @@
 """Handlers for the tests, with a ledger of every execution.
 
-The body is a list of ``key=value`` words: ``n=7 sleep=0.4 fail=1 die=1 leak=20``.
+The body is a list of ``key=value`` words: ``n=7 sleep=0.4 fail=1 die=1 leak=20
+gate=/path``. A gate holds the task until that file exists (two minutes at most), so
+a test can keep it running until what it waits for has happened, not for a guess.
 Every run appends ``start`` and ``end`` lines to the file named by
 WORKQ_TEST_LEDGER (O_APPEND writes of one line are atomic), so a test can tell
 exactly who ran what, how often, and whether it completed.
@@ -41,10 +43,19 @@ def work(body: bytes, task) -> None:
     if "leak" in args:
         _LEAK.append(bytearray(int(args["leak"]) << 20))
     time.sleep(float(args.get("sleep", 0)))
+    if "gate" in args:
+        _wait_gate(args["gate"], time.monotonic() + 120)
     if args.get("fail"):
         _ledger("fail", task)
         raise RuntimeError(f"task {args.get('n', '?')} failed on purpose")
     _ledger("end", task)
+
+
+def _wait_gate(path: str, deadline: float) -> None:
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gate {path} never opened")
+        time.sleep(0.01)
 
 
 def broken_import():

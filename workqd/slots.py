@@ -356,7 +356,7 @@ class Slot:
 
     @property
     def ever_consumed(self) -> bool:
-        return self._q[self._base + W_SUBSCRIBED] > 0
+        return self.subscriptions > 0
 
     @property
     def subscriptions(self) -> int:

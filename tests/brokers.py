@@ -36,18 +36,8 @@ KERNEL_ARGS = "-kernel inet_dist_use_interface {127,0,0,1} -kernel net_ticktime 
 # name, so two checkouts can run cluster tests on one machine at once (0 in CI).
 OFFSET = int(os.environ.get("WORKQ_TEST_NODE_OFFSET", "0"))
 NAME_SUFFIX = f"o{OFFSET}" if OFFSET else ""
-# The cluster tests run on two clusters at once, each held by one pytest-xdist worker
-# (tests/conftest.py): a module that sets CLUSTER = "b" gets the second, whose ports are
-# 100 up and whose nodes are wqab, wqbb, wqcb. Tests name nodes by their short names.
-CLUSTERS = {"": (OFFSET, NAME_SUFFIX), "b": (OFFSET + 100, NAME_SUFFIX + "b")}
-
-
-def cluster_nodes(offset: int) -> dict[str, tuple[int, int]]:
-    """Short name -> (AMQP port, distribution port) of one cluster's three nodes."""
-    return {name: (5681 + i + offset, 25681 + i + offset)
-            for i, name in enumerate(("wqa", "wqb", "wqc"))}
-
-
+CLUSTER_NODES = {"wqa": (5681 + OFFSET, 25681 + OFFSET), "wqb": (5682 + OFFSET, 25682 + OFFSET),
+                 "wqc": (5683 + OFFSET, 25683 + OFFSET)}
 SPECIAL_PORTS = range(5684 + OFFSET, 5690 + OFFSET)   # AMQP (or TLS) port P, distribution 20000 + P
 START_TIMEOUT = 120                   # seconds a node gets to boot (2 shared cores)
 CLI_TIMEOUT = 90                      # seconds for one rabbitmqctl call
@@ -87,10 +77,10 @@ class Node:
     """One RabbitMQ node under ``base``: its files, its environment, its CLI."""
 
     def __init__(self, base: Path, name: str, port: int, dist: int, conf: list[str],
-                 advanced: str = "[].", tcp: bool = True, suffix: str = NAME_SUFFIX):
+                 advanced: str = "[].", tcp: bool = True):
         self.base = base
         self.name = name
-        self.node = f"{name}{suffix}@localhost"
+        self.node = f"{name}{NAME_SUFFIX}@localhost"
         self.port = port
         self.dist = dist
         self.dir = base / name
@@ -215,13 +205,11 @@ def _parallel(fn, items) -> list:
 class Cluster:
     """wqa, wqb, wqc as one cluster; every method names a node by its short name."""
 
-    def __init__(self, which: str = ""):
+    def __init__(self):
         self.base = _new_base("wqcluster.")
         conf = ["cluster_partition_handling = autoheal", "loopback_users.guest = true"]
-        offset, self.suffix = CLUSTERS[which]
-        self.nodes = {name: Node(self.base, name, port, dist, conf, suffix=self.suffix)
-                      for name, (port, dist) in cluster_nodes(offset).items()}
-        self.failed: BaseException | None = None   # why start() failed, for later tests
+        self.nodes = {name: Node(self.base, name, port, dist, conf)
+                      for name, (port, dist) in CLUSTER_NODES.items()}
         self.urls = [f"amqp://guest:guest@127.0.0.1:{n.port}/%2F" for n in self.nodes.values()]
         self.frozen: set[str] = set()
         self.app_stopped: set[str] = set()
@@ -443,9 +431,9 @@ class Cluster:
         """Short name of the quorum queue's leader (``wqa``), from list_queues."""
         info = self.queue_info(queue, via)
         leader = info and info.get("leader")
-        # The node is wqa<suffix>@localhost (WORKQ_TEST_NODE_OFFSET, the second cluster):
-        # the short name is what every test compares with.
-        return str(leader).split("@")[0].removesuffix(self.suffix) if leader else None
+        # Under WORKQ_TEST_NODE_OFFSET the node is wqa<suffix>@localhost: the short name
+        # is what every test compares with.
+        return str(leader).split("@")[0].removesuffix(NAME_SUFFIX) if leader else None
 
     def quorum_status(self, queue: str, via: str | None = None) -> list[dict]:
         return self.nodes[via or self.any_up()].json("rabbitmq-queues", "quorum_status", queue)
@@ -692,40 +680,15 @@ class SpecialNodes:
 # --- fixtures -----------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def _clusters():
-    """The clusters this pytest process started, by name; torn down at the session's end
-    whatever happened."""
-    made: dict[str, Cluster] = {}
+def cluster():
+    """The 3-node cluster for the whole session; torn down at its end whatever happened."""
+    require_rabbitmq()
+    c = Cluster()
     try:
-        yield made
+        c.start()
+        yield c
     finally:
-        failures = []
-        for c in made.values():
-            try:
-                c.teardown()
-            except AssertionError as e:
-                failures.append(e)
-        if failures:
-            raise failures[0]
-
-
-@pytest.fixture(scope="module")
-def cluster(_clusters, request):
-    """The module's 3-node cluster (its CLUSTER, the first by default), started by the first
-    module that asks for it and kept for the session."""
-    which = getattr(request.module, "CLUSTER", "")
-    c = _clusters.get(which)
-    if c is None:
-        require_rabbitmq()
-        c = _clusters[which] = Cluster(which)
-        try:
-            c.start()
-        except BaseException as e:
-            c.failed = e
-            raise
-    if c.failed is not None:
-        pytest.fail(f"the cluster did not start: {c.failed!r}", pytrace=False)
-    return c
+        c.teardown()
 
 
 @pytest.fixture

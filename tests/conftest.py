@@ -52,14 +52,11 @@ settings.load_profile("workqd")
 
 TIERS = ("unit", "integration", "cluster", "system")
 TIER = pytest.StashKey[str]()
-# The throwaway-node fixtures listen on fixed ports (tests/brokers.py: the first cluster
-# on 5681-5683, the second, for the modules that set CLUSTER = "b", on 5781-5783; the
-# special nodes on 5684-5689; test_submit's lone node on 5691) and are session- or
-# module-wide: every test that uses one runs in the same pytest-xdist worker as the
-# others using it (--dist loadgroup), or two workers would start two nodes on one port.
-# The clusters and the special nodes do not share ports: three groups, three workers.
-# The cluster tests are the suite's longest chain, mostly waiting on brokers: split over
-# two clusters they take two workers' time at once instead of one's twice over.
+# The throwaway-node fixtures listen on fixed ports (tests/brokers.py: the cluster on
+# 5681-5683, the special nodes on 5684-5689; test_submit's lone node on 5691) and are
+# session- or module-wide: every test that uses one runs in the same pytest-xdist worker
+# as the others using it (--dist loadgroup), or two workers would start two nodes on one
+# port. The cluster and the special nodes do not share ports: two groups, two workers.
 # The config corpus is a module-wide fixture that runs ~50 CLI processes: once per run,
 # not once per worker.
 FIXTURE_GROUPS = {"lone_node": "lone-node", "corpus": "config-corpus",
@@ -96,9 +93,6 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(getattr(pytest.mark, tier))
         item.stash[TIER] = tier
         groups = {FIXTURE_GROUPS[f] for f in item.fixturenames if f in FIXTURE_GROUPS}
-        second = getattr(item.module, "CLUSTER", "")
-        if second and "cluster-nodes" in groups:
-            groups = groups - {"cluster-nodes"} | {f"cluster-nodes-{second}"}
         if item.get_closest_marker("broker_outage"):
             groups.add("machine-broker-outage")
         if len(groups) > 1:
@@ -553,7 +547,7 @@ def queue_config(name: str, **overrides) -> dict:
     return q
 
 
-# Throwaway nodes beside the main broker (tests/brokers.py): two 3-node clusters, TLS,
+# Throwaway nodes beside the main broker (tests/brokers.py): a 3-node cluster, TLS,
 # consumer_timeout and alarm nodes. Imported here so every test module can use them.
-from brokers import (_clusters, cluster, expired_tls_node, healed_cluster,  # noqa: E402,F401
-                     mtls_node, plain_node, special_node, timeout_node, tls_certs, tls_node)
+from brokers import (cluster, expired_tls_node, healed_cluster, mtls_node,  # noqa: E402,F401
+                     plain_node, special_node, timeout_node, tls_certs, tls_node)

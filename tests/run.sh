@@ -8,7 +8,7 @@
 # python3-* packages and RabbitMQ 4.0 (tests/system/test_trixie.py), and the
 # cluster tests on throwaway RabbitMQ nodes (tests/cluster).
 #
-# Tests run in parallel (pytest-xdist: WORKQD_TEST_JOBS workers, 8, on bookworm's
+# Tests run in parallel (pytest-xdist: WORKQD_TEST_JOBS workers, 7, on bookworm's
 # versions, WORKQD_TEST_JOBS_LATEST, 2, on the current releases): the
 # containers and the cluster start first and run beside the integration tests;
 # tests/conftest.py keeps the tests that share a throwaway node's fixed port in
@@ -70,28 +70,24 @@ log "venv with current PyPI releases"
 make_venv .venv-latest --upgrade pika prometheus-client sdnotify PyYAML
 
 # Both runs go at once: the bookworm run's containers and cluster take most of its
-# time, and the other run's tests fill the waits. In the bookworm run six workers hold
-# the long jobs (two system tests, the trixie suite, the two clusters' groups and the
-# special nodes' group) while the others take the integration and unit tests;
-# --no-loadscope-reorder keeps the collection order (tests/conftest.py), which starts
-# the long work first. Tests that need the machine's
+# time, and the other run's tests fill the waits. In the bookworm run five workers hold
+# the long jobs (two system tests, the trixie suite, the cluster's and the special
+# nodes' groups) while the others take the integration and unit tests; --no-loadscope-reorder keeps the collection order
+# (tests/conftest.py), which starts the long work first. Tests that need the machine's
 # broker to themselves wait for the other run's tests through tests/conftest.py's lock.
 # Each run ends with its 15 slowest tests; the second run's output follows the first's.
 PARALLEL=(--dist loadgroup --no-loadscope-reorder --durations=15)
 logs=$(mktemp -d "${TMPDIR:-/tmp}/workqd-tests.XXXXXX")
 
 log "pytest on current PyPI releases, in the background (without the system and cluster tests, which use Debian's packages and throwaway nodes)"
-# The master's state machine runs on fakes, whatever the library versions: its full
-# 1,500 sequences (a minute of CPU, five under CI's load) run once, in the first run.
-WORKQ_MASTER_EXAMPLES=${WORKQ_MASTER_EXAMPLES_LATEST:-300} \
-    .venv-latest/bin/python -m pytest -n "${WORKQD_TEST_JOBS_LATEST:-2}" "${PARALLEL[@]}" \
+.venv-latest/bin/python -m pytest -n "${WORKQD_TEST_JOBS_LATEST:-2}" "${PARALLEL[@]}" \
     -m "not system and not cluster" "$@" >"$logs/latest" 2>&1 &
 latest_pid=$!
 trap 'kill "$latest_pid" 2>/dev/null || true; rm -rf "$logs"' EXIT
 
 bookworm=0
 log "pytest on $RELEASE's versions (full suite, with the system tests on bookworm and trixie)"
-".venv-$RELEASE/bin/python" -m pytest -n "${WORKQD_TEST_JOBS:-8}" "${PARALLEL[@]}" "$@" \
+".venv-$RELEASE/bin/python" -m pytest -n "${WORKQD_TEST_JOBS:-7}" "${PARALLEL[@]}" "$@" \
     | tee "$logs/bookworm" || bookworm=$?
 
 latest=0

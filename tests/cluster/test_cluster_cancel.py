@@ -29,9 +29,6 @@ from workqd.client import Client
 from .test_cluster import Client as ClusterClient
 from .test_cluster import exited
 
-# Runs on the second cluster (tests/brokers.py CLUSTERS), beside the first's modules.
-CLUSTER = "b"
-
 pytestmark = pytest.mark.cluster
 
 HEARTBEAT = 5

@@ -16,9 +16,6 @@ from workqd.client import Client
 from .test_cluster import Client as ClusterClient
 from .test_cluster import cluster_queue  # noqa: F401  (the fixture)
 
-# Runs on the second cluster (tests/brokers.py CLUSTERS), beside the first's modules.
-CLUSTER = "b"
-
 pytestmark = pytest.mark.cluster
 
 TASKS = 300

@@ -14,9 +14,6 @@ from workqd import limits
 from .test_cluster import broker_config, ended, starts, wait_all_consuming
 from .test_cluster import cluster_queue  # noqa: F401  (the fixture)
 
-# Runs on the second cluster (tests/brokers.py CLUSTERS), beside the first's modules.
-CLUSTER = "b"
-
 pytestmark = pytest.mark.cluster
 
 CAP = 2

@@ -18,9 +18,6 @@ import pytest
 from conftest import _children_of, queue_config, wait_for
 from workqd import schedules
 
-# Runs on the second cluster (tests/brokers.py CLUSTERS), beside the first's modules.
-CLUSTER = "b"
-
 pytestmark = pytest.mark.cluster
 
 EVERY = 2

@@ -113,12 +113,14 @@ def test_a_waiting_task_is_dead_lettered_unrun_and_requeue_puts_it_back(daemon, 
 def test_a_delayed_task_cancelled_while_it_waits_never_runs(daemon, amqp, qname, tmp_path,
                                                             client):
     d = start(daemon, tmp_path, [queue_config(qname, workers=1)])
-    mid = client.submit(b"n=1", queue=qname, delay=5)
-    other = client.submit(b"n=2", queue=qname, delay=5)
+    # Due in 15 s: on a loaded machine submitting, cancelling and reading have taken
+    # over 5 s, and a cancel read after the task was due proves nothing.
+    mid = client.submit(b"n=1", queue=qname, delay=15)
+    other = client.submit(b"n=2", queue=qname, delay=15)
     submitted = time.monotonic()
     cancel(d, mid)
-    wait_for(lambda: read_by(d, mid), 10, interval=0.05, what="the poller read the cancel")
-    assert time.monotonic() - submitted < 5, "read after the task was due: no proof"
+    wait_for(lambda: read_by(d, mid), 15, interval=0.05, what="the poller read the cancel")
+    assert time.monotonic() - submitted < 15, "read after the task was due: no proof"
     wait_for(lambda: other in d.ledger.ended_ids(), 30, what="the other delayed task ran")
     wait_for(lambda: amqp.count(f"{qname}.dead") == 1, 20, what="the cancelled one dead")
     assert mid not in {e["id"] for e in d.ledger.events("start")}

@@ -4,6 +4,7 @@ real processes and signals."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -176,6 +177,9 @@ def test_a_full_slot_table_defers_the_spawn_and_the_reload_completes(daemon, amq
     assert d.stop() == 0
 
 
+STUCK_LINE = re.compile(r"queue poller \(pid (\d+)\) has not reported for")
+
+
 def test_a_poller_whose_broker_stops_answering_is_replaced_and_ready_says_so(
         daemon, qname, monkeypatch):
     """The poller's calls have no deadline of their own: a broker that keeps the
@@ -194,12 +198,13 @@ def test_a_poller_whose_broker_stops_answering_is_replaced_and_ready_says_so(
         d.wait_ready(30)
         relay.dropping.set()
         # On a loaded machine a poller's round has itself outlasted the test's 5 s, and
-        # the master replaced that poller before any declare was dropped: the poller to
-        # watch is the one running once a declare has gone unanswered.
+        # the master replaced that poller before any declare was dropped: the line that
+        # counts is one written after a declare has gone unanswered.
         wait_for(lambda: relay.dropped >= 1, 30, what="a queue.declare dropped")
-        stuck = d.poller_pid()
-        wait_for(lambda: f"queue poller (pid {stuck}) has not reported for" in d.log(), 30,
-                 what=lambda: f"the stuck poller {stuck} named; log:\n{d.log()}")
+        since = len(d.log())
+        named = wait_for(lambda: STUCK_LINE.search(d.log()[since:]), 30,
+                         what=lambda: f"the stuck poller named; log:\n{d.log()}")
+        stuck = int(named.group(1))
         status, reason = d.http("/readyz")
         assert status == 503 and "broker not reachable from the master" in reason, reason
         wait_for(lambda: d.poller_pid() not in (None, stuck), 10, what="a new poller")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from conftest import free_port, queue_config, wait_for
+from polling import SCALE
 
 SUCCESS = "workqd_tasks_processed_total"
 
@@ -124,9 +125,15 @@ def test_hundred_restarts_keep_counters_and_nothing_grows(daemon, amqp, qname, c
     rng = random.Random(7)
     seen: dict[str, float] = {}
     kills = 0
-    deadline = time.monotonic() + 90
-    while not d.ledger.ended_ids() >= set(ids):
-        assert time.monotonic() < deadline, "tasks did not finish in time"
+    # The run fails when it stops making progress, not when a loaded machine makes it
+    # slow: a minute (stretched like every wait) without one more task ending.
+    stall = 60 * SCALE
+    done, progress_at = 0, time.monotonic()
+    while not (ended := d.ledger.ended_ids()) >= set(ids):
+        if len(ended) > done:
+            done, progress_at = len(ended), time.monotonic()
+        assert time.monotonic() - progress_at < stall, \
+            f"no task ended for {stall:g} s ({done} of 200 ended, {kills} kill -9)"
         pids = d.worker_pids()
         if pids and kills < 40:
             try:

@@ -11,7 +11,7 @@
 # bookworm: the daemon's dependencies only; its container shares the host's
 #   network and broker.
 # trixie: also rabbitmq-server (its container has a private network and runs
-#   its own broker), pytest and hypothesis for the behaviour suite, and
+#   its own broker), pytest, pytest-xdist and hypothesis for the behaviour suite, and
 #   trixie's lintian. A private network reaches no archive, so everything the
 #   runs need is installed here.
 #
@@ -27,7 +27,7 @@ HOST=workqd-test
 BASE=systemd,systemd-sysv,dbus,procps,netbase,python3,python3-pika,python3-yaml,python3-prometheus-client,python3-sdnotify
 case $SUITE in
     bookworm) PACKAGES=$BASE ;;
-    trixie) PACKAGES=$BASE,rabbitmq-server,python3-pytest,python3-hypothesis,python3-venv
+    trixie) PACKAGES=$BASE,rabbitmq-server,python3-pytest,python3-pytest-xdist,python3-hypothesis,python3-venv
             # debootstrap cannot order lintian's perl dependencies; apt can.
             LATER=lintian ;;
     *) echo "rootfs.sh: unknown suite $SUITE (bookworm or trixie)" >&2; exit 2 ;;

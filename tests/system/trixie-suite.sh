@@ -9,7 +9,7 @@
 # with a private network, so its rabbitmq-server listens on its own
 # 127.0.0.1:5672 (the URL tests/conftest.py uses) and never meets the host's
 # broker. The source tree is bind-mounted read-only at /src; pytest writes only
-# below /tmp. Runs /usr/bin/python3 -W error::DeprecationWarning -m pytest on
+# below /tmp. Runs /usr/bin/python3 -m pytest -W error::DeprecationWarning on
 # the behaviour tests (or the given arguments), then lists every warning the
 # daemons it started printed (their logs, PYTHONWARNINGS=always).
 #
@@ -91,23 +91,31 @@ if [ "${WORKQ_TRIXIE_STRICT:-0}" != 1 ]; then
 fi
 
 t0=$(now)
+# In parallel, as on the host (pytest-xdist; tests/conftest.py keeps the tests that share
+# a throwaway node in one worker, and lets those that stop the broker run alone): the
+# tests mostly wait on the broker and their daemons, and run one by one they were the
+# longest job of the whole CI run. WORKQ_TRIXIE_JOBS=0 runs them in one process.
+jobs=${WORKQ_TRIXIE_JOBS:-2}
 # The daemons the tests start inherit PYTHONWARNINGS: they print every
-# DeprecationWarning into their logs, which are listed below. In pytest's own
-# process a DeprecationWarning is an error, except one of pika 1.3.2's: its
-# AMQP timestamp decoding calls datetime.utcfromtimestamp(), deprecated since
-# Python 3.12, and any dead-lettered message (x-death) has a timestamp.
+# DeprecationWarning into their logs, which are listed below. In the tests
+# themselves a DeprecationWarning is an error (pytest's -W, which its xdist workers
+# apply too), except one of pika 1.3.2's: its AMQP timestamp decoding calls
+# datetime.utcfromtimestamp(), deprecated since Python 3.12, and any dead-lettered
+# message (x-death) has a timestamp.
 ct bash -c "cd /src && env PYTHONDONTWRITEBYTECODE=1 PYTHONWARNINGS=always::DeprecationWarning HOME=/root \
-    python3 -W error::DeprecationWarning \
+    python3 -m pytest -W error::DeprecationWarning \
     -W 'ignore:datetime.datetime.utcfromtimestamp:DeprecationWarning:pika.data' \
-    -m pytest -p no:cacheprovider --basetemp=/tmp/pytest -o addopts=-ra \
+    -p no:cacheprovider --basetemp=/tmp/pytest -o addopts=-ra \
+    -n $jobs --dist loadgroup --durations=15 \
     $(printf '%q ' "${args[@]}" "${deselect[@]}") | tee /tmp/pytest.out; exit \${PIPESTATUS[0]}" </dev/null
 status=$?
 log "pytest exited $status after $(since "$t0")s"
 
 # A failed test's daemon logs die with the container: show their ends.
-# pytest names a test's directory after the test, cut to 30 characters.
+# pytest names a test's directory after the test, cut to 30 characters, below the
+# xdist worker's own (popen-gwN) when there are workers.
 for name in $(ct sed -n 's/^FAILED [^:]*::\([^ []*\).*/\1/p' /tmp/pytest.out | sort -u); do
-    for f in $(ct bash -c "ls /tmp/pytest/${name:0:30}[0-9]*/d*/workqd.log 2>/dev/null"); do
+    for f in $(ct bash -c "ls /tmp/pytest/${name:0:30}[0-9]*/d*/workqd.log /tmp/pytest/popen-gw*/${name:0:30}[0-9]*/d*/workqd.log 2>/dev/null"); do
         log "last lines of $f:"
         ct tail -n 25 "$f" >&2
     done

@@ -193,6 +193,17 @@ def wait_reported_unserved(daemons, timeout: float) -> str:
     return reason
 
 
+def consumers_or_why(client, queue: str):
+    """The consumer count for a failure message, or why it could not be read: on a
+    starved machine the test client's own connection has been reset by then, and the
+    message must still show the daemon's log."""
+    try:
+        return client.consumers(queue)
+    except pika.exceptions.AMQPError as e:
+        client.ch = None
+        return f"unknown ({type(e).__name__}: {e})"
+
+
 def worker_nodes(cluster, daemons) -> dict[int, tuple[int, str]]:
     """Worker pid -> (daemon index, node of its connection), from list_connections."""
     owner = {pid: i for i, d in enumerate(daemons) for pid in d.worker_pids()}
@@ -420,7 +431,7 @@ def test_workers_consume_again_after_the_queue_is_deleted_and_redeclared(healed_
     try:
         wait_for(lambda: d.ledger.ended_ids() >= set(later) or exited([d]), 90, interval=0.5,
                  what=lambda: f"tasks published after delete_queue + re-declare consumed "
-                              f"(consumers on {q}: {client.consumers(q)}; "
+                              f"(consumers on {q}: {consumers_or_why(client, q)}; "
                               f"/readyz {d.http('/readyz')}; log tail:\n{d.log()[-4000:]})")
         assert_running([d])
     finally:

@@ -214,3 +214,60 @@ def test_a_poller_whose_broker_stops_answering_is_replaced_and_ready_says_so(
         assert d.stop() == 0
     finally:
         relay.close()
+
+
+def test_a_worker_whose_consumer_check_goes_unanswered_consumes_again(
+        daemon, amqp, qname, monkeypatch):
+    """A worker asks the broker about its queue every CONSUMER_CHECK_EVERY seconds. A
+    broker that keeps the connection up but never answers must not leave the worker
+    waiting for that answer for ever: past CONSUMER_CHECK_UNANSWERED (2 s here, 60 s in
+    production) it drops the connection and consumes again on a new one."""
+    relay = rawamqp.Relay(drop=rawamqp.QUEUE_DECLARE)
+    try:
+        monkeypatch.setenv("WORKQ_CONSUMER_CHECK_EVERY", "0.5")
+        monkeypatch.setenv("WORKQ_CONSUMER_CHECK_UNANSWERED", "2")
+        d = daemon([queue_config(qname, workers=1)], start=False)
+        d.config["broker"]["url"] = f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F"
+        d.write_config()
+        d.start(module="shortclock", wait_ready=False)
+        d.wait_ready(30)
+        since = len(d.log())
+        relay.dropping.set()
+        wait_for(lambda: "has not answered the consumer check" in d.log()[since:], 30,
+                 what=lambda: f"the worker giving up on its check; log:\n{d.log()[since:]}")
+        relay.dropping.clear()   # the new connection's declares are answered
+        task = amqp.publish(qname, "sleep=0")
+        wait_for(lambda: task in d.ledger.ended_ids(), 30,
+                 what=lambda: f"a task run after the worker consumed again; log:\n"
+                              f"{d.log()[since:]}")
+        assert d.proc.poll() is None
+        assert d.stop() == 0
+    finally:
+        relay.close()
+
+
+def test_a_worker_whose_declarations_go_unanswered_starts_again(daemon, amqp, qname,
+                                                                monkeypatch):
+    """The same broker from the first connection on: the worker's declarations are never
+    answered. It cuts that connection after CONSUMER_CHECK_UNANSWERED (2 s here) and
+    consumes once the broker answers again, instead of starting for ever."""
+    relay = rawamqp.Relay(drop=rawamqp.QUEUE_DECLARE)
+    relay.dropping.set()
+    try:
+        monkeypatch.setenv("WORKQ_CONSUMER_CHECK_EVERY", "0.5")
+        monkeypatch.setenv("WORKQ_CONSUMER_CHECK_UNANSWERED", "2")
+        monkeypatch.setenv("WORKQ_POLLER_STUCK_AFTER", "5")   # it is held up as well
+        d = daemon([queue_config(qname, workers=1)], start=False)
+        d.config["broker"]["url"] = f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F"
+        d.write_config()
+        d.start(module="shortclock", wait_ready=False)
+        wait_for(lambda: "has not answered the declarations" in d.log(), 60,
+                 what=lambda: f"the worker giving up on its declarations; log:\n{d.log()}")
+        relay.dropping.clear()
+        d.wait_ready(60)
+        task = amqp.publish(qname, "sleep=0")
+        wait_for(lambda: task in d.ledger.ended_ids(), 30, what="a task run")
+        assert d.proc.poll() is None
+        assert d.stop() == 0
+    finally:
+        relay.close()

@@ -80,6 +80,73 @@ def test_consumer_check_sees_a_lost_consumer_and_a_starved_one():
     assert "counts no consumer" in consumer_check(0, 17, 0, False, False)
 
 
+def test_a_consumer_check_the_broker_never_answers_ends_the_session():
+    # Heartbeats keep the connection up, but the passive declare gets no answer: after
+    # CONSUMER_CHECK_UNANSWERED the session gives up its connection, so the worker
+    # consumes again on a new one, instead of waiting on that answer for ever.
+    import types
+    from workqd.worker.session import CONSUMER_CHECK_UNANSWERED, Session
+    sent, lost, closed, cut = [], [], [], []
+    channel = types.SimpleNamespace(
+        is_open=True, queue_declare=lambda name, passive, callback: sent.append(callback))
+    s = Session(QUEUE, CFG.broker, "amqp://x", "t", None, 1, lambda: True,
+                types.SimpleNamespace(on_consumer_lost=lambda: lost.append(1)), None, False,
+                on_consuming=None, on_message=None, on_closed=None)
+    s.channel, s.consumer_tag = channel, "tag"
+    # pika queues a channel's close behind its unanswered call: an orderly close would
+    # wait for ever too, so the stream is cut, as pika does on a missed heartbeat.
+    s.connection = types.SimpleNamespace(is_open=True, close=lambda: closed.append(1),
+                                         _terminate_stream=cut.append)
+    s.check(0.0)
+    assert len(sent) == 1
+    s.check(CONSUMER_CHECK_UNANSWERED / 2)   # still waiting: nothing more is sent
+    assert len(sent) == 1 and not lost
+    s.check(CONSUMER_CHECK_UNANSWERED)
+    assert lost == [1] and not closed and len(cut) == 1 and s.consumer_tag is None
+    assert "has not answered the consumer check for 60s" in s._verdict.why
+
+
+def test_declarations_the_broker_never_answers_end_the_session():
+    import types
+    from workqd.worker.session import CONSUMER_CHECK_UNANSWERED, Session
+    sent, cut = [], []
+    channel = types.SimpleNamespace(
+        is_open=True, queue_declare=lambda *a, callback, **k: sent.append(callback))
+    s = Session(QUEUE, CFG.broker, "amqp://x", "t", None, 1, lambda: True, None, None, False,
+                on_consuming=None, on_message=None, on_closed=None)
+    s.channel = channel
+    s.connection = types.SimpleNamespace(is_open=True, _terminate_stream=cut.append)
+    s._declare()
+    assert len(sent) == 1
+    # Each answer restarts the clock: many slow declarations are not one stuck one.
+    s._answered_at = 100.0
+    s.check(100.0 + CONSUMER_CHECK_UNANSWERED - 1)
+    sent[-1](None)                                  # answered: the next one goes out
+    assert len(sent) == 2 and not cut and s._answered_at != 100.0
+    s._answered_at = 200.0                          # ... and is never answered
+    s.check(200.0 + CONSUMER_CHECK_UNANSWERED - 1)
+    assert not cut
+    s.check(200.0 + CONSUMER_CHECK_UNANSWERED)
+    assert len(cut) == 1 and "has not answered the declarations for 60s" in s._verdict.why
+
+
+def test_an_answered_consumer_check_lets_the_next_one_go():
+    import types
+    from workqd.worker.session import CONSUMER_CHECK_UNANSWERED, Session
+    sent = []
+    channel = types.SimpleNamespace(
+        is_open=True, queue_declare=lambda name, passive, callback: sent.append(callback))
+    s = Session(QUEUE, CFG.broker, "amqp://x", "t", None, 1, lambda: True, None, None, False,
+                on_consuming=None, on_message=None, on_closed=None)
+    s.channel, s.consumer_tag = channel, "tag"
+    answer = types.SimpleNamespace(method=types.SimpleNamespace(consumer_count=1,
+                                                                 message_count=0))
+    for i in range(5):   # answered each time, however slowly: never taken as stuck
+        s.check(i * CONSUMER_CHECK_UNANSWERED)
+        sent[-1](answer)
+    assert len(sent) == 5 and s.consumer_tag == "tag" and s._verdict is None
+
+
 # --- what a session declares ----------------------------------------------------------
 
 class _Channel:

@@ -200,7 +200,7 @@ def _direct_worker(wake_always: bool):
                       eagerio.install(Connection(t)))
     worker._session = types.SimpleNamespace(channel=channel, settler=settler,
                                             stop_consuming=lambda: None, connection=None,
-                                            check_consumer=lambda: None, held=False)
+                                            check=lambda now: None, held=False)
     worker._next_consumer_check = float("inf")
     handler.start()
     return worker, channel, settler, sock

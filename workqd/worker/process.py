@@ -592,7 +592,7 @@ class Worker:
         now = time.monotonic()
         if self._session is not None and now >= self._next_consumer_check:
             self._next_consumer_check = now + CONSUMER_CHECK_EVERY
-            self._session.check_consumer()
+            self._session.check(now)
         if os.getppid() != self._master_pid and not self._stopping:
             # An orphan would go on consuming with nobody to supervise or count it.
             log.error("the master (pid %d) is gone; stopping", self._master_pid)

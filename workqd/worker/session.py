@@ -10,6 +10,7 @@ can help. Everything here runs on the worker's I/O thread.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, NamedTuple
 
 import pika
@@ -91,6 +92,12 @@ def classify_channel_close(code: int, text: str, declaring: bool, queue: Queue,
 # CONSUMER_CHECK_MISSES answers in a row that show something wrong (consumer_check).
 CONSUMER_CHECK_EVERY = 10.0
 CONSUMER_CHECK_MISSES = 2
+# A broker can keep a connection alive with heartbeats yet never answer a call: a
+# session whose declarations, or whose consumer check, have gone unanswered this long
+# (as the poller's STUCK_AFTER) cuts its connection, and the worker starts afresh on
+# a new one. pika holds a channel's next call behind an unanswered one, so no further
+# check is sent meanwhile.
+CONSUMER_CHECK_UNANSWERED = 60.0
 CONSUMER_TIMEOUT_MARGIN = 60.0          # seconds on top of what the queue's tasks may take
 CONSUMER_TIMEOUT_MAX = 7 * 24 * 3600.0  # a week
 
@@ -166,6 +173,9 @@ class Session:
         self._verdict: Verdict | None = None   # why the channel went, if the broker said
         self._misses = 0   # consumer checks in a row that found something wrong
         self._received_checked = 0   # the settler's deliveries as of the last consumer check
+        self._check_sent: float | None = None   # monotonic time of the unanswered check
+        # ... of the broker's last answer before consuming (the open, each declaration)
+        self._answered_at: float | None = None
         self._starvation_applies = not queue.idle_consumers_expected
         self._closing = False
         # Paused by the master (control socket): declare and stay connected, but hold
@@ -214,6 +224,7 @@ class Session:
         self._report(classify_open_error(error, self.url))
 
     def _on_connection_open(self, connection) -> None:
+        self._answered_at = time.monotonic()
         self.io = eagerio.install(connection)
         connection.channel(on_open_callback=self._on_channel_open)
 
@@ -259,6 +270,7 @@ class Session:
         self._declare_next()
 
     def _declare_next(self, _frame=None, legacy: bool = False) -> None:
+        self._answered_at = time.monotonic()
         channel = self.channel
         if channel is None or not channel.is_open:
             return
@@ -342,7 +354,7 @@ class Session:
         self._lost_consumer(f"the broker cancelled the consumer of queue {self.queue.name} "
                             f"(queue deleted or its node down)")
 
-    def _lost_consumer(self, why: str) -> None:
+    def _lost_consumer(self, why: str, cut: bool = False) -> None:
         """The broker no longer delivers to our consumer: end this session, so the worker
         declares and consumes again on a fresh connection.
 
@@ -355,18 +367,51 @@ class Session:
         self.consumer_tag = None
         self._can_consume = False
         self._events.on_consumer_lost()
+        self._end(why, cut)
+
+    def _end(self, why: str, cut: bool = False) -> None:
+        """Close this session's connection, to start afresh on a new one (``_report``
+        follows from the close)."""
         self._verdict = Verdict(f"{why}: declaring and consuming again on a new connection",
                                 None)
-        if self.connection is not None and self.connection.is_open:
+        if self.connection is None or not self.connection.is_open:
+            return
+        terminate = getattr(self.connection, "_terminate_stream", None)
+        if cut and terminate is not None:
+            # ``cut``: a call on the channel is unanswered, and pika queues the channel's
+            # close behind it, so an orderly close would wait as long. The stream is cut
+            # as pika cuts it on a missed heartbeat (pika 1.2 to 1.4 have the method).
+            terminate(pika.exceptions.AMQPConnectionError(why))
+        else:
             self.connection.close()
 
-    def check_consumer(self) -> None:
-        """Ask the broker whether the queue is there and has consumers (I/O thread, periodic)."""
+    def check(self, now: float) -> None:
+        """The periodic look at this session (I/O thread, every CONSUMER_CHECK_EVERY):
+        declarations the broker has not answered, then the consumer check."""
+        if self._answered_at is not None and not self._can_consume and not self._closing:
+            waited = now - self._answered_at
+            if waited >= CONSUMER_CHECK_UNANSWERED:
+                self._answered_at = None
+                self._end(f"queue {self.queue.name}: the broker has not answered the "
+                          f"declarations for {waited:.0f}s", cut=True)
+            return
+        self._check_consumer(now)
+
+    def _check_consumer(self, now: float) -> None:
+        """Ask the broker whether the queue is there and has consumers."""
         if self.consumer_tag is None or self.channel is None or not self.channel.is_open:
+            return
+        if self._check_sent is not None:
+            waited = now - self._check_sent
+            if waited >= CONSUMER_CHECK_UNANSWERED:
+                self._check_sent = None
+                self._lost_consumer(f"queue {self.queue.name}: the broker has not answered "
+                                    f"the consumer check for {waited:.0f}s", cut=True)
             return
         tag = self.consumer_tag
 
         def counted(frame):
+            self._check_sent = None
             if self.consumer_tag != tag:
                 return
             # The settler is replaced only while declaring, before any delivery.
@@ -384,6 +429,7 @@ class Session:
                 self._misses = 0
                 self._lost_consumer(f"queue {self.queue.name}: {wrong}")
         # A missing queue closes the channel with 404: the session then starts afresh.
+        self._check_sent = now
         self.channel.queue_declare(self.queue.name, passive=True, callback=counted)
 
     def _on_channel_closed(self, channel, reason) -> None:

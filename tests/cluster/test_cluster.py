@@ -93,6 +93,29 @@ class Client:
             except pika.exceptions.AMQPError:
                 self.ch = None
 
+    def get(self, queue: str, timeout: float = 15.0):
+        """``basic_get`` (auto-ack) with a deadline. A node can keep the connection up and
+        leave the call unanswered (a quorum queue whose leader was just killed), and pika's
+        blocking calls have no deadline of their own: past ``timeout`` the call is left to
+        its thread, the connection is abandoned, and TimeoutError raised."""
+        ch = self.channel()
+        box: dict = {}
+
+        def call():
+            try:
+                box["got"] = ch.basic_get(queue, auto_ack=True)
+            except BaseException as e:   # handed to the caller's thread
+                box["error"] = e
+        t = threading.Thread(target=call, daemon=True, name="cluster client basic_get")
+        t.start()
+        t.join(timeout)
+        if t.is_alive():
+            self.abandon()
+            raise TimeoutError(f"basic_get on {queue} unanswered after {timeout:g}s")
+        if "error" in box:
+            raise box["error"]
+        return box["got"]
+
     def abandon(self) -> None:
         """Forget the connection without closing it (closing waits on a frozen node)."""
         self.conn = self.ch = None

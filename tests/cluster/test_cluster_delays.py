@@ -43,9 +43,10 @@ def test_a_node_killed_while_tasks_wait_in_the_levels_loses_none(healed_cluster,
     deadline = time.monotonic() + 120
     while len(arrived) < TASKS and time.monotonic() < deadline:
         try:
-            method, props, _ = reader.channel().basic_get(queue, auto_ack=True)
-        except (pika.exceptions.AMQPError, OSError):
-            reader.abandon()   # its node went: the next call picks one that is up
+            method, props, _ = reader.get(queue)
+        except (pika.exceptions.AMQPError, OSError):   # TimeoutError among them
+            reader.abandon()   # its node went, or left the call unanswered: the next
+                               # call picks a node that is up
             time.sleep(0.2)
             continue
         if method is None:

@@ -10,25 +10,32 @@ With ``tasks``, the queue holds that many no-op tasks before the system starts, 
 memory is read once they have all run: what the workers hold once they have worked
 (their garbage collector has run, and touched what they inherited), not only at start.
 
+With ``--poller-cost``, each workqd run is read once more right after a kill -9
+of its queue poller, before the master replaces it (``RESPAWN_DELAY``, 1 s): what
+the tree would cost without that process, before the master took on any of its work.
+
 Start-to-ready: from spawning ``workqd`` until /readyz answers 200 and until
 /metrics shows every worker consuming.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
 
-from common import Admin, BenchError, StampDir, Workqd, bodies, fill, memory_kib, queue_name, wait_for
+from common import (Admin, BenchError, StampDir, Workqd, _comm, bodies, fill, memory_kib,
+                    queue_name, wait_for)
 import systems as systems_mod
 
 _READY = re.compile(r"ready: every worker is consuming \((\d+\.\d+)s after start\)")
 
 
 def idle_memory(system: systems_mod.System, workers: int, qtype: str = "classic",
-                admin: Admin | None = None, tasks: int = 0) -> dict:
+                admin: Admin | None = None, tasks: int = 0, poller_cost: bool = False) -> dict:
     own = admin is None
     admin = admin or Admin()
     q = queue_name(f"mem.{system.name}")
@@ -65,8 +72,11 @@ def idle_memory(system: systems_mod.System, workers: int, qtype: str = "classic"
             if abs(cur[0] - prev[0]) <= prev[0] * 0.01:
                 break
             prev = cur
-        return {"system": system.name, "workers": workers, "processes": len(pids),
-                "tasks": tasks, "rss_mib": cur[0] / 1024, "pss_mib": cur[1] / 1024}
+        row = {"system": system.name, "workers": workers, "processes": len(pids),
+               "tasks": tasks, "rss_mib": cur[0] / 1024, "pss_mib": cur[1] / 1024}
+        if poller_cost and isinstance(procs, Workqd):
+            row["pss_without_poller_mib"] = _pss_without_poller(pids)
+        return row
     finally:
         if procs is not None:
             procs.stop()
@@ -76,6 +86,25 @@ def idle_memory(system: systems_mod.System, workers: int, qtype: str = "classic"
         admin.delete_exchange(*exchanges)
         if own:
             admin.close()
+
+
+def _pss_without_poller(pids: list[int]) -> float:
+    """PSS in MiB of the daemon's tree once its queue poller has exited: kill -9 it and
+    read the rest before the master starts another (a second later)."""
+    poller = [p for p in pids if _comm(p) == "workqd-poller"]
+    if len(poller) != 1:
+        raise BenchError(f"expected one workqd-poller among {pids}, found {poller}")
+    os.kill(poller[0], signal.SIGKILL)
+
+    def exited() -> bool:
+        # Its memory is released when it exits, before the master reaps it.
+        try:
+            with open(f"/proc/{poller[0]}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+    wait_for(exited, 0.5, 0.002, "the queue poller's exit")
+    return memory_kib([p for p in pids if p != poller[0]])[1] / 1024
 
 
 def ready_time(python: str, workdir: Path, workers: int = 4, qtype: str = "classic",
@@ -128,6 +157,8 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ROOT",
                    help="a workqd checkout to measure (repeatable; runs alternate between "
                    "them); default: this one")
+    p.add_argument("--poller-cost", action="store_true",
+                   help="also read each workqd tree right after a kill -9 of its queue poller")
     p.add_argument("--json", action="store_true", help="print every run as JSON as well")
     a = p.parse_args()
     variants = [tuple(v.split("=", 1)) for v in a.variant] or [("workqd", common.WORKQD_ROOT)]
@@ -154,7 +185,8 @@ def main() -> None:
                     rows.append(r)
                     for name, root in (variants if run % 2 == 0 else variants[::-1]):
                         use(root)
-                        r = idle_memory(wq, workers, admin=admin, tasks=a.tasks)
+                        r = idle_memory(wq, workers, admin=admin, tasks=a.tasks,
+                                        poller_cost=a.poller_cost)
                         r.update(variant=name, run=run)
                         rows.append(r)
                 base = [r for r in rows if r["variant"] == "pika" and r["tasks"] == a.tasks]
@@ -174,6 +206,11 @@ def main() -> None:
                         line += (f"; each worker beyond 2: {each:.1f} MiB = "
                                  f"{each / (pss2 / 2):.2f}x one plain consumer")
                     print(line, flush=True)
+                    if a.poller_cost:
+                        gone = med(cell, "pss_without_poller_mib")
+                        print(f"{name} x{workers} without its queue poller (killed just before "
+                              f"the reading): PSS {gone:.1f} MiB = {gone / pss2:.2f}x two plain "
+                              f"consumers; the poller cost {pss - gone:.1f} MiB", flush=True)
             for workers in a.ready:
                 ready = []
                 for run in range(a.runs):

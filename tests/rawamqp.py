@@ -18,6 +18,7 @@ FRAME_METHOD, FRAME_HEADER, FRAME_BODY = 1, 2, 3
 FRAME_END = b"\xce"
 BASIC = 60
 QUEUE_DECLARE = (50, 10)   # (class, method)
+BASIC_GET = (60, 70)
 
 # Property flag bits of the basic class, in the order the fields follow them.
 F_CONTENT_TYPE, F_HEADERS, F_DELIVERY_MODE, F_MESSAGE_ID = 1 << 15, 1 << 13, 1 << 12, 1 << 7

@@ -267,6 +267,13 @@ def _run(cfg, report_fd: int, nudge_fd: int, table=None) -> None:
                         "meanwhile (cancels reach them as they are read)", cancels.STREAM,
                         LOAD_WAIT)
             table.set_loaded()
+        stuck = scheduler.stuck_for(time.monotonic())
+        if stuck >= schedules.STUCK_AFTER:
+            # A thread cannot be stopped: the child goes, and with its connection the
+            # schedules' lead, which this host or another then takes afresh.
+            log.error("schedules: a broker call has not returned for %.0fs (the connection "
+                      "is up, the call unanswered); the queue poller restarts", stuck)
+            os._exit(70)
         report = {"connected": not error, "error": error, "depth": depth, "delayed": delayed}
         if table is not None:
             report["cancels"] = table.count()

@@ -53,6 +53,11 @@ IO_EVERY = 0.25         # seconds between steps: a slot fires within this of its
 BLOCKED_TIMEOUT = 5.0   # seconds a publish may wait on a blocked connection (an alarm)
 ALARM_RETRY = 5.0       # seconds between tries to fire while the broker blocks publishing
 RECONNECT_EVERY = 1.0   # seconds between connects after a connection is lost
+# pika's blocking calls have no deadline of their own: a node can keep the connection
+# up and leave one unanswered (a quorum record queue whose leader was just lost kept a
+# basic_get waiting for minutes), while this host holds the lead and fires nothing.
+# A loop turn this much overdue ends the poller child; the master starts another.
+STUCK_AFTER = 60.0
 H_SCHEDULE = "x-workq-schedule"   # header: the schedule a firing came from
 H_SLOT = "x-workq-slot"           # header: the slot it fired for, UTC ISO 8601
 
@@ -212,6 +217,8 @@ class Scheduler:
                        for s in schedules}
         self.session: _Session | None = None
         self.held_since: float | None = None   # the broker blocked a publish: held up since
+        # time.monotonic() at the start of the thread's latest loop turn; None: no thread
+        self.turned_at: float | None = None
 
     def start(self, urls, params_for) -> None:
         """Run the schedules in a thread: ``params_for(url)`` gives the connection parameters
@@ -219,8 +226,14 @@ class Scheduler:
         (a blocked publish, a connect to a hung node) ever holds up the poller's loop."""
         if not self.states:
             return
+        self.turned_at = time.monotonic()
         threading.Thread(target=self._main, args=(urls, params_for), daemon=True,
                          name="workqd-schedules").start()
+
+    def stuck_for(self, now: float) -> float:
+        """Seconds the schedules thread has been inside one loop turn (poller thread)."""
+        turned = self.turned_at
+        return 0.0 if turned is None else max(0.0, now - turned)
 
     def _main(self, urls, params_for) -> None:
         try:
@@ -240,6 +253,7 @@ class Scheduler:
         conn = None
         next_connect = 0.0
         while True:
+            self.turned_at = time.monotonic()
             if conn is None:
                 wait = next_connect - time.monotonic()
                 if wait > 0:

@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+import rawamqp
 from conftest import ROOT, _children_of, queue_config, wait_for
 from workqd import schedules
 
@@ -157,3 +158,33 @@ def test_a_record_queue_declared_otherwise_is_one_line_and_no_firing(daemon, qna
         assert d.proc.poll() is None
     finally:
         amqp.delete(target, schedules.record_queue(name))
+
+
+def test_a_schedules_call_left_unanswered_restarts_the_poller_and_firing_resumes(
+        daemon, qname, schedule, monkeypatch):
+    """A broker that keeps the connection up and never answers the record's basic_get
+    (a quorum queue whose leader was lost did so for minutes) would hold the schedules
+    thread, and with it this host's lead, for ever. A turn of that thread overdue past
+    STUCK_AFTER (3 s here, 60 s in production) ends the poller child; the master starts
+    another, and once the broker answers again the schedule fires."""
+    name, target = schedule
+    relay = rawamqp.Relay(drop=rawamqp.BASIC_GET)
+    relay.dropping.set()
+    try:
+        monkeypatch.setenv("WORKQ_SCHEDULES_STUCK_AFTER", "3")
+        d = daemon([queue_config(qname, workers=1)], start=False,
+                   schedules=[{"name": name, "every": "1s", "queue": target}])
+        d.config["broker"]["url"] = f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F"
+        d.write_config()
+        d.start(module="shortclock", wait_ready=False)
+        wait_for(lambda: "schedules: a broker call has not returned" in d.log(), 60,
+                 what=lambda: f"the stuck schedules named; log:\n{d.log()}")
+        assert relay.dropped >= 1
+        assert d.metric("workqd_schedule_fired_total", schedule=name) in (None, 0)
+        relay.dropping.clear()
+        wait_for(lambda: (d.metric("workqd_schedule_fired_total", schedule=name) or 0) >= 1,
+                 60, what=lambda: f"a firing once the broker answers; log:\n{d.log()}")
+        assert d.proc.poll() is None
+        assert d.stop() == 0
+    finally:
+        relay.close()

@@ -229,3 +229,11 @@ def test_failovers_over_a_dst_change_fire_every_slot_once_but_a_cut_record(
     for f in cut:
         first = fired.index(f)
         assert fired.count(f) == 2 and fired[first + 1] == f
+
+
+def test_stuck_for_counts_from_the_threads_latest_turn():
+    s = schedules.Scheduler(())
+    assert s.stuck_for(1e9) == 0.0          # no thread: never stuck
+    s.turned_at = 100.0
+    assert s.stuck_for(99.0) == 0.0         # a reading taken just before the turn began
+    assert s.stuck_for(100.0 + schedules.STUCK_AFTER) == schedules.STUCK_AFTER

@@ -56,7 +56,8 @@ RECONNECT_EVERY = 1.0   # seconds between connects after a connection is lost
 # pika's blocking calls have no deadline of their own: a node can keep the connection
 # up and leave one unanswered (a quorum record queue whose leader was just lost kept a
 # basic_get waiting for minutes), while this host holds the lead and fires nothing.
-# A loop turn this much overdue ends the poller child; the master starts another.
+# A loop turn in which the broker has confirmed nothing for this long ends the poller
+# child; the master starts another.
 STUCK_AFTER = 60.0
 H_SCHEDULE = "x-workq-schedule"   # header: the schedule a firing came from
 H_SLOT = "x-workq-slot"           # header: the slot it fired for, UTC ISO 8601
@@ -217,7 +218,8 @@ class Scheduler:
                        for s in schedules}
         self.session: _Session | None = None
         self.held_since: float | None = None   # the broker blocked a publish: held up since
-        # time.monotonic() at the start of the thread's latest loop turn; None: no thread
+        # time.monotonic() at the start of the thread's latest loop turn, or of the latest
+        # publish confirmed within it (a catch-up fires many); None: no thread
         self.turned_at: float | None = None
 
     def start(self, urls, params_for) -> None:
@@ -231,7 +233,8 @@ class Scheduler:
                          name="workqd-schedules").start()
 
     def stuck_for(self, now: float) -> float:
-        """Seconds the schedules thread has been inside one loop turn (poller thread)."""
+        """Seconds the schedules thread has gone, inside one loop turn, without a publish
+        confirmed (poller thread)."""
         turned = self.turned_at
         return 0.0 if turned is None else max(0.0, now - turned)
 
@@ -292,7 +295,9 @@ class Scheduler:
                         ALARM_RETRY, GRACE)
 
     def published(self) -> None:
-        """A publish was confirmed: an alarm that held firing up is over."""
+        """A publish was confirmed: an alarm that held firing up is over, and the turn
+        is making progress."""
+        self.turned_at = time.monotonic()
         if self.held_since is not None:
             log.info("schedules: the broker takes publishes again; firing was held up %.0fs",
                      self.clock() - self.held_since)

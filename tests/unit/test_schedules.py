@@ -237,3 +237,7 @@ def test_stuck_for_counts_from_the_threads_latest_turn():
     s.turned_at = 100.0
     assert s.stuck_for(99.0) == 0.0         # a reading taken just before the turn began
     assert s.stuck_for(100.0 + schedules.STUCK_AFTER) == schedules.STUCK_AFTER
+    # A confirmed publish within the turn (a catch-up fires up to MAX_FIRE slots in one)
+    # is progress: the clock starts again.
+    s.published()
+    assert s.turned_at != 100.0 and s.stuck_for(s.turned_at + 1.0) == 1.0

@@ -130,6 +130,25 @@ def test_declarations_the_broker_never_answers_end_the_session():
     assert len(cut) == 1 and "has not answered the declarations for 60s" in s._verdict.why
 
 
+def test_a_session_ending_for_a_cause_keeps_that_cause():
+    # The consumer was lost and the orderly close is under way: the next periodic check
+    # must neither cut the connection nor put another reason in the log line.
+    import types
+    from workqd.worker.session import CONSUMER_CHECK_UNANSWERED, Session
+    cut, closed = [], []
+    s = Session(QUEUE, CFG.broker, "amqp://x", "t", None, 1, lambda: True,
+                types.SimpleNamespace(on_consumer_lost=lambda: None), None, False,
+                on_consuming=None, on_message=None, on_closed=None)
+    s.channel = types.SimpleNamespace(is_open=True)
+    s.connection = types.SimpleNamespace(is_open=True, close=lambda: closed.append(1),
+                                         _terminate_stream=cut.append)
+    s._answered_at, s.consumer_tag, s._can_consume = 0.0, "tag", True
+    s._lost_consumer("queue q: 17 task(s) wait")
+    assert closed == [1] and "17 task(s) wait" in s._verdict.why
+    s.check(10 * CONSUMER_CHECK_UNANSWERED)
+    assert not cut and "17 task(s) wait" in s._verdict.why
+
+
 def test_an_answered_consumer_check_lets_the_next_one_go():
     import types
     from workqd.worker.session import CONSUMER_CHECK_UNANSWERED, Session

@@ -388,7 +388,8 @@ class Session:
     def check(self, now: float) -> None:
         """The periodic look at this session (I/O thread, every CONSUMER_CHECK_EVERY):
         declarations the broker has not answered, then the consumer check."""
-        if self._answered_at is not None and not self._can_consume and not self._closing:
+        if (self._answered_at is not None and not self._can_consume and not self._closing
+                and self._verdict is None):   # not once the session is ending for a cause
             waited = now - self._answered_at
             if waited >= CONSUMER_CHECK_UNANSWERED:
                 self._answered_at = None

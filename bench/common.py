@@ -462,7 +462,10 @@ class Workqd:
 
     def worker_pids(self) -> list[int]:
         # Since the redesign the master has one more child, the queue poller.
-        return [p for p in process_tree(self.pid) if p != self.pid and _comm(p) != "workqd-poller"]
+        return [p for p in process_tree(self.pid) if p != self.pid and _comm(p) != POLLER_COMM]
+
+    def poller_pids(self) -> list[int]:
+        return [p for p in process_tree(self.pid) if _comm(p) == POLLER_COMM]
 
     def pids(self) -> list[int]:
         return process_tree(self.pid)
@@ -470,6 +473,9 @@ class Workqd:
     def stop(self) -> None:
         if self.procs is not None:
             self.procs.stop()
+
+
+POLLER_COMM = "workqd-poller"   # the queue poller's process name (ps, /proc/PID/comm)
 
 
 def _comm(pid: int) -> str:

@@ -27,8 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import (Admin, BenchError, StampDir, Workqd, _comm, bodies, fill, memory_kib,
-                    queue_name, wait_for)
+from common import Admin, BenchError, StampDir, Workqd, bodies, fill, memory_kib, queue_name, wait_for
 import systems as systems_mod
 
 _READY = re.compile(r"ready: every worker is consuming \((\d+\.\d+)s after start\)")
@@ -75,7 +74,7 @@ def idle_memory(system: systems_mod.System, workers: int, qtype: str = "classic"
         row = {"system": system.name, "workers": workers, "processes": len(pids),
                "tasks": tasks, "rss_mib": cur[0] / 1024, "pss_mib": cur[1] / 1024}
         if poller_cost and isinstance(procs, Workqd):
-            row["pss_without_poller_mib"] = _pss_without_poller(pids)
+            row["pss_without_poller_mib"] = _pss_without_poller(procs, pids)
         return row
     finally:
         if procs is not None:
@@ -88,10 +87,10 @@ def idle_memory(system: systems_mod.System, workers: int, qtype: str = "classic"
             admin.close()
 
 
-def _pss_without_poller(pids: list[int]) -> float:
+def _pss_without_poller(d: Workqd, pids: list[int]) -> float:
     """PSS in MiB of the daemon's tree once its queue poller has exited: kill -9 it and
     read the rest before the master starts another (a second later)."""
-    poller = [p for p in pids if _comm(p) == "workqd-poller"]
+    poller = d.poller_pids()
     if len(poller) != 1:
         raise BenchError(f"expected one workqd-poller among {pids}, found {poller}")
     os.kill(poller[0], signal.SIGKILL)

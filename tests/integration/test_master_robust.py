@@ -180,6 +180,16 @@ def test_a_full_slot_table_defers_the_spawn_and_the_reload_completes(daemon, amq
 STUCK_LINE = re.compile(r"queue poller \(pid (\d+)\) has not reported for")
 
 
+def start_through(relay: rawamqp.Relay, daemon, queues: list[dict], **top):
+    """A daemon whose broker is reached through ``relay``, started by tests/shortclock.py
+    (the clocks the environment shortens), not waited for."""
+    d = daemon(queues, start=False, **top)
+    d.config["broker"]["url"] = f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F"
+    d.write_config()
+    d.start(module="shortclock", wait_ready=False)
+    return d
+
+
 def test_a_poller_whose_broker_stops_answering_is_replaced_and_ready_says_so(
         daemon, qname, monkeypatch):
     """The poller's calls have no deadline of their own: a broker that keeps the
@@ -191,10 +201,7 @@ def test_a_poller_whose_broker_stops_answering_is_replaced_and_ready_says_so(
     relay = rawamqp.Relay(drop=rawamqp.QUEUE_DECLARE)
     try:
         monkeypatch.setenv("WORKQ_POLLER_STUCK_AFTER", "5")
-        d = daemon([queue_config(qname, workers=1)], start=False)
-        d.config["broker"]["url"] = f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F"
-        d.write_config()
-        d.start(module="shortclock", wait_ready=False)
+        d = start_through(relay, daemon, [queue_config(qname, workers=1)])
         d.wait_ready(30)
         relay.dropping.set()
         # On a loaded machine a poller's round has itself outlasted the test's 5 s, and
@@ -226,10 +233,7 @@ def test_a_worker_whose_consumer_check_goes_unanswered_consumes_again(
     try:
         monkeypatch.setenv("WORKQ_CONSUMER_CHECK_EVERY", "0.5")
         monkeypatch.setenv("WORKQ_CONSUMER_CHECK_UNANSWERED", "2")
-        d = daemon([queue_config(qname, workers=1)], start=False)
-        d.config["broker"]["url"] = f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F"
-        d.write_config()
-        d.start(module="shortclock", wait_ready=False)
+        d = start_through(relay, daemon, [queue_config(qname, workers=1)])
         d.wait_ready(30)
         since = len(d.log())
         relay.dropping.set()
@@ -257,10 +261,7 @@ def test_a_worker_whose_declarations_go_unanswered_starts_again(daemon, amqp, qn
         monkeypatch.setenv("WORKQ_CONSUMER_CHECK_EVERY", "0.5")
         monkeypatch.setenv("WORKQ_CONSUMER_CHECK_UNANSWERED", "2")
         monkeypatch.setenv("WORKQ_POLLER_STUCK_AFTER", "5")   # it is held up as well
-        d = daemon([queue_config(qname, workers=1)], start=False)
-        d.config["broker"]["url"] = f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F"
-        d.write_config()
-        d.start(module="shortclock", wait_ready=False)
+        d = start_through(relay, daemon, [queue_config(qname, workers=1)])
         wait_for(lambda: "has not answered the declarations" in d.log(), 60,
                  what=lambda: f"the worker giving up on its declarations; log:\n{d.log()}")
         relay.dropping.clear()

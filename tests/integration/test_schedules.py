@@ -14,6 +14,7 @@ import pytest
 
 import rawamqp
 from conftest import ROOT, _children_of, queue_config, wait_for
+from .test_master_robust import start_through
 from workqd import schedules
 
 EVERY = 2
@@ -172,11 +173,8 @@ def test_a_schedules_call_left_unanswered_restarts_the_poller_and_firing_resumes
     relay.dropping.set()
     try:
         monkeypatch.setenv("WORKQ_SCHEDULES_STUCK_AFTER", "3")
-        d = daemon([queue_config(qname, workers=1)], start=False,
-                   schedules=[{"name": name, "every": "1s", "queue": target}])
-        d.config["broker"]["url"] = f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F"
-        d.write_config()
-        d.start(module="shortclock", wait_ready=False)
+        d = start_through(relay, daemon, [queue_config(qname, workers=1)],
+                          schedules=[{"name": name, "every": "1s", "queue": target}])
         wait_for(lambda: "schedules: a broker call has not returned" in d.log(), 60,
                  what=lambda: f"the stuck schedules named; log:\n{d.log()}")
         assert relay.dropped >= 1

@@ -92,7 +92,7 @@ def test_a_consumer_check_the_broker_never_answers_ends_the_session():
     s = Session(QUEUE, CFG.broker, "amqp://x", "t", None, 1, lambda: True,
                 types.SimpleNamespace(on_consumer_lost=lambda: lost.append(1)), None, False,
                 on_consuming=None, on_message=None, on_closed=None)
-    s.channel, s.consumer_tag = channel, "tag"
+    s.channel, s.consumer_tag, s._can_consume = channel, "tag", True   # consuming
     # pika queues a channel's close behind its unanswered call: an orderly close would
     # wait for ever too, so the stream is cut, as pika does on a missed heartbeat.
     s.connection = types.SimpleNamespace(is_open=True, close=lambda: closed.append(1),
@@ -119,11 +119,11 @@ def test_declarations_the_broker_never_answers_end_the_session():
     s._declare()
     assert len(sent) == 1
     # Each answer restarts the clock: many slow declarations are not one stuck one.
-    s._answered_at = 100.0
+    s._waiting_since = 100.0
     s.check(100.0 + CONSUMER_CHECK_UNANSWERED - 1)
     sent[-1](None)                                  # answered: the next one goes out
-    assert len(sent) == 2 and not cut and s._answered_at != 100.0
-    s._answered_at = 200.0                          # ... and is never answered
+    assert len(sent) == 2 and not cut and s._waiting_since != 100.0
+    s._waiting_since = 200.0                          # ... and is never answered
     s.check(200.0 + CONSUMER_CHECK_UNANSWERED - 1)
     assert not cut
     s.check(200.0 + CONSUMER_CHECK_UNANSWERED)
@@ -142,7 +142,7 @@ def test_a_session_ending_for_a_cause_keeps_that_cause():
     s.channel = types.SimpleNamespace(is_open=True)
     s.connection = types.SimpleNamespace(is_open=True, close=lambda: closed.append(1),
                                          _terminate_stream=cut.append)
-    s._answered_at, s.consumer_tag, s._can_consume = 0.0, "tag", True
+    s._waiting_since, s.consumer_tag, s._can_consume = 0.0, "tag", True
     s._lost_consumer("queue q: 17 task(s) wait")
     assert closed == [1] and "17 task(s) wait" in s._verdict.why
     s.check(10 * CONSUMER_CHECK_UNANSWERED)
@@ -157,7 +157,7 @@ def test_an_answered_consumer_check_lets_the_next_one_go():
         is_open=True, queue_declare=lambda name, passive, callback: sent.append(callback))
     s = Session(QUEUE, CFG.broker, "amqp://x", "t", None, 1, lambda: True, None, None, False,
                 on_consuming=None, on_message=None, on_closed=None)
-    s.channel, s.consumer_tag = channel, "tag"
+    s.channel, s.consumer_tag, s._can_consume = channel, "tag", True   # consuming
     answer = types.SimpleNamespace(method=types.SimpleNamespace(consumer_count=1,
                                                                  message_count=0))
     for i in range(5):   # answered each time, however slowly: never taken as stuck

@@ -173,9 +173,10 @@ class Session:
         self._verdict: Verdict | None = None   # why the channel went, if the broker said
         self._misses = 0   # consumer checks in a row that found something wrong
         self._received_checked = 0   # the settler's deliveries as of the last consumer check
-        self._check_sent: float | None = None   # monotonic time of the unanswered check
-        # ... of the broker's last answer before consuming (the open, each declaration)
-        self._answered_at: float | None = None
+        # time.monotonic() since which this session waits for the broker's answer: to the
+        # declarations (from the open, and again from each answer until consuming), or
+        # to the consumer check in flight; None: it waits for none (``check``)
+        self._waiting_since: float | None = None
         self._starvation_applies = not queue.idle_consumers_expected
         self._closing = False
         # Paused by the master (control socket): declare and stay connected, but hold
@@ -224,7 +225,7 @@ class Session:
         self._report(classify_open_error(error, self.url))
 
     def _on_connection_open(self, connection) -> None:
-        self._answered_at = time.monotonic()
+        self._waiting_since = time.monotonic()
         self.io = eagerio.install(connection)
         connection.channel(on_open_callback=self._on_channel_open)
 
@@ -270,7 +271,7 @@ class Session:
         self._declare_next()
 
     def _declare_next(self, _frame=None, legacy: bool = False) -> None:
-        self._answered_at = time.monotonic()
+        self._waiting_since = time.monotonic()
         channel = self.channel
         if channel is None or not channel.is_open:
             return
@@ -339,6 +340,7 @@ class Session:
         if self._closing or not self.channel.is_open:
             return
         self._can_consume = True
+        self._waiting_since = None   # every declaration answered
         if self.held:
             self._on_consuming(self)   # the worker sees no consumer_tag: paused
         else:
@@ -386,15 +388,21 @@ class Session:
             self.connection.close()
 
     def check(self, now: float) -> None:
-        """The periodic look at this session (I/O thread, every CONSUMER_CHECK_EVERY):
-        declarations the broker has not answered, then the consumer check."""
-        if (self._answered_at is not None and not self._can_consume and not self._closing
-                and self._verdict is None):   # not once the session is ending for a cause
-            waited = now - self._answered_at
-            if waited >= CONSUMER_CHECK_UNANSWERED:
-                self._answered_at = None
-                self._end(f"queue {self.queue.name}: the broker has not answered the "
-                          f"declarations for {waited:.0f}s", cut=True)
+        """The periodic look at this session (I/O thread, every CONSUMER_CHECK_EVERY): an
+        answer awaited too long ends it; else the consumer check, unless one is in flight."""
+        if self._waiting_since is not None:
+            waited = now - self._waiting_since
+            # Not once the session is ending for a cause: that cause is the one told.
+            if waited >= CONSUMER_CHECK_UNANSWERED and not self._closing \
+                    and self._verdict is None:
+                self._waiting_since = None
+                what = "the consumer check" if self._can_consume else "the declarations"
+                why = (f"queue {self.queue.name}: the broker has not answered {what} for "
+                       f"{waited:.0f}s")
+                if self.consumer_tag is not None:
+                    self._lost_consumer(why, cut=True)
+                else:
+                    self._end(why, cut=True)
             return
         self._check_consumer(now)
 
@@ -402,17 +410,10 @@ class Session:
         """Ask the broker whether the queue is there and has consumers."""
         if self.consumer_tag is None or self.channel is None or not self.channel.is_open:
             return
-        if self._check_sent is not None:
-            waited = now - self._check_sent
-            if waited >= CONSUMER_CHECK_UNANSWERED:
-                self._check_sent = None
-                self._lost_consumer(f"queue {self.queue.name}: the broker has not answered "
-                                    f"the consumer check for {waited:.0f}s", cut=True)
-            return
         tag = self.consumer_tag
 
         def counted(frame):
-            self._check_sent = None
+            self._waiting_since = None
             if self.consumer_tag != tag:
                 return
             # The settler is replaced only while declaring, before any delivery.
@@ -430,7 +431,7 @@ class Session:
                 self._misses = 0
                 self._lost_consumer(f"queue {self.queue.name}: {wrong}")
         # A missing queue closes the channel with 404: the session then starts afresh.
-        self._check_sent = now
+        self._waiting_since = now
         self.channel.queue_declare(self.queue.name, passive=True, callback=counted)
 
     def _on_channel_closed(self, channel, reason) -> None:
